@@ -1,0 +1,90 @@
+"""One exception hierarchy for everything orchestrator raises on purpose.
+
+Every error says what went wrong in the user's terms (the dataset, the file, the key) and what to
+do about it. Library exceptions (botocore, deltalake, pyarrow, PIL) are wrapped, never leaked.
+Errors survive pickling across Ray worker processes, so a failure inside a Ray Data stage reaches
+the driver as the same class with the same message.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AccessDenied",
+    "ConfigError",
+    "DatasetNotFound",
+    "IngestError",
+    "ItemError",
+    "OrchestratorError",
+    "QueryError",
+    "StoreError",
+    "VersionNotFound",
+]
+
+
+class OrchestratorError(Exception):
+    """Base of every error orchestrator raises deliberately.
+
+    ``user_fault`` tells callers (and the CLI's exit code) whether the input was wrong (True) or
+    the system failed (False: the store was unreachable, a commit could not land).
+    """
+
+    user_fault: bool = True
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(message if not hint else f"{message}\n  fix: {hint}")
+
+    def __reduce__(self):  # keep class, message and hint across process boundaries
+        return (_rebuild, (type(self), self.message, self.hint, dict(self.__dict__)))
+
+
+def _rebuild(cls: type, message: str, hint: str | None, state: dict) -> OrchestratorError:
+    err = cls.__new__(cls)
+    OrchestratorError.__init__(err, message, hint=hint)
+    err.__dict__.update(state)
+    return err
+
+
+class StoreError(OrchestratorError):
+    """The store could not be reached, read or written (bad URI, network, credentials)."""
+
+    user_fault = False
+
+
+class DatasetNotFound(StoreError, KeyError):
+    """A dataset name that the store does not hold."""
+
+    user_fault = True
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return Exception.__str__(self)
+
+
+class VersionNotFound(StoreError, KeyError):
+    """A dataset version number that was never committed."""
+
+    user_fault = True
+
+    def __str__(self) -> str:
+        return Exception.__str__(self)
+
+
+class QueryError(OrchestratorError, ValueError):
+    """A slice query that does not parse or does not type-check."""
+
+
+class IngestError(OrchestratorError):
+    """An ingest that cannot proceed (bad source file, strict-mode rejection)."""
+
+
+class ItemError(OrchestratorError):
+    """One item cannot be read (missing or corrupt blob)."""
+
+
+class ConfigError(OrchestratorError, ValueError):
+    """A configuration file or value that does not validate."""
+
+
+class AccessDenied(OrchestratorError, PermissionError):
+    """The principal may not perform this action on this dataset."""

@@ -1,0 +1,352 @@
+"""The item manifest: one Delta Lake table per dataset, one row per item, one commit per version.
+
+Schema (the single definition; the README copies it):
+
+==============  ====================================  ==============================================
+column          type                                  meaning
+==============  ====================================  ==============================================
+item_id         string, not null                      stable id: the source path unless given
+blob            string, not null                      sha256 hex of the media bytes (the blob key)
+media_type      string                                MIME type, e.g. ``image/jpeg``
+width, height   int32                                 pixels, after EXIF orientation
+size_bytes      int64                                 size of the blob
+source_name     string                                file name as it was in the source
+instances       list<struct>                          annotations, see ``INSTANCE_TYPE``:
+                                                      ``label`` string, ``kind`` box|polygon|tag,
+                                                      ``bbox`` [x_min, y_min, x_max, y_max] pixels
+                                                      (empty for tags), ``polygon`` flat [x, y, ...]
+                                                      (empty unless a polygon), ``attributes``
+                                                      map<string,string>
+labels          struct<label: int32, ...>             instance count per label; one field per label
+                                                      of the dataset, so ``labels.car`` is a real
+                                                      column that scans push filters into. A field
+                                                      is added when a label first appears (schema
+                                                      evolution); a null count reads as 0. The
+                                                      field name is the label name with anything
+                                                      outside ``[a-z0-9_-]`` percent-encoded
+                                                      (``traffic light`` -> ``traffic%20light``).
+attributes      map<string,string>                    file-level metadata
+tags            list<string>                          file-level tags
+ingested_at     timestamp[us, UTC]                    when this row was committed
+==============  ====================================  ==============================================
+
+Underneath it is plain Parquet plus a Delta log: pyarrow, DuckDB or Spark read any version without
+this package. Label ids (``LabelMap``) are the positions of the ``labels`` fields, which schema
+evolution only ever appends to, so an id never changes meaning between versions.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from urllib.parse import quote, unquote
+
+import pyarrow as pa
+from deltalake import CommitProperties, DeltaTable, write_deltalake
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
+
+from orchestrator.errors import DatasetNotFound, StoreError, VersionNotFound
+from orchestrator.storage_errors import storage_errors, translate
+from orchestrator.store_location import StoreLocation
+
+log = logging.getLogger(__name__)
+
+INSTANCE_TYPE = pa.struct(
+    [
+        pa.field("label", pa.string()),
+        pa.field("kind", pa.string()),
+        pa.field("bbox", pa.list_(pa.float64())),
+        pa.field("polygon", pa.list_(pa.float64())),
+        pa.field("attributes", pa.map_(pa.string(), pa.string())),
+    ]
+)
+STRING_MAP = pa.map_(pa.string(), pa.string())
+
+#: The manifest columns in order; ``labels`` is built per dataset by ``labels_type``.
+BASE_FIELDS: tuple[pa.Field, ...] = (
+    pa.field("item_id", pa.string(), nullable=False),
+    pa.field("blob", pa.string(), nullable=False),
+    pa.field("media_type", pa.string()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("size_bytes", pa.int64()),
+    pa.field("source_name", pa.string()),
+    pa.field("instances", pa.list_(INSTANCE_TYPE)),
+    pa.field("attributes", STRING_MAP),
+    pa.field("tags", pa.list_(pa.string())),
+    pa.field("ingested_at", pa.timestamp("us", tz="UTC")),
+)
+INSTANCE_KINDS = ("box", "polygon", "tag")
+_SAFE = "abcdefghijklmnopqrstuvwxyz0123456789_-"
+_META = "orchestrator."
+_COMMIT_ATTEMPTS = 12
+
+
+def label_field(label: str) -> str:
+    """The ``labels`` struct field for a label name: injective, case-safe, legal in Delta."""
+    return quote(label, safe=_SAFE)
+
+
+def label_name(field: str) -> str:
+    """Inverse of ``label_field``."""
+    return unquote(field)
+
+
+def labels_type(labels: Sequence[str]) -> pa.StructType:
+    return pa.struct([pa.field(label_field(name), pa.int32()) for name in labels])
+
+
+def manifest_schema(labels: Sequence[str]) -> pa.Schema:
+    """The full manifest schema for a dataset with these labels (in label-id order)."""
+    fields = list(BASE_FIELDS)
+    if labels:  # Parquet has no empty struct: the column appears with the first label
+        fields.insert(8, pa.field("labels", labels_type(labels)))
+    return pa.schema(fields)
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """Stable label ids for a dataset version: id = position in the ``labels`` struct."""
+
+    names: tuple[str, ...]
+
+    @classmethod
+    def from_schema(cls, schema: pa.Schema) -> "LabelMap":
+        if "labels" not in schema.names:
+            return cls(())
+        struct = schema.field("labels").type
+        return cls(tuple(label_name(struct.field(i).name) for i in range(struct.num_fields)))
+
+    def id(self, name: str) -> int:
+        return self.names.index(name)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.names)}
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One committed dataset version, as ``orchestrator versions`` lists it."""
+
+    version: int
+    timestamp: datetime
+    operation: str
+    items: int
+    message: str
+    principal: str
+
+    def as_dict(self) -> dict:
+        return {
+            "version": self.version,
+            "time": self.timestamp.isoformat(timespec="seconds"),
+            "operation": self.operation,
+            "items": self.items,
+            "message": self.message,
+            "principal": self.principal,
+        }
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A pinned dataset version: its schema and the Parquet files (fs paths) that hold it."""
+
+    dataset: str
+    version: int
+    schema: pa.Schema = field(repr=False)
+    files: tuple[str, ...]
+    rows: int
+
+    @property
+    def label_map(self) -> LabelMap:
+        return LabelMap.from_schema(self.schema)
+
+
+class Manifest:
+    """Delta Lake operations on one dataset's manifest table."""
+
+    def __init__(self, location: StoreLocation, dataset: str) -> None:
+        self.location = location
+        self.dataset = dataset
+        self.path = location.join("datasets", dataset, "manifest")
+        self.uri = location.table_uri(self.path)
+        self._options = location.delta_storage_options()
+
+    # -- reading ---------------------------------------------------------------------------
+    def _table(self, version: int | None = None) -> DeltaTable:
+        with storage_errors("open the manifest of dataset", repr(self.dataset)):
+            try:
+                table = DeltaTable(self.uri, storage_options=self._options)
+            except TableNotFoundError:
+                raise DatasetNotFound(
+                    f"dataset {self.dataset!r} does not exist in {self.location.uri}",
+                    hint="run `orchestrator datasets --store URI` to list the datasets",
+                ) from None
+            if version is not None:
+                latest = table.version()
+                if version < 0 or version > latest:
+                    raise VersionNotFound(
+                        f"dataset {self.dataset!r} has no version {version} "
+                        f"(versions 0..{latest} exist)",
+                        hint="run `orchestrator versions --store URI NAME` to list them",
+                    )
+                if version != latest:
+                    table.load_as_version(version)
+            return table
+
+    def exists(self) -> bool:
+        try:
+            self._table()
+        except DatasetNotFound:
+            return False
+        return True
+
+    def latest_version(self) -> int:
+        return self._table().version()
+
+    def snapshot(self, version: int | None = None) -> Snapshot:
+        """Pin a version: schema plus file list, read from the Delta log only (no data)."""
+        table = self._table(version)
+        with storage_errors("read the manifest log of dataset", repr(self.dataset)):
+            schema = pa.schema(table.schema().to_arrow())
+            actions = pa.table(table.get_add_actions(flatten=True))
+        paths = actions.column("path").to_pylist() if actions.num_rows else []
+        rows = sum(actions.column("num_records").to_pylist()) if actions.num_rows else 0
+        files = tuple(self.location.fs_path(self._file_uri(p)) for p in paths)
+        return Snapshot(self.dataset, table.version(), schema, files, rows)
+
+    def _file_uri(self, rel: str) -> str:
+        if "://" in rel or rel.startswith("/"):
+            return rel
+        return f"{self.path}/{unquote(rel)}"
+
+    def versions(self) -> list[VersionInfo]:
+        """Every version, oldest first, with its exact item count (from the log's file stats)."""
+        table = self._table()
+        with storage_errors("read the history of dataset", repr(self.dataset)):
+            history = sorted(table.history(), key=lambda h: h["version"])
+            out = []
+            for entry in history:
+                v = entry["version"]
+                table.load_as_version(v)
+                actions = pa.table(table.get_add_actions(flatten=True))
+                items = sum(actions.column("num_records").to_pylist()) if actions.num_rows else 0
+                out.append(
+                    VersionInfo(
+                        version=v,
+                        timestamp=datetime.fromtimestamp(entry["timestamp"] / 1000, timezone.utc),
+                        operation=entry.get(_META + "operation", entry.get("operation", "")),
+                        items=items,
+                        message=entry.get(_META + "message", ""),
+                        principal=entry.get(_META + "principal", ""),
+                    )
+                )
+        return out
+
+    # -- writing ---------------------------------------------------------------------------
+    def upsert(self, rows: pa.Table, *, message: str, principal: str, operation: str) -> int:
+        """Insert rows, replacing any whose ``item_id`` exists, as exactly one new version.
+
+        Concurrent writers never lose each other's rows: delta-rs commits with a put-if-absent
+        of the next log entry, and a conflicting attempt is retried against the new latest
+        version. Returns the version this call committed.
+        """
+        ids = rows.column("item_id").to_pylist()
+        predicate = "item_id IN (" + ", ".join(_sql_string(i) for i in ids) + ")"
+        commit_id = uuid.uuid4().hex
+
+        def attempt() -> None:
+            props = self._commit_properties(message, principal, operation, commit_id)
+            try:
+                table = DeltaTable(self.uri, storage_options=self._options)
+            except TableNotFoundError:
+                write_deltalake(
+                    self.uri, rows, mode="error", storage_options=self._options,
+                    commit_properties=props, name=self.dataset,
+                )
+                return
+            write_deltalake(
+                table, rows, mode="overwrite", predicate=predicate, schema_mode="merge",
+                commit_properties=props,
+            )
+
+        self._commit_with_retry(attempt, "commit a new version of")
+        return self._find_commit(commit_id)
+
+    def delete(self, item_ids: Sequence[str], *, message: str, principal: str) -> tuple[int, int]:
+        """Remove items as one new version. Returns (version, rows deleted)."""
+        predicate = "item_id IN (" + ", ".join(_sql_string(i) for i in item_ids) + ")"
+        commit_id = uuid.uuid4().hex
+        deleted: dict = {}
+
+        def attempt() -> None:
+            table = self._table()
+            props = self._commit_properties(message, principal, "delete", commit_id)
+            deleted.update(table.delete(predicate, commit_properties=props))
+
+        self._commit_with_retry(attempt, "delete items from")
+        return self._find_commit(commit_id), int(deleted.get("num_deleted_rows", 0))
+
+    def _commit_properties(
+        self, message: str, principal: str, operation: str, commit_id: str
+    ) -> CommitProperties:
+        meta = {
+            _META + "message": message,
+            _META + "principal": principal,
+            _META + "operation": operation,
+            _META + "commit_id": commit_id,
+        }
+        return CommitProperties(custom_metadata=meta)
+
+    def _commit_with_retry(self, attempt, action: str) -> None:
+        for n in range(_COMMIT_ATTEMPTS):
+            try:
+                attempt()
+                return
+            except (CommitFailedError, DeltaError) as exc:
+                if not isinstance(exc, CommitFailedError) and not _is_conflict(exc):
+                    raise translate(exc, action, f"dataset {self.dataset!r}") from exc
+                log.info("commit conflict on %s (attempt %d): %s", self.dataset, n + 1, exc)
+            except Exception as exc:
+                raise translate(exc, action, f"dataset {self.dataset!r}") from exc
+            time.sleep(min(2.0, 0.05 * 2**n) * (0.5 + random.random()))
+        raise StoreError(
+            f"could not {action} dataset {self.dataset!r}: {_COMMIT_ATTEMPTS} attempts "
+            "conflicted with concurrent writers",
+            hint="retry the command; nothing was committed",
+        )
+
+    def _find_commit(self, commit_id: str) -> int:
+        with storage_errors("read the history of dataset", repr(self.dataset)):
+            table = DeltaTable(self.uri, storage_options=self._options)
+            for entry in table.history(limit=64):
+                if entry.get(_META + "commit_id") == commit_id:
+                    return int(entry["version"])
+        raise StoreError(f"committed to dataset {self.dataset!r} but cannot find the commit")
+
+
+def _is_conflict(exc: BaseException) -> bool:
+    """delta-rs reports a lost race (table created meanwhile, version taken) as DeltaError."""
+    text = str(exc).lower()
+    return any(s in text for s in ("already exists", "version mismatch", "conflict", "concurrent"))
+
+
+def _sql_string(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def conform(rows: Iterable[dict], labels: Sequence[str]) -> pa.Table:
+    """Build a manifest table (schema for ``labels``) from row dicts; used by ingest."""
+    schema = manifest_schema(labels)
+    return pa.Table.from_pylist(list(rows), schema=schema)
+
+
+def now_utc() -> datetime:
+    return datetime.now(timezone.utc)

@@ -1,0 +1,34 @@
+"""Attach to Ray: the running cluster if there is one, else a local one sized for this machine.
+
+A local cluster gets more logical CPUs than cores: Ray Data stages and Ray Train workers each
+reserve CPUs, and on a 2-core laptop an exact count lets train workers starve the data stages.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def local_cpus() -> int:
+    """Logical CPUs for a local cluster: ``ORCHESTRATOR_RAY_CPUS`` or twice the cores (min 4)."""
+    env = os.environ.get("ORCHESTRATOR_RAY_CPUS")
+    if env:
+        return max(1, int(env))
+    return max(4, 2 * (os.cpu_count() or 1))
+
+
+def ensure_ray() -> None:
+    """Connect once per process; idempotent."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address="auto", log_to_driver=False)
+        log.info("attached to the running Ray cluster")
+    except ConnectionError:
+        ray.init(num_cpus=local_cpus(), include_dashboard=False, log_to_driver=False)
+        log.info("started a local Ray cluster with %d logical CPUs", local_cpus())

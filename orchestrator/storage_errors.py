@@ -1,0 +1,68 @@
+"""Turn the storage libraries' exceptions into orchestrator errors that say what to fix.
+
+pyarrow, deltalake and botocore each report a bad key, a missing bucket or a refused request in
+their own words, often deep inside a C++ or Rust message. Callers wrap storage calls in
+``storage_errors(action, target)`` and get ``AccessDenied`` or ``StoreError`` naming the action
+and the object instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+from orchestrator.errors import AccessDenied, OrchestratorError, StoreError
+
+_CREDENTIALS = re.compile(
+    r"InvalidAccessKeyId|SignatureDoesNotMatch|InvalidClientTokenId|ExpiredToken|"
+    r"invalid access key|signature we calculated",
+    re.IGNORECASE,
+)
+_DENIED = re.compile(r"AccessDenied|Access Denied|\b403\b|Forbidden", re.IGNORECASE)
+_NO_BUCKET = re.compile(r"NoSuchBucket|bucket does not exist", re.IGNORECASE)
+_UNREACHABLE = re.compile(
+    r"Connection refused|connect error|Could not connect|timed out|dns error|"
+    r"Failed to connect|error sending request|Couldn't connect",
+    re.IGNORECASE,
+)
+
+
+def translate(exc: BaseException, action: str, target: str) -> OrchestratorError:
+    """Map a storage-library exception to the orchestrator error a user can act on."""
+    if isinstance(exc, OrchestratorError):
+        return exc
+    text = f"{type(exc).__name__}: {exc}"
+    first_line = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    if _CREDENTIALS.search(text):
+        return AccessDenied(
+            f"the store rejected the credentials while trying to {action} {target}",
+            hint="check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for this store",
+        )
+    if _DENIED.search(text):
+        return AccessDenied(
+            f"access denied: cannot {action} {target} with the current credentials",
+            hint="ask an admin for a grant on this dataset, or use credentials that have one",
+        )
+    if _NO_BUCKET.search(text):
+        return StoreError(
+            f"cannot {action} {target}: the bucket does not exist",
+            hint="create the bucket first, or fix the bucket name in the store URI",
+        )
+    if _UNREACHABLE.search(text):
+        return StoreError(
+            f"cannot {action} {target}: the store is unreachable ({first_line})",
+            hint="check AWS_ENDPOINT_URL and that the S3 server is running",
+        )
+    return StoreError(f"cannot {action} {target}: {first_line}")
+
+
+@contextlib.contextmanager
+def storage_errors(action: str, target: str) -> Iterator[None]:
+    """Re-raise any storage-library exception inside the block as an orchestrator error."""
+    try:
+        yield
+    except OrchestratorError:
+        raise
+    except Exception as exc:  # pyarrow, deltalake and botocore raise unrelated classes
+        raise translate(exc, action, target) from exc

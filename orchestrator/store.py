@@ -1,0 +1,207 @@
+"""The dataset store: content-addressed blobs plus one versioned manifest per dataset.
+
+Layout under the store root (``file:///path`` or ``s3://bucket/prefix``)::
+
+    blobs/sha256/<first 2 hex>/<sha256>      immutable media bytes, written once
+    datasets/<name>/manifest/                 Delta Lake table (see orchestrator.manifest)
+
+Blob writes are atomic (a temp file renamed into place locally; a single PUT on S3), so a killed
+upload never leaves a partial blob under its final name, and a blob that exists is complete.
+"""
+
+from __future__ import annotations
+
+import functools
+import getpass
+import logging
+import os
+import re
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from orchestrator.errors import ConfigError, DatasetNotFound, IngestError, ItemError, StoreError
+from orchestrator.manifest import Manifest, VersionInfo
+from orchestrator.storage_errors import storage_errors
+from orchestrator.store_location import S3Credentials, StoreLocation
+
+log = logging.getLogger(__name__)
+
+_DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_HASH = re.compile(r"^[0-9a-f]{64}$")
+
+
+def current_principal() -> str:
+    """Who is acting: ``ORCHESTRATOR_PRINCIPAL`` if set, else the OS user."""
+    return os.environ.get("ORCHESTRATOR_PRINCIPAL") or getpass.getuser()
+
+
+def check_dataset_name(name: str) -> str:
+    if not isinstance(name, str) or not _DATASET_NAME.match(name):
+        raise ConfigError(
+            f"invalid dataset name {name!r}",
+            hint="use letters, digits, '.', '_' or '-' (max 128), starting with a letter or digit",
+        )
+    return name
+
+
+@functools.lru_cache(maxsize=16)
+def _filesystem(location: StoreLocation) -> pafs.FileSystem:
+    return location.filesystem()
+
+
+class BlobStore:
+    """Content-addressed blob access; picklable (it carries only the location)."""
+
+    def __init__(self, location: StoreLocation) -> None:
+        self.location = location
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        return _filesystem(self.location)
+
+    def path(self, blob: str) -> str:
+        if not _HASH.match(blob):
+            raise ItemError(f"{blob!r} is not a sha256 hex digest")
+        return self.location.join("blobs", "sha256", blob[:2], blob)
+
+    def exists(self, blob: str) -> bool:
+        with storage_errors("look up blob", blob[:12]):
+            return self.fs.get_file_info(self.path(blob)).type == pafs.FileType.File
+
+    def put(self, blob: str, data: bytes) -> bool:
+        """Store ``data`` under its hash unless present; returns True if it uploaded."""
+        if self.exists(blob):
+            return False
+        path = self.path(blob)
+        with storage_errors("upload blob", blob[:12]):
+            if self.location.scheme == "file":
+                self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+                tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+                with self.fs.open_output_stream(tmp) as out:
+                    out.write(data)
+                self.fs.move(tmp, path)
+            else:
+                with self.fs.open_output_stream(path, metadata={"Content-Type": "application/octet-stream"}) as out:
+                    out.write(data)
+        return True
+
+    def get(self, blob: str) -> bytes:
+        path = self.path(blob)
+        try:
+            with storage_errors("read blob", blob[:12]):
+                with self.fs.open_input_stream(path) as f:
+                    return f.read()
+        except StoreError as exc:
+            if isinstance(exc.__cause__, FileNotFoundError) or "not found" in str(exc).lower():
+                raise ItemError(f"blob {blob} is missing from the store {self.location.uri}") from None
+            raise
+
+
+class Store:
+    """A dataset store. Create with ``orchestrator.connect(uri)``."""
+
+    def __init__(self, location: StoreLocation) -> None:
+        self.location = location
+        self.blobs = BlobStore(location)
+
+    @property
+    def uri(self) -> str:
+        return self.location.uri
+
+    def __repr__(self) -> str:
+        return f"Store({self.uri!r})"
+
+    def manifest(self, name: str) -> Manifest:
+        return Manifest(self.location, check_dataset_name(name))
+
+    def datasets(self) -> list[str]:
+        """Names of the datasets in this store, sorted."""
+        base = self.location.join("datasets")
+        with storage_errors("list datasets in", self.uri):
+            infos = self.blobs.fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+            names = []
+            for info in infos:
+                if info.type != pafs.FileType.Directory:
+                    continue
+                log_dir = f"{info.path}/manifest/_delta_log"
+                sel = pafs.FileSelector(log_dir, allow_not_found=True)
+                if any(i.path.endswith(".json") for i in self.blobs.fs.get_file_info(sel)):
+                    names.append(info.base_name)
+        return sorted(names)
+
+    def versions(self, name: str) -> list[VersionInfo]:
+        """Every committed version of a dataset, oldest first."""
+        return self.manifest(name).versions()
+
+    def ingest(
+        self,
+        dataset: str,
+        *,
+        coco: str | Path | None = None,
+        images: str | Path | None = None,
+        jsonl: str | Path | None = None,
+        message: str = "",
+        strict: bool = False,
+    ):
+        """Ingest a COCO or JSONL source as one new version; see ``orchestrator.ingest``."""
+        from orchestrator.ingest.pipeline import ingest_source
+        from orchestrator.ingest.sources import read_coco, read_jsonl
+
+        check_dataset_name(dataset)
+        if (coco is None) == (jsonl is None):
+            raise IngestError("give exactly one source: coco=FILE (with images=DIR) or jsonl=FILE")
+        if coco is not None:
+            if images is None:
+                raise IngestError("a COCO source needs images=DIR (the folder its file_names are in)")
+            source = read_coco(Path(coco), Path(images))
+            label = f"COCO {Path(coco).name}"
+        else:
+            source = read_jsonl(Path(jsonl))
+            label = f"JSONL {Path(jsonl).name}"
+        return ingest_source(
+            self, dataset, source, message=message or f"ingest {label}", strict=strict
+        )
+
+    def delete(self, dataset: str, item_ids: Sequence[str], *, message: str = "") -> tuple[int, int]:
+        """Remove items as one new version; unknown ids are an error and nothing changes."""
+        from orchestrator.scan import existing_item_ids
+
+        if not item_ids:
+            raise IngestError("no item ids given to delete")
+        manifest = self.manifest(dataset)
+        present = existing_item_ids(self, dataset, item_ids)
+        missing = [i for i in item_ids if i not in present]
+        if missing:
+            shown = ", ".join(repr(m) for m in missing[:10])
+            raise DatasetNotFound(
+                f"dataset {dataset!r} has no item {shown}"
+                + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""),
+                hint="nothing was deleted; check the ids with `orchestrator slice --ids`",
+            )
+        return manifest.delete(
+            list(dict.fromkeys(item_ids)),
+            message=message or f"delete {len(item_ids)} items",
+            principal=current_principal(),
+        )
+
+
+def connect(uri: str, *, credentials: S3Credentials | None = None) -> Store:
+    """Open a store by URI: ``file:///abs/path`` (created if absent) or ``s3://bucket/prefix``.
+
+    S3 credentials and endpoint come from the standard AWS environment variables unless given.
+    The connection is checked now, so a wrong endpoint or key fails here with a clear message.
+    """
+    if isinstance(uri, Path):
+        uri = f"file://{uri.resolve()}"
+    location = StoreLocation.parse(str(uri), credentials)
+    store = Store(location)
+    fs = store.blobs.fs
+    with storage_errors("open the store", location.uri):
+        if location.scheme == "file":
+            fs.create_dir(location.root, recursive=True)
+        else:
+            fs.get_file_info(pafs.FileSelector(location.root, allow_not_found=True, recursive=False))
+    return store

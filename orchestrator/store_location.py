@@ -1,0 +1,141 @@
+"""Where a store lives: parse a store URI into a filesystem, a root path and Delta storage options.
+
+One code path serves `file://` and `s3://`: both become a pyarrow filesystem (for blobs and for
+reading manifest Parquet) plus the storage options that deltalake needs for the same place. S3
+settings come from the standard AWS environment variables, so AWS S3, MinIO and SeaweedFS all work
+by setting `AWS_ENDPOINT_URL` and a key pair.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from orchestrator.errors import StoreError
+
+_S3_FIX = (
+    "use s3://BUCKET/PREFIX and set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+    "(and AWS_ENDPOINT_URL for MinIO or SeaweedFS)"
+)
+
+
+@dataclass(frozen=True)
+class S3Credentials:
+    """S3 settings resolved once from the environment (or given explicitly).
+
+    The secret never appears in ``repr`` so that logging a store or an error cannot leak it.
+    """
+
+    access_key: str | None
+    secret_key: str | None = field(repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    region: str = "us-east-1"
+    endpoint_url: str | None = None
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "S3Credentials":
+        env = dict(os.environ if env is None else env)
+        return cls(
+            access_key=env.get("AWS_ACCESS_KEY_ID") or None,
+            secret_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
+            session_token=env.get("AWS_SESSION_TOKEN") or None,
+            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+            endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+        )
+
+
+@dataclass(frozen=True)
+class StoreLocation:
+    """A parsed store URI: ``scheme`` is ``file`` or ``s3``; ``root`` is the path inside the fs."""
+
+    uri: str
+    scheme: str
+    root: str
+    credentials: S3Credentials | None = None
+
+    @classmethod
+    def parse(cls, uri: str, credentials: S3Credentials | None = None) -> "StoreLocation":
+        """Validate a store URI; relative local paths are refused so every process agrees."""
+        parsed = urlparse(uri)
+        if parsed.scheme == "file":
+            if parsed.netloc not in ("", "localhost"):
+                raise StoreError(
+                    f"store URI {uri!r} has a host part {parsed.netloc!r}",
+                    hint="write an absolute path with three slashes: file:///abs/path",
+                )
+            path = parsed.path.rstrip("/") or "/"
+            if not path.startswith("/"):
+                raise StoreError(f"store URI {uri!r} is not absolute", hint="use file:///abs/path")
+            return cls(uri=f"file://{path}", scheme="file", root=path)
+        if parsed.scheme == "s3":
+            bucket = parsed.netloc
+            if not bucket:
+                raise StoreError(f"store URI {uri!r} names no bucket", hint=_S3_FIX)
+            prefix = parsed.path.strip("/")
+            root = f"{bucket}/{prefix}" if prefix else bucket
+            return cls(
+                uri=f"s3://{root}",
+                scheme="s3",
+                root=root,
+                credentials=credentials or S3Credentials.from_env(),
+            )
+        raise StoreError(
+            f"unsupported store URI {uri!r}",
+            hint="use file:///abs/path for one machine or s3://bucket/prefix for a team store",
+        )
+
+    def filesystem(self) -> pafs.FileSystem:
+        """A pyarrow filesystem for this location (cheap to build; not cached across pickles)."""
+        if self.scheme == "file":
+            return pafs.LocalFileSystem()
+        creds = self.credentials or S3Credentials.from_env()
+        kwargs: dict = {"region": creds.region}
+        if creds.access_key:
+            kwargs.update(access_key=creds.access_key, secret_key=creds.secret_key or "")
+            if creds.session_token:
+                kwargs["session_token"] = creds.session_token
+        if creds.endpoint_url:
+            ep = urlparse(creds.endpoint_url)
+            kwargs.update(endpoint_override=ep.netloc or ep.path, scheme=ep.scheme or "https")
+        try:
+            return pafs.S3FileSystem(**kwargs)
+        except Exception as exc:  # pyarrow raises ArrowInvalid/OSError with C++ text
+            raise StoreError(f"cannot configure S3 for {self.uri}: {exc}", hint=_S3_FIX) from exc
+
+    def delta_storage_options(self) -> dict[str, str]:
+        """Options for deltalake pointing at the same place and credentials as ``filesystem()``.
+
+        delta-rs 1.x commits to S3 with conditional puts (If-None-Match), so concurrent writers
+        are safe on AWS S3, MinIO and SeaweedFS without a lock table.
+        """
+        if self.scheme == "file":
+            return {}
+        creds = self.credentials or S3Credentials.from_env()
+        opts = {"AWS_REGION": creds.region}
+        if creds.access_key:
+            opts["AWS_ACCESS_KEY_ID"] = creds.access_key
+            opts["AWS_SECRET_ACCESS_KEY"] = creds.secret_key or ""
+            if creds.session_token:
+                opts["AWS_SESSION_TOKEN"] = creds.session_token
+        if creds.endpoint_url:
+            opts["AWS_ENDPOINT_URL"] = creds.endpoint_url
+            if creds.endpoint_url.startswith("http://"):
+                opts["AWS_ALLOW_HTTP"] = "true"
+        return opts
+
+    def table_uri(self, path: str) -> str:
+        """The URI deltalake wants for a path inside this store's filesystem."""
+        return path if self.scheme == "file" else f"s3://{path}"
+
+    def fs_path(self, uri_or_path: str) -> str:
+        """Inverse of ``table_uri``: a deltalake file URI back to a path in ``filesystem()``."""
+        for prefix in ("s3://", "s3a://", "file://"):
+            if uri_or_path.startswith(prefix):
+                return uri_or_path[len(prefix):]
+        return uri_or_path
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *[p.strip("/") for p in parts]])
