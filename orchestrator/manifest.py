@@ -44,7 +44,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, write_deltalake
@@ -82,14 +82,14 @@ BASE_FIELDS: tuple[pa.Field, ...] = (
     pa.field("ingested_at", pa.timestamp("us", tz="UTC")),
 )
 INSTANCE_KINDS = ("box", "polygon", "tag")
-_SAFE = "abcdefghijklmnopqrstuvwxyz0123456789_-"
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
 _META = "orchestrator."
 _COMMIT_ATTEMPTS = 12
 
 
 def label_field(label: str) -> str:
     """The ``labels`` struct field for a label name: injective, case-safe, legal in Delta."""
-    return quote(label, safe=_SAFE)
+    return "".join(c if c in _SAFE else "".join(f"%{b:02X}" for b in c.encode()) for c in label)
 
 
 def label_name(field: str) -> str:

@@ -56,12 +56,16 @@ def read_table(
 
 
 def existing_item_ids(store: "Store", dataset: str, item_ids: Sequence[str]) -> set[str]:
-    """Which of ``item_ids`` are in the latest version (reads only the item_id column)."""
+    """Which of ``item_ids`` are in the latest version (reads only the item_id column).
+
+    The membership test runs after the read: delta-rs rewrites files with ``string_view``
+    columns, and pyarrow 26 cannot push a string filter into a mix of string and string_view
+    files ("no kernel matching input types (string, string_view)").
+    """
     snapshot = store.manifest(dataset).snapshot()
-    table = read_table(
-        store, snapshot, ["item_id"], pc.field("item_id").isin(pa.array(list(item_ids), pa.string()))
-    )
-    return set(table.column("item_id").to_pylist())
+    ids = read_table(store, snapshot, ["item_id"]).column("item_id")
+    mask = pc.is_in(ids, value_set=pa.array(list(item_ids), pa.string()))
+    return set(ids.filter(mask).to_pylist())
 
 
 def label_totals(store: "Store", snapshot: Snapshot) -> dict[str, int]:

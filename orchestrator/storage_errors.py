@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from orchestrator.errors import AccessDenied, OrchestratorError, StoreError
 
 _CREDENTIALS = re.compile(
-    r"InvalidAccessKeyId|SignatureDoesNotMatch|InvalidClientTokenId|ExpiredToken|"
+    r"InvalidAccessKeyId|INVALID_ACCESS_KEY_ID|SignatureDoesNotMatch|SIGNATURE_DOES_NOT_MATCH|InvalidClientTokenId|ExpiredToken|"
     r"invalid access key|signature we calculated",
     re.IGNORECASE,
 )

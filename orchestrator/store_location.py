@@ -91,6 +91,11 @@ class StoreLocation:
         """A pyarrow filesystem for this location (cheap to build; not cached across pickles)."""
         if self.scheme == "file":
             return pafs.LocalFileSystem()
+        # The AWS C++ SDK inside pyarrow signs uploads with trailing CRC checksums by default;
+        # S3-compatible servers such as SeaweedFS reject those parts. Checksums only where the
+        # API requires them works everywhere (AWS S3 included). Read when S3 first initialises.
+        os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
+        os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
         creds = self.credentials or S3Credentials.from_env()
         kwargs: dict = {"region": creds.region}
         if creds.access_key:

@@ -1,0 +1,221 @@
+"""The ``orchestrator`` command: argument parsing and printing only; the library does the work.
+
+Exit codes: 0 success, 1 the system failed (store unreachable, commit failed), 2 the input was
+wrong (bad URI, unknown dataset, bad file), 3 ``--strict`` ingest refused rejected inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from orchestrator.errors import OrchestratorError
+
+EXIT_SYSTEM, EXIT_USER, EXIT_REJECTED = 1, 2, 3
+
+
+def _store_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--store",
+        default=os.environ.get("ORCHESTRATOR_STORE"),
+        help="store URI: file:///abs/path or s3://bucket/prefix (default: $ORCHESTRATOR_STORE)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="orchestrator",
+        description="Versioned annotated training data on object storage.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("ingest", help="ingest a COCO or JSONL source as one new dataset version")
+    _store_arg(p)
+    p.add_argument("--dataset", required=True, help="dataset name (created on first ingest)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--coco", type=Path, help="COCO annotations JSON (needs --images)")
+    src.add_argument("--jsonl", type=Path, help="JSONL file, one item per line")
+    p.add_argument("--images", type=Path, help="folder holding the COCO file_names")
+    p.add_argument("--message", default="", help="version message")
+    p.add_argument("--strict", action="store_true", help="any rejected input: exit 3, commit nothing")
+    p.add_argument("--json", action="store_true", help="print the ingest report as JSON")
+
+    p = sub.add_parser("delete", help="remove items as one new version")
+    _store_arg(p)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--items", nargs="+", required=True, metavar="ID")
+    p.add_argument("--message", default="")
+
+    p = sub.add_parser("datasets", help="list the datasets in a store")
+    _store_arg(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("versions", help="list a dataset's versions")
+    _store_arg(p)
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("info", help="item and label counts of one dataset version")
+    _store_arg(p)
+    p.add_argument("name")
+    p.add_argument("--version", type=int, default=None, help="version number (default: latest)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("store", help="store utilities")
+    store_sub = p.add_subparsers(dest="store_command", required=True, metavar="SUBCOMMAND")
+    s = store_sub.add_parser("serve", help="run a local SeaweedFS S3 server on loopback")
+    s.add_argument("--dir", type=Path, required=True, help="data folder for the server")
+    s.add_argument("--port", type=int, default=8333, help="S3 port (default 8333)")
+    s.add_argument("--bucket", default="orchestrator", help="bucket to create (default orchestrator)")
+
+    p = sub.add_parser("demo-data", help="draw synthetic street scenes with a COCO file")
+    p.add_argument("out", type=Path)
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1)
+    return parser
+
+
+def _need_store(args: argparse.Namespace):
+    import orchestrator
+
+    if not args.store:
+        raise OrchestratorError(
+            "no store given", hint="pass --store file:///abs/path (or s3://bucket/prefix) or set ORCHESTRATOR_STORE"
+        )
+    return orchestrator.connect(args.store)
+
+
+def _print_table(rows: list[dict], columns: Sequence[str]) -> None:
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) if rows else len(c) for c in columns}
+    print("  ".join(c.upper().ljust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in columns))
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from orchestrator.ingest.pipeline import IngestRejected
+
+    store = _need_store(args)
+    try:
+        report = store.ingest(
+            args.dataset, coco=args.coco, images=args.images, jsonl=args.jsonl,
+            message=args.message, strict=args.strict,
+        )
+    except IngestRejected as exc:
+        if args.json and exc.report is not None:
+            print(json.dumps(exc.report.as_dict(), indent=2))
+        else:
+            if exc.report is not None:
+                print(exc.report.summary())
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_REJECTED
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.summary())
+    return 0 if report.committed else EXIT_USER
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    store = _need_store(args)
+    version, deleted = store.delete(args.dataset, args.items, message=args.message)
+    print(f"dataset {args.dataset!r}: deleted {deleted} items as version {version}")
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    names = _need_store(args).datasets()
+    if args.json:
+        print(json.dumps(names))
+    else:
+        print("\n".join(names) if names else "(no datasets)")
+    return 0
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    rows = [v.as_dict() for v in _need_store(args).versions(args.name)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _print_table(rows, ["version", "time", "items", "operation", "principal", "message"])
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from orchestrator.scan import label_totals
+
+    store = _need_store(args)
+    snapshot = store.manifest(args.name).snapshot(args.version)
+    totals = label_totals(store, snapshot)
+    info = {"dataset": args.name, "version": snapshot.version, "items": snapshot.rows, "labels": totals}
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"dataset {args.name!r} version {snapshot.version}: {snapshot.rows} items")
+        _print_table([{"label": k, "instances": v} for k, v in totals.items()], ["label", "instances"])
+    return 0
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    from orchestrator.seaweed import serve
+
+    serve(args.dir, args.port, args.bucket)
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from orchestrator.demo import make_demo_data
+
+    coco = make_demo_data(args.out, args.n, args.seed, workers=args.workers)
+    print(f"wrote {args.n} images and {coco}")
+    return 0
+
+
+COMMANDS = {
+    "ingest": cmd_ingest,
+    "delete": cmd_delete,
+    "datasets": cmd_datasets,
+    "versions": cmd_versions,
+    "info": cmd_info,
+    "store": cmd_store,
+    "demo-data": cmd_demo_data,
+}
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Parse and run one command; returns the exit code (errors printed, never a traceback)."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except OrchestratorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER if exc.user_fault else EXIT_SYSTEM
+    except KeyboardInterrupt:
+        print("interrupted; nothing partial was committed", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    code = run(argv)
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()  # stops a local cluster this process started
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Leave without interpreter teardown: native thread pools (Arrow, delta-rs, Ray) can abort
+    # the process while being destroyed at exit, turning a success into exit code 134.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Ingestion: sources (COCO, JSONL) → probe → upload → one Delta commit."""

@@ -1,0 +1,109 @@
+"""Session fixtures: one SeaweedFS S3 server, one local Ray cluster, small demo data.
+
+Every store test runs against both backends through the ``store_uri`` fixture: a fresh
+``file://`` folder and a fresh ``s3://`` prefix on the session's SeaweedFS server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BUCKET = "orchestrator-test"
+S3_KEY = "test-access"
+S3_SECRET = "test-secret"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The session's Ray head listens on loopback only; token auth would need the token handed to
+    # every CLI subprocess, which is what `ray job submit` users get from their cluster instead.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3 server (SeaweedFS) on loopback for the whole session, with one bucket.
+
+    The AWS variables are exported so that subprocesses (the CLI) reach the same server.
+    """
+    from orchestrator.seaweed import SeaweedServer
+
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweed"))
+    server.start()
+    server.create_bucket(BUCKET, S3_KEY, S3_SECRET)
+    saved = {k: os.environ.get(k) for k in server.env(S3_KEY, S3_SECRET)}
+    os.environ.update(server.env(S3_KEY, S3_SECRET))
+    yield server
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """One local Ray head for the session (``ray start``), so CLI subprocesses attach to it
+    instead of each starting their own. More logical CPUs than cores, see ray_runtime."""
+    import ray
+
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    port = _free_port()
+    env = dict(os.environ)
+    subprocess.run(
+        [ray_bin, "start", "--head", f"--port={port}", "--num-cpus=4", "--node-ip-address=127.0.0.1",
+         "--include-dashboard=false", "--disable-usage-stats"],
+        check=True, capture_output=True, env=env,
+    )
+    address = f"127.0.0.1:{port}"
+    os.environ["RAY_ADDRESS"] = address
+    ray.init(address=address, log_to_driver=False)
+    yield address
+    ray.shutdown()
+    subprocess.run([ray_bin, "stop", "--force"], capture_output=True)
+    os.environ.pop("RAY_ADDRESS", None)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(params=["file", "s3"])
+def store_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty store on each backend."""
+    if request.param == "file":
+        return f"file://{tmp_path / 'store'}"
+    request.getfixturevalue("seaweed")
+    return f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def demo_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """60 demo street scenes with their COCO file (read-only: copy before changing)."""
+    from orchestrator.demo import make_demo_data
+
+    out = tmp_path_factory.mktemp("demo_small")
+    make_demo_data(out, 60, seed=1)
+    return out
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the installed ``orchestrator`` command as a user would."""
+    exe = shutil.which("orchestrator", path=str(Path(sys.executable).parent)) or "orchestrator"
+    return subprocess.run(
+        [exe, *args], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
