@@ -30,9 +30,13 @@ class OrchestratorError(Exception):
 
     user_fault: bool = True
 
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, hint: str | None = None, user_fault: bool | None = None
+    ) -> None:
         self.message = message
         self.hint = hint
+        if user_fault is not None:
+            self.user_fault = user_fault
         super().__init__(message if not hint else f"{message}\n  fix: {hint}")
 
     def __reduce__(self):  # keep class, message and hint across process boundaries

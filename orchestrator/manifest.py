@@ -37,11 +37,12 @@ evolution only ever appends to, so an id never changes meaning between versions.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from urllib.parse import unquote
@@ -262,7 +263,7 @@ class Manifest:
         predicate = "item_id IN (" + ", ".join(_sql_string(i) for i in ids) + ")"
         commit_id = uuid.uuid4().hex
 
-        def attempt() -> None:
+        def attempt() -> int:
             props = self._commit_properties(message, principal, operation, commit_id)
             try:
                 table = DeltaTable(self.uri, storage_options=self._options)
@@ -271,14 +272,14 @@ class Manifest:
                     self.uri, rows, mode="error", storage_options=self._options,
                     commit_properties=props, name=self.dataset,
                 )
-                return
+                return 0
             write_deltalake(
                 table, rows, mode="overwrite", predicate=predicate, schema_mode="merge",
                 commit_properties=props,
             )
+            return table.version()  # the table object advances to the version it committed
 
-        self._commit_with_retry(attempt, "commit a new version of")
-        return self._find_commit(commit_id)
+        return self._find_commit(commit_id, self._commit_with_retry(attempt, "commit a new version of"))
 
     def delete(self, item_ids: Sequence[str], *, message: str, principal: str) -> tuple[int, int]:
         """Remove items as one new version. Returns (version, rows deleted)."""
@@ -286,13 +287,14 @@ class Manifest:
         commit_id = uuid.uuid4().hex
         deleted: dict = {}
 
-        def attempt() -> None:
+        def attempt() -> int:
             table = self._table()
             props = self._commit_properties(message, principal, "delete", commit_id)
             deleted.update(table.delete(predicate, commit_properties=props))
+            return table.version()
 
-        self._commit_with_retry(attempt, "delete items from")
-        return self._find_commit(commit_id), int(deleted.get("num_deleted_rows", 0))
+        version = self._find_commit(commit_id, self._commit_with_retry(attempt, "delete items from"))
+        return version, int(deleted.get("num_deleted_rows", 0))
 
     def _commit_properties(
         self, message: str, principal: str, operation: str, commit_id: str
@@ -305,11 +307,10 @@ class Manifest:
         }
         return CommitProperties(custom_metadata=meta)
 
-    def _commit_with_retry(self, attempt, action: str) -> None:
+    def _commit_with_retry(self, attempt: Callable[[], int], action: str) -> int:
         for n in range(_COMMIT_ATTEMPTS):
             try:
-                attempt()
-                return
+                return attempt()
             except (CommitFailedError, DeltaError) as exc:
                 if not isinstance(exc, CommitFailedError) and not _is_conflict(exc):
                     raise translate(exc, action, f"dataset {self.dataset!r}") from exc
@@ -323,12 +324,33 @@ class Manifest:
             hint="retry the command; nothing was committed",
         )
 
-    def _find_commit(self, commit_id: str) -> int:
-        with storage_errors("read the history of dataset", repr(self.dataset)):
-            table = DeltaTable(self.uri, storage_options=self._options)
-            for entry in table.history(limit=64):
-                if entry.get(_META + "commit_id") == commit_id:
-                    return int(entry["version"])
+    def _find_commit(self, commit_id: str, hint: int) -> int:
+        """The version holding our commit: ``hint`` checked against the log itself, then a scan
+        of the newest entries (delta-rs's history() can misnumber entries under concurrency)."""
+        from orchestrator.store import BlobStore
+
+        fs = BlobStore(self.location).fs
+        log_dir = f"{self.path}/_delta_log"
+
+        def commit_id_of(version: int) -> str | None:
+            try:
+                with fs.open_input_stream(f"{log_dir}/{version:020d}.json") as f:
+                    lines = f.read().decode().splitlines()
+            except FileNotFoundError:
+                return None
+            for line in lines:
+                info = json.loads(line).get("commitInfo")
+                if info is not None:
+                    return info.get(_META + "commit_id")
+            return None
+
+        with storage_errors("read the log of dataset", repr(self.dataset)):
+            if commit_id_of(hint) == commit_id:
+                return hint
+            latest = DeltaTable(self.uri, storage_options=self._options).version()
+            for version in range(latest, max(-1, latest - 256), -1):
+                if commit_id_of(version) == commit_id:
+                    return version
         raise StoreError(f"committed to dataset {self.dataset!r} but cannot find the commit")
 
 

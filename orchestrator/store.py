@@ -189,7 +189,7 @@ class Store:
 
 
 def connect(uri: str, *, credentials: S3Credentials | None = None) -> Store:
-    """Open a store by URI: ``file:///abs/path`` (created if absent) or ``s3://bucket/prefix``.
+    """Open a store by URI: ``file:///abs/path`` or ``s3://bucket/prefix``.
 
     S3 credentials and endpoint come from the standard AWS environment variables unless given.
     The connection is checked now, so a wrong endpoint or key fails here with a clear message.
@@ -198,10 +198,9 @@ def connect(uri: str, *, credentials: S3Credentials | None = None) -> Store:
         uri = f"file://{uri.resolve()}"
     location = StoreLocation.parse(str(uri), credentials)
     store = Store(location)
-    fs = store.blobs.fs
-    with storage_errors("open the store", location.uri):
-        if location.scheme == "file":
-            fs.create_dir(location.root, recursive=True)
-        else:
-            fs.get_file_info(pafs.FileSelector(location.root, allow_not_found=True, recursive=False))
+    if location.scheme == "s3":  # a local root is created by the first write
+        with storage_errors("open the store", location.uri):
+            store.blobs.fs.get_file_info(
+                pafs.FileSelector(location.root, allow_not_found=True, recursive=False)
+            )
     return store

@@ -65,15 +65,18 @@ class StoreLocation:
                 raise StoreError(
                     f"store URI {uri!r} has a host part {parsed.netloc!r}",
                     hint="write an absolute path with three slashes: file:///abs/path",
+                    user_fault=True,
                 )
             path = parsed.path.rstrip("/") or "/"
             if not path.startswith("/"):
-                raise StoreError(f"store URI {uri!r} is not absolute", hint="use file:///abs/path")
+                raise StoreError(
+                    f"store URI {uri!r} is not absolute", hint="use file:///abs/path", user_fault=True
+                )
             return cls(uri=f"file://{path}", scheme="file", root=path)
         if parsed.scheme == "s3":
             bucket = parsed.netloc
             if not bucket:
-                raise StoreError(f"store URI {uri!r} names no bucket", hint=_S3_FIX)
+                raise StoreError(f"store URI {uri!r} names no bucket", hint=_S3_FIX, user_fault=True)
             prefix = parsed.path.strip("/")
             root = f"{bucket}/{prefix}" if prefix else bucket
             return cls(
@@ -85,6 +88,7 @@ class StoreLocation:
         raise StoreError(
             f"unsupported store URI {uri!r}",
             hint="use file:///abs/path for one machine or s3://bucket/prefix for a team store",
+            user_fault=True,
         )
 
     def filesystem(self) -> pafs.FileSystem:

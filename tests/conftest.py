@@ -100,6 +100,16 @@ def demo_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def demo_2000(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2,000 demo street scenes (the acceptance size for ingest on S3)."""
+    from orchestrator.demo import make_demo_data
+
+    out = tmp_path_factory.mktemp("demo_2000")
+    make_demo_data(out, 2000, seed=0, workers=2)
+    return out
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the installed ``orchestrator`` command as a user would."""
     exe = shutil.which("orchestrator", path=str(Path(sys.executable).parent)) or "orchestrator"
