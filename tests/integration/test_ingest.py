@@ -197,3 +197,27 @@ def test_jsonl_ingest_and_label_schema_evolution(store_uri, tmp_path):
     assert rows["b.jpg"]["labels"] == {"car": 0, "traffic%20light": 1, "%43ar": 1}
     assert rows["b.jpg"]["tags"] == ["night"]
     assert store.manifest("evolve").snapshot(0).label_map.names == ("car",)
+
+
+@pytest.mark.slow
+def test_2000_images_into_s3_version_zero_then_zero_reupload(seaweed, demo_2000):
+    """The acceptance run: 2,000 demo images into SeaweedFS as version 0, read back with plain
+    pyarrow, then the same input again uploads nothing."""
+    import time
+
+    store = orchestrator.connect(f"s3://orchestrator-test/accept-{time.time_ns()}")
+    coco, images = demo_2000 / "annotations.json", demo_2000 / "images"
+    report = store.ingest("street", coco=coco, images=images)
+    assert (report.version, report.items, report.rejected) == (0, 2000, [])
+    assert report.blobs_uploaded == 2000 and report.boxes_clipped > 0  # demo data overhangs ~1.5%
+
+    expected = coco_counts(coco)
+    dropped = Counter(w.split(":")[0] for w in report.warnings if "dropped" in w)
+    rows = plain_parquet_rows(store, "street", 0).to_pylist()
+    assert len(rows) == 2000 and {r["item_id"] for r in rows} == set(expected)
+    for r in rows:
+        assert sum(r["labels"].values()) == sum(expected[r["item_id"]].values()) - dropped[r["item_id"]]
+        assert r["labels"]["car"] == expected[r["item_id"]]["car"] or dropped[r["item_id"]]
+
+    again = store.ingest("street", coco=coco, images=images)
+    assert (again.version, again.blobs_uploaded, again.blobs_reused) == (1, 0, 2000)
