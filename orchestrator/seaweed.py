@@ -196,8 +196,10 @@ class SeaweedServer:
         return self._proc is not None and self._proc.poll() is None
 
     def command(self) -> list[str]:
-        """The ``weed`` command line for the current ports (``start`` fills them in)."""
+        """The ``weed`` command line for the current ports (``start`` chooses them)."""
         p = self.ports
+        if not p:
+            raise StoreError("SeaweedFS server has not been started", hint="call start() first")
         cmd = [
             find_weed(),
             "-logtostderr",  # glog to our log file only, not /tmp/weed.*.log
@@ -243,7 +245,7 @@ class SeaweedServer:
                     hint="pass an existing -s3.config JSON file",
                 )
             fixed_port = self.port is not None
-            if fixed_port and not _port_is_free(self.port):  # type: ignore[arg-type]
+            if self.port is not None and not _port_is_free(self.port):
                 raise StoreError(
                     f"port {self.port} on {HOST} is already in use",
                     hint="choose another --port, or stop the program that holds it",
@@ -292,14 +294,19 @@ class SeaweedServer:
             self.port = free.pop()
         self.ports = dict(zip(_PORT_NAMES, free))
         self.ports["s3.port"] = self.port
+        self._remove_sockets()  # stale ones from a killed weed that had these ports
         cmd = [weed, *self.command()[1:]]
         log.debug("starting %s", " ".join(cmd))
         self._log_file = self.log_path.open("ab")
         self._log_start = self._log_file.tell()
         self._log_file.write(f"\n=== orchestrator: {' '.join(cmd)}\n".encode())
         self._log_file.flush()
+        # weed turns the caller's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY into an admin
+        # identity, silently switching authentication on; identities come only from s3_config.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         self._proc = subprocess.Popen(
             cmd,
+            env=env,
             cwd=self.data_dir,  # weed reads *.toml from its working directory
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
@@ -388,7 +395,8 @@ class SeaweedServer:
             self._log_file = None
 
     def _remove_sockets(self) -> None:
-        """Delete unix sockets ``weed`` leaves in /tmp; their names carry our ports."""
+        """Delete unix sockets ``weed`` leaves in /tmp; their names carry our TCP ports, so
+        no other live server can own them."""
         if not self.ports:
             return
         names = [f"seaweedfs-s3-{self.ports['s3.port']}.sock"]

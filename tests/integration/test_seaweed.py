@@ -14,17 +14,6 @@ from orchestrator.errors import StoreError
 from orchestrator.seaweed import SeaweedServer, find_weed
 
 
-def _weed_available() -> bool:
-    try:
-        find_weed()
-    except StoreError:
-        return False
-    return True
-
-
-needs_weed = pytest.mark.skipif(not _weed_available(), reason="SeaweedFS 'weed' binary missing")
-
-
 def _alive(pid: int) -> bool:
     """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
     try:
@@ -34,7 +23,6 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-@needs_weed
 @pytest.mark.s3
 def test_server_serves_s3_then_stops(tmp_path: Path) -> None:
     server = SeaweedServer(tmp_path / "data")
@@ -78,7 +66,6 @@ def test_missing_binary_names_the_pip_install(
         SeaweedServer(tmp_path / "data").start()
 
 
-@needs_weed
 def test_port_in_use_fails_fast(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
