@@ -3,12 +3,13 @@
     import orchestrator
     store = orchestrator.connect("file:///data/store")   # or "s3://bucket/prefix"
     report = store.ingest("street", coco="annotations.json", images="images/")
-    store.versions("street")
+    ds = store.dataset("street"); ds.versions(); ds.label_counts()
 """
 
 from orchestrator import errors
 from orchestrator.ingest.report import IngestReport
 from orchestrator.manifest import LabelMap, VersionInfo
 from orchestrator.store import Store, connect
+from orchestrator.stream.dataset import Dataset
 
-__all__ = sorted(["IngestReport", "LabelMap", "Store", "VersionInfo", "connect", "errors"])
+__all__ = sorted(["Dataset", "IngestReport", "LabelMap", "Store", "VersionInfo", "connect", "errors"])

@@ -19,6 +19,7 @@ import re
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
 
@@ -26,6 +27,9 @@ from orchestrator.errors import ConfigError, DatasetNotFound, IngestError, ItemE
 from orchestrator.manifest import Manifest, VersionInfo
 from orchestrator.storage_errors import storage_errors
 from orchestrator.store_location import S3Credentials, StoreLocation
+
+if TYPE_CHECKING:
+    from orchestrator.stream.dataset import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +135,12 @@ class Store:
                 if any(i.path.endswith(".json") for i in self.blobs.fs.get_file_info(sel)):
                     names.append(info.base_name)
         return sorted(names)
+
+    def dataset(self, name: str, version: int | None = None) -> "Dataset":
+        """Open a dataset at ``version`` (default: the latest, pinned now)."""
+        from orchestrator.stream.dataset import Dataset
+
+        return Dataset(self, check_dataset_name(name), version)
 
     def versions(self, name: str) -> list[VersionInfo]:
         """Every committed version of a dataset, oldest first."""

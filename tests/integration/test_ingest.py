@@ -221,3 +221,25 @@ def test_2000_images_into_s3_version_zero_then_zero_reupload(seaweed, demo_2000)
 
     again = store.ingest("street", coco=coco, images=images)
     assert (again.version, again.blobs_uploaded, again.blobs_reused) == (1, 0, 2000)
+
+
+def test_dataset_object_pins_its_version(store_uri, demo_small):
+    store = orchestrator.connect(store_uri)
+    coco, images = demo_small / "annotations.json", demo_small / "images"
+    store.ingest("street", coco=coco, images=images)
+    ds = store.dataset("street")
+    store.delete("street", ["street_000000.jpg"])
+    assert (ds.version, len(ds)) == (0, 60)  # pinned at open: the delete is not seen
+    latest = store.dataset("street")
+    assert (latest.version, len(latest)) == (1, 59)
+    assert [v.version for v in ds.versions()] == [0, 1]
+    assert ds.label_map.names == ("car", "pedestrian", "traffic light", "bicycle")
+    gone = next(r for r in read_table(store, store.manifest("street").snapshot(0)).to_pylist()
+                if r["item_id"] == "street_000000.jpg")
+    old, new = ds.label_counts(), latest.label_counts()
+    for name in ds.label_map.names:
+        assert old[name] - new[name] == gone["labels"][orchestrator.manifest.label_field(name)]
+    with pytest.raises(orchestrator.errors.VersionNotFound, match="versions 0..1 exist"):
+        store.dataset("street", version=5)
+    with pytest.raises(orchestrator.errors.DatasetNotFound):
+        store.dataset("nope")

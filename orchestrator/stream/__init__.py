@@ -1,0 +1,1 @@
+"""Reading datasets: pinned versions, and (issue 4) streaming items on demand."""
