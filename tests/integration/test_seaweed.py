@@ -75,3 +75,41 @@ def test_port_in_use_fails_fast(tmp_path: Path) -> None:
         with pytest.raises(StoreError, match=f"port {port}"):
             server.start()
     assert not server.is_running()
+
+
+def test_cli_store_serve_runs_until_sigterm(tmp_path: Path) -> None:
+    """`orchestrator store serve` prints what to export, serves S3, and stops cleanly."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import boto3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = str(Path(sys.executable).parent / "orchestrator")
+    proc = subprocess.Popen(
+        [exe, "store", "serve", "--dir", str(tmp_path / "s3"), "--port", str(port), "--bucket", "served"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines = []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "Press Ctrl-C" in line:
+            break
+    out = "".join(lines)
+    assert f"export AWS_ENDPOINT_URL=http://127.0.0.1:{port}" in out, out
+    assert "Store URI: s3://served" in out
+    s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="a",
+                      aws_secret_access_key="b", region_name="us-east-1")
+    s3.put_object(Bucket="served", Key="k", Body=b"v")
+    assert s3.get_object(Bucket="served", Key="k")["Body"].read() == b"v"
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    assert "SeaweedFS stopped." in proc.stdout.read()
