@@ -67,6 +67,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, default=None, help="version number (default: latest)")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("slice", help="items of a dataset version that match a query")
+    _store_arg(p)
+    p.add_argument("name")
+    p.add_argument("query", help="e.g. 'labels.car > 3 and labels.pedestrian >= 1'")
+    p.add_argument("--version", type=int, default=None, help="version number (default: latest)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--count", action="store_true", help="print only the number of items")
+    out.add_argument("--ids", action="store_true", help="print matching item ids, one a line")
+    out.add_argument("--json", action="store_true", help="count, ids and scan statistics as JSON")
+
     p = sub.add_parser("store", help="store utilities")
     store_sub = p.add_subparsers(dest="store_command", required=True, metavar="SUBCOMMAND")
     s = store_sub.add_parser("serve", help="run a local SeaweedFS S3 server on loopback")
@@ -160,6 +170,29 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_slice(args: argparse.Namespace) -> int:
+    ds = _need_store(args).dataset(args.name, args.version).slice(args.query)
+    if args.count:
+        print(len(ds))
+        return 0
+    ids = ds.item_ids()
+    if args.ids:
+        print("\n".join(ids))
+    elif args.json:
+        print(json.dumps({"dataset": args.name, "version": ds.version, "query": args.query,
+                          "count": len(ids), "ids": ids, "scan": ds.last_scan.as_dict()}, indent=2))
+    else:
+        stats = ds.last_scan
+        print(f"{len(ids)} of {stats.rows_total} items in {args.name!r} version {ds.version} match")
+        print(f"  scan: {stats.files_read}/{stats.files_total} files, {stats.rows_read} rows read, "
+              f"{stats.seconds * 1000:.0f} ms")
+        for item_id in ids[:10]:
+            print(f"  {item_id}")
+        if len(ids) > 10:
+            print(f"  ... {len(ids) - 10} more (--ids lists all)")
+    return 0
+
+
 def cmd_store(args: argparse.Namespace) -> int:
     from orchestrator.seaweed import serve
 
@@ -181,6 +214,7 @@ COMMANDS = {
     "datasets": cmd_datasets,
     "versions": cmd_versions,
     "info": cmd_info,
+    "slice": cmd_slice,
     "store": cmd_store,
     "demo-data": cmd_demo_data,
 }

@@ -45,6 +45,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Any
 from urllib.parse import unquote
 
 import pyarrow as pa
@@ -156,6 +157,22 @@ class VersionInfo:
 
 
 @dataclass(frozen=True)
+class ColumnStats:
+    min: Any
+    max: Any
+    null_count: int | None
+
+
+@dataclass(frozen=True)
+class FileStats:
+    """One data file's statistics from the Delta log; a column absent from ``columns`` (or with
+    a None null count) is unknown and never used to skip the file."""
+
+    num_records: int
+    columns: dict[str, ColumnStats]
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """A pinned dataset version: its schema and the Parquet files (fs paths) that hold it."""
 
@@ -164,6 +181,7 @@ class Snapshot:
     schema: pa.Schema = field(repr=False)
     files: tuple[str, ...]
     rows: int
+    file_stats: tuple[FileStats, ...] = field(default=(), repr=False)
 
     @property
     def label_map(self) -> LabelMap:
@@ -218,10 +236,11 @@ class Manifest:
         with storage_errors("read the manifest log of dataset", repr(self.dataset)):
             schema = pa.schema(table.schema().to_arrow())
             actions = pa.table(table.get_add_actions(flatten=True))
-        paths = actions.column("path").to_pylist() if actions.num_rows else []
-        rows = sum(actions.column("num_records").to_pylist()) if actions.num_rows else 0
-        files = tuple(self.location.fs_path(self._file_uri(p)) for p in paths)
-        return Snapshot(self.dataset, table.version(), schema, files, rows)
+        records = actions.to_pylist()
+        files = tuple(self.location.fs_path(self._file_uri(r["path"])) for r in records)
+        stats = tuple(_file_stats(r) for r in records)
+        rows = sum(s.num_records for s in stats)
+        return Snapshot(self.dataset, table.version(), schema, files, rows, stats)
 
     def _file_uri(self, rel: str) -> str:
         if "://" in rel or rel.startswith("/"):
@@ -259,8 +278,6 @@ class Manifest:
         of the next log entry, and a conflicting attempt is retried against the new latest
         version. Returns the version this call committed.
         """
-        ids = rows.column("item_id").to_pylist()
-        predicate = "item_id IN (" + ", ".join(_sql_string(i) for i in ids) + ")"
         commit_id = uuid.uuid4().hex
 
         def attempt() -> int:
@@ -274,7 +291,8 @@ class Manifest:
                 )
                 return 0
             write_deltalake(
-                table, rows, mode="overwrite", predicate=predicate, schema_mode="merge",
+                table, rows, mode="overwrite", predicate=_in_predicate(rows.column("item_id").to_pylist()),
+                schema_mode="merge",
                 commit_properties=props,
             )
             return table.version()  # the table object advances to the version it committed
@@ -283,7 +301,7 @@ class Manifest:
 
     def delete(self, item_ids: Sequence[str], *, message: str, principal: str) -> tuple[int, int]:
         """Remove items as one new version. Returns (version, rows deleted)."""
-        predicate = "item_id IN (" + ", ".join(_sql_string(i) for i in item_ids) + ")"
+        predicate = _in_predicate(item_ids)
         commit_id = uuid.uuid4().hex
         deleted: dict = {}
 
@@ -360,8 +378,21 @@ def _is_conflict(exc: BaseException) -> bool:
     return any(s in text for s in ("already exists", "version mismatch", "conflict", "concurrent"))
 
 
-def _sql_string(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
+def _file_stats(action: dict) -> FileStats:
+    """Group a flattened add action's ``min.x`` / ``max.x`` / ``null_count.x`` keys by column."""
+    columns: dict[str, ColumnStats] = {}
+    for key in action:
+        if key.startswith("null_count."):
+            name = key[len("null_count."):]
+            columns[name] = ColumnStats(
+                action.get(f"min.{name}"), action.get(f"max.{name}"), action[key]
+            )
+    return FileStats(int(action.get("num_records") or 0), columns)
+
+
+def _in_predicate(item_ids: Sequence[str]) -> str:
+    """SQL ``item_id IN (...)`` for delta-rs, with quotes escaped."""
+    return "item_id IN (" + ", ".join("'" + i.replace("'", "''") + "'" for i in item_ids) + ")"
 
 
 def conform(rows: Iterable[dict], labels: Sequence[str]) -> pa.Table:

@@ -1,14 +1,19 @@
 """Read a pinned manifest version with pyarrow, straight from its Parquet files.
 
 The Delta log says which files make up a version; pyarrow reads them through the store's own
-filesystem, so filters and column projection push down into the Parquet scan (row groups are
-skipped by their statistics). deltalake's own pyarrow bridge is not used: its Rust-backed file
-handles can abort the interpreter at exit.
+filesystem: files are skipped by the Delta log's statistics, numeric filters and column
+projection push down into the Parquet scan (row groups skipped by their statistics), and the
+exact predicate runs on what is left. Text predicates are not pushed down: delta-rs rewrites files
+with ``string_view`` columns and pyarrow 26 cannot compare those with ``string`` statistics.
+deltalake's own pyarrow bridge is not used: its Rust-backed file handles can abort the
+interpreter at exit.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -16,19 +21,79 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from orchestrator.manifest import Snapshot
+from orchestrator.query.compile import CompiledQuery
 from orchestrator.storage_errors import storage_errors
 
 if TYPE_CHECKING:
     from orchestrator.store import Store
 
 
-def manifest_dataset(store: "Store", snapshot: Snapshot) -> pads.Dataset:
-    """A pyarrow dataset over exactly the files of ``snapshot``, with its full schema."""
+def manifest_dataset(
+    store: "Store", snapshot: Snapshot, files: Sequence[str] | None = None
+) -> pads.Dataset:
+    """A pyarrow dataset over the files of ``snapshot`` (or a subset), with its full schema."""
     with storage_errors("open the manifest files of dataset", repr(snapshot.dataset)):
         return pads.dataset(
-            list(snapshot.files), schema=snapshot.schema, format="parquet",
-            filesystem=store.blobs.fs,
+            list(snapshot.files if files is None else files), schema=snapshot.schema,
+            format="parquet", filesystem=store.blobs.fs,
         )
+
+
+@dataclass(frozen=True)
+class ScanStats:
+    """What a scan touched: how much the Delta statistics and the Parquet pushdown saved."""
+
+    files_total: int
+    files_read: int
+    rows_total: int
+    rows_read: int
+    rows_matched: int
+    columns: tuple[str, ...]
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def scan(
+    store: "Store",
+    snapshot: Snapshot,
+    query: CompiledQuery | None = None,
+    columns: Sequence[str] | None = None,
+) -> tuple[pa.Table, ScanStats]:
+    """Rows of ``snapshot`` matching ``query``, with ``columns`` (default: all).
+
+    Files whose Delta statistics rule out a match are never opened; the numeric part of the
+    query is pushed into the Parquet scan (row groups skipped by their statistics); only the
+    columns needed are read; the exact predicate is applied last.
+    """
+    started = time.perf_counter()
+    wanted = list(columns) if columns is not None else list(snapshot.schema.names)
+    if query is None:
+        files = list(snapshot.files)
+        read_cols = wanted
+    else:
+        files = [f for f, st in zip(snapshot.files, snapshot.file_stats) if query.file_may_match(st)]
+        read_cols = sorted(set(wanted) | set(query.columns), key=snapshot.schema.names.index)
+    table = pa.table({})
+    if files:
+        dataset = manifest_dataset(store, snapshot, files)
+        with storage_errors("read the manifest of dataset", repr(snapshot.dataset)):
+            table = dataset.to_table(
+                columns=read_cols, filter=query.pushdown if query is not None else None
+            )
+        table = fill_label_counts(table)
+    else:
+        table = snapshot.schema.empty_table().select(read_cols)
+    rows_read = table.num_rows
+    if query is not None:
+        table = table.filter(query.evaluate(table))
+    stats = ScanStats(
+        files_total=len(snapshot.files), files_read=len(files), rows_total=snapshot.rows,
+        rows_read=rows_read, rows_matched=table.num_rows, columns=tuple(read_cols),
+        seconds=time.perf_counter() - started,
+    )
+    return table.select(wanted), stats
 
 
 def fill_label_counts(table: pa.Table) -> pa.Table:
@@ -42,17 +107,9 @@ def fill_label_counts(table: pa.Table) -> pa.Table:
     return table.set_column(table.column_names.index("labels"), "labels", filled)
 
 
-def read_table(
-    store: "Store",
-    snapshot: Snapshot,
-    columns: Sequence[str] | None = None,
-    filter: pc.Expression | None = None,
-) -> pa.Table:
-    """Read the rows of a version (optionally filtered and projected) into memory."""
-    dataset = manifest_dataset(store, snapshot)
-    with storage_errors("read the manifest of dataset", repr(snapshot.dataset)):
-        table = dataset.to_table(columns=list(columns) if columns else None, filter=filter)
-    return fill_label_counts(table)
+def read_table(store: "Store", snapshot: Snapshot, columns: Sequence[str] | None = None) -> pa.Table:
+    """Every row of a version (optionally only some columns) in memory."""
+    return scan(store, snapshot, None, columns)[0]
 
 
 def existing_item_ids(store: "Store", dataset: str, item_ids: Sequence[str]) -> set[str]:
@@ -68,11 +125,15 @@ def existing_item_ids(store: "Store", dataset: str, item_ids: Sequence[str]) -> 
     return set(ids.filter(mask).to_pylist())
 
 
-def label_totals(store: "Store", snapshot: Snapshot) -> dict[str, int]:
-    """Instances per label over a whole version, in label-id order (reads one column)."""
-    names = snapshot.label_map.names
-    if not names:
-        return {}
-    table = read_table(store, snapshot, ["labels"])
+def sum_labels(table: pa.Table, names: Sequence[str]) -> dict[str, int]:
+    """Instances per label over the ``labels`` column of ``table``, in label-id order."""
+    if not names or table.num_rows == 0:
+        return {name: 0 for name in names}
     col = table.column("labels").combine_chunks()
     return {name: int(pc.sum(col.field(i)).as_py() or 0) for i, name in enumerate(names)}
+
+
+def label_totals(store: "Store", snapshot: Snapshot) -> dict[str, int]:
+    """Instances per label over a whole version (reads one column)."""
+    names = snapshot.label_map.names
+    return sum_labels(read_table(store, snapshot, ["labels"]) if names else pa.table({}), names)
