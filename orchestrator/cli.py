@@ -184,7 +184,8 @@ def cmd_slice(args: argparse.Namespace) -> int:
     else:
         stats = ds.last_scan
         print(f"{len(ids)} of {stats.rows_total} items in {args.name!r} version {ds.version} match")
-        print(f"  scan: {stats.files_read}/{stats.files_total} files, {stats.rows_read} rows read, "
+        print(f"  scan: {stats.files_read}/{stats.files_total} files, "
+              f"{stats.rows_in_files_read} rows in them, "
               f"{stats.seconds * 1000:.0f} ms")
         for item_id in ids[:10]:
             print(f"  {item_id}")

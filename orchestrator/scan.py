@@ -44,9 +44,10 @@ class ScanStats:
     """What a scan touched: how much the Delta statistics and the Parquet pushdown saved."""
 
     files_total: int
-    files_read: int
+    files_read: int  # files not ruled out by their Delta statistics
     rows_total: int
-    rows_read: int
+    rows_in_files_read: int  # rows of the files opened (before row-group and row filtering)
+    rows_after_pushdown: int  # rows the Parquet scan returned with the numeric pushdown
     rows_matched: int
     columns: tuple[str, ...]
     seconds: float
@@ -69,13 +70,14 @@ def scan(
     """
     started = time.perf_counter()
     wanted = list(columns) if columns is not None else list(snapshot.schema.names)
-    if query is None:
-        files = list(snapshot.files)
-        read_cols = wanted
-    else:
-        files = [f for f, st in zip(snapshot.files, snapshot.file_stats) if query.file_may_match(st)]
+    kept = [
+        (f, st) for f, st in zip(snapshot.files, snapshot.file_stats, strict=True)
+        if query is None or query.file_may_match(st)
+    ]
+    files = [f for f, _ in kept]
+    read_cols = wanted
+    if query is not None:
         read_cols = sorted(set(wanted) | set(query.columns), key=snapshot.schema.names.index)
-    table = pa.table({})
     if files:
         dataset = manifest_dataset(store, snapshot, files)
         with storage_errors("read the manifest of dataset", repr(snapshot.dataset)):
@@ -90,7 +92,8 @@ def scan(
         table = table.filter(query.evaluate(table))
     stats = ScanStats(
         files_total=len(snapshot.files), files_read=len(files), rows_total=snapshot.rows,
-        rows_read=rows_read, rows_matched=table.num_rows, columns=tuple(read_cols),
+        rows_in_files_read=sum(st.num_records for _, st in kept),
+        rows_after_pushdown=rows_read, rows_matched=table.num_rows, columns=tuple(read_cols),
         seconds=time.perf_counter() - started,
     )
     return table.select(wanted), stats
