@@ -245,7 +245,7 @@ def query(root: Path, size: int) -> dict:
             rows.append({
                 "size": size, "layout": layout, "query": q, "matched": matched,
                 "files_read": st.files_read, "files_total": st.files_total,
-                "rows_read": st.rows_read, "rows_total": st.rows_total,
+                "rows_read": st.rows_in_files_read, "rows_total": st.rows_total,
                 "cold_ms": times[0] * 1e3, "median_ms": statistics.median(times[1:]) * 1e3,
             })
     return {"size": size, "base_rss_mb": base_rss, "peak_rss_mb": peak_rss_mb(), "rows": rows}
@@ -309,7 +309,7 @@ def main() -> None:
     print(f"times: len(store.dataset(name).slice(q)); median of {RUNS} runs after a first (cold) "
           "run; OS page cache warm\n")
     header = f"{'size':>9}  {'layout':<7} {'query':<52} {'matched':>9} {'ok':>3} " \
-             f"{'files':>9} {'rows read':>10} {'median ms':>10} {'cold ms':>9}"
+             f"{'files':>9} {'rows in files':>13} {'median ms':>10} {'cold ms':>9}"
     print(header)
     print("-" * len(header))
     mismatches = []
@@ -321,7 +321,7 @@ def main() -> None:
                 mismatches.append((row["size"], row["layout"], row["query"], row["matched"], expected))
             files = f"{row['files_read']}/{row['files_total']}"
             print(f"{row['size']:>9,}  {row['layout']:<7} {row['query']:<52} {row['matched']:>9,} "
-                  f"{'yes' if ok else 'NO':>3} {files:>9} {row['rows_read']:>10,} "
+                  f"{'yes' if ok else 'NO':>3} {files:>9} {row['rows_read']:>13,} "
                   f"{row['median_ms']:>10.1f} {row['cold_ms']:>9.1f}")
     print()
     header = f"{'size':>9}  {'generate s':>10} {'write s':>8} {'build peak RSS':>15} " \
