@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from orchestrator.manifest import Snapshot
+from orchestrator.manifest import FileStats, Snapshot
 from orchestrator.query.compile import CompiledQuery
 from orchestrator.storage_errors import storage_errors
 
@@ -56,6 +56,15 @@ class ScanStats:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
+def candidate_files(snapshot: Snapshot, query: CompiledQuery | None) -> list[tuple[str, FileStats]]:
+    """Files of ``snapshot`` (sorted by path) that the Delta statistics do not rule out."""
+    return sorted(
+        ((f, st) for f, st in zip(snapshot.files, snapshot.file_stats, strict=True)
+         if query is None or query.file_may_match(st)),
+        key=lambda pair: pair[0],
+    )
+
+
 def scan(
     store: "Store",
     snapshot: Snapshot,
@@ -70,10 +79,7 @@ def scan(
     """
     started = time.perf_counter()
     wanted = list(columns) if columns is not None else list(snapshot.schema.names)
-    kept = [
-        (f, st) for f, st in zip(snapshot.files, snapshot.file_stats, strict=True)
-        if query is None or query.file_may_match(st)
-    ]
+    kept = candidate_files(snapshot, query)
     files = [f for f, _ in kept]
     read_cols = wanted
     if query is not None:

@@ -19,7 +19,7 @@ import re
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 
@@ -136,11 +136,13 @@ class Store:
                     names.append(info.base_name)
         return sorted(names)
 
-    def dataset(self, name: str, version: int | None = None) -> "Dataset":
-        """Open a dataset at ``version`` (default: the latest, pinned now)."""
+    def dataset(self, name: str, version: int | None = None, **options: Any) -> "Dataset":
+        """Open a dataset at ``version`` (default: the latest, pinned now). ``options`` are
+        ``StreamOptions``: prefetch, threads, on_error ('skip' or 'raise'), cache."""
         from orchestrator.stream.dataset import Dataset
+        from orchestrator.stream.reader import StreamOptions
 
-        return Dataset(self, check_dataset_name(name), version)
+        return Dataset(self, check_dataset_name(name), version, options=StreamOptions(**options))
 
     def versions(self, name: str) -> list[VersionInfo]:
         """Every committed version of a dataset, oldest first."""

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 
 from orchestrator.manifest import LabelMap, Snapshot, VersionInfo
 from orchestrator.query.compile import CompiledQuery, QueryContext, combine, compile_query
 from orchestrator.scan import ScanStats, scan, sum_labels
+from orchestrator.stream.index import ItemIndex, build_index
+from orchestrator.stream.order import epoch_order, shard
+from orchestrator.stream.reader import ItemStream, StreamOptions
 
 if TYPE_CHECKING:
     from orchestrator.store import Store
@@ -23,8 +28,9 @@ class Dataset:
     """
 
     def __init__(
-        self, store: "Store", name: str, version: int | None = None, *, _snapshot: Snapshot | None = None,
-        _queries: tuple[str, ...] = (),
+        self, store: "Store", name: str, version: int | None = None, *,
+        options: StreamOptions | None = None,
+        _snapshot: Snapshot | None = None, _queries: tuple[str, ...] = (),
     ) -> None:
         self.store = store
         self.name = name
@@ -36,6 +42,8 @@ class Dataset:
         )
         self._len: int | None = None if _queries else self._snapshot.rows
         self.last_scan: ScanStats | None = None
+        self.options = options or StreamOptions()
+        self._stream: ItemStream | None = None
 
     @property
     def version(self) -> int:
@@ -57,8 +65,15 @@ class Dataset:
         ``ds.slice(a).slice(b)`` means both. Raises ``QueryError`` with a caret at once.
         """
         return Dataset(
-            self.store, self.name, _snapshot=self._snapshot, _queries=(*self._queries, query)
+            self.store, self.name, options=self.options, _snapshot=self._snapshot,
+            _queries=(*self._queries, query),
         )
+
+    def with_options(self, **changes: Any) -> "Dataset":
+        """The same slice read with other ``StreamOptions`` (prefetch, threads, on_error, cache)."""
+        opts = StreamOptions(**{**self.options.__dict__, **changes})
+        return Dataset(self.store, self.name, options=opts, _snapshot=self._snapshot,
+                       _queries=self._queries)
 
     def manifest_rows(self, columns: list[str] | None = None) -> pa.Table:
         """The manifest rows of this slice (only ``columns`` if given); records ``last_scan``."""
@@ -75,8 +90,79 @@ class Dataset:
         """Item count: from the Delta log for a whole version; for a slice, a scan of the
         manifest columns the query needs (no blob is fetched)."""
         if self._len is None:
-            self.manifest_rows(["item_id"])
+            if self._stream is not None:
+                self._len = len(self._stream.index)
+            else:
+                self.manifest_rows(["item_id"])
         return self._len  # type: ignore[return-value]
+
+    # -- streaming -------------------------------------------------------------------------
+    @property
+    def stream(self) -> ItemStream:
+        """The indexed reader (built on first use: one scan of the query's columns)."""
+        if self._stream is None:
+            index: ItemIndex = build_index(self.store, self._snapshot, self._query)
+            self._stream = ItemStream(self.store, index, self.label_map, self.version, self.options)
+            self._len = len(index)
+        return self._stream
+
+    def __getitem__(self, i: int) -> dict:
+        """Item ``i`` (negative counts from the end): one manifest row group and one blob read."""
+        if not isinstance(i, (int, np.integer)):
+            raise TypeError(f"dataset indices are integers, not {type(i).__name__}")
+        n = len(self.stream.index)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} items")
+        return self.stream.item(int(i) % n)
+
+    def positions(self, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
+                  shard_id: int = 0, num_shards: int = 1) -> np.ndarray:
+        """The positions one reader visits in one epoch (see ``orchestrator.stream.order``)."""
+        stream = self.stream
+        keys = stream.group_keys() if shuffle else np.arange(len(stream.index))
+        order = epoch_order(keys, shuffle=shuffle, seed=seed, epoch=epoch,
+                            window=self.options.shuffle_window)
+        return shard(order, shard_id, num_shards)
+
+    def iter_items(self, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
+                   shard_id: int = 0, num_shards: int = 1) -> Iterator[dict]:
+        """Items in stable order, or a deterministic block shuffle for (seed, epoch); optionally
+        one shard of ``num_shards`` (shards are disjoint and cover the slice exactly once)."""
+        positions = self.positions(shuffle=shuffle, seed=seed, epoch=epoch,
+                                   shard_id=shard_id, num_shards=num_shards)
+        return self.stream.iterate(positions)
+
+    def __iter__(self) -> Iterator[dict]:
+        return self.iter_items()
+
+    @property
+    def skipped(self) -> int:
+        """Items skipped so far because their blob was missing or corrupt (on_error='skip')."""
+        return self._stream.skipped if self._stream is not None else 0
+
+    def cache_stats(self) -> dict:
+        """Hits, misses and bytes fetched from the store by this process's blob cache."""
+        return self.options.blob_cache.stats.as_dict()
+
+    def to_pytorch(self, shuffle: bool = False, seed: int = 0, transform=None, *,
+                   rank: int | None = None, world_size: int | None = None):
+        """A ``torch.utils.data.IterableDataset`` over this slice; see adapters.torch."""
+        from orchestrator.adapters.torch import TorchItems
+
+        return TorchItems(self, shuffle=shuffle, seed=seed, transform=transform,
+                          rank=rank, world_size=world_size)
+
+    def to_tensorflow(self, shuffle: bool = False, seed: int = 0):
+        """A ``tf.data.Dataset`` over this slice; see adapters.tensorflow."""
+        from orchestrator.adapters.tensorflow import to_tf_dataset
+
+        return to_tf_dataset(self, shuffle=shuffle, seed=seed)
+
+    def to_ray(self):
+        """A ``ray.data.Dataset`` of items built as stages; see adapters.ray."""
+        from orchestrator.adapters.ray import to_ray_dataset
+
+        return to_ray_dataset(self)
 
     def versions(self) -> list[VersionInfo]:
         """Every committed version of this dataset, oldest first."""

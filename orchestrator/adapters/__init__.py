@@ -1,0 +1,1 @@
+"""Thin framework adapters: they reshape item dicts; frameworks are imported lazily here only."""

@@ -1,0 +1,69 @@
+"""TensorFlow: a real ``tf.data.Dataset`` with an explicit element spec.
+
+Per element, ``image`` is uint8 [H, W, 3], ``boxes`` float32 [N, 4] and ``labels`` int64 [N]
+with N varying by item, so ``.ragged_batch(b)`` gives RaggedTensors and
+``.padded_batch(b, padding_values=...)`` pads; ``polygons`` is a RaggedTensor [N, None].
+Use tf-keras (``TF_USE_LEGACY_KERAS=1``) for ``model.fit`` under MultiWorkerMirroredStrategy.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+try:
+    import tensorflow as tf
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    from orchestrator.errors import ConfigError
+
+    raise ConfigError(
+        "TensorFlow is not installed", hint="pip install -e '.[tf]' (tensorflow 2.21 + tf-keras)"
+    ) from exc
+
+if TYPE_CHECKING:
+    from orchestrator.stream.dataset import Dataset
+
+
+def element_spec() -> dict:
+    return {
+        "id": tf.TensorSpec([], tf.string),
+        "image": tf.TensorSpec([None, None, 3], tf.uint8),
+        "boxes": tf.TensorSpec([None, 4], tf.float32),
+        "labels": tf.TensorSpec([None], tf.int64),
+        "polygons": tf.RaggedTensorSpec([None, None], tf.float32, ragged_rank=1),
+        "tags": tf.TensorSpec([None], tf.string),
+        "width": tf.TensorSpec([], tf.int64),
+        "height": tf.TensorSpec([], tf.int64),
+        "version": tf.TensorSpec([], tf.int64),
+    }
+
+
+def to_tf_dataset(dataset: "Dataset", *, shuffle: bool = False, seed: int = 0) -> "tf.data.Dataset":
+    """Items of ``dataset`` as a tf.data pipeline; each pass over it is one epoch, and with
+    ``shuffle`` successive passes use epochs 0, 1, 2, ... of the deterministic shuffle."""
+    epochs = {"next": 0}
+
+    def generate():
+        epoch = epochs["next"]
+        epochs["next"] += 1
+        for item in dataset.iter_items(shuffle=shuffle, seed=seed, epoch=epoch):
+            lengths = [len(p) for p in item["polygons"]]
+            flat = [v for p in item["polygons"] for v in p]
+            yield {
+                "id": item["id"],
+                "image": item["image"],
+                "boxes": item["boxes"],
+                "labels": item["labels"],
+                "polygons": tf.RaggedTensor.from_row_lengths(
+                    tf.constant(flat, tf.float32), tf.constant(lengths, tf.int64)
+                ),
+                "tags": tf.constant(item["tags"], tf.string, shape=[len(item["tags"])]),
+                "width": item["width"],
+                "height": item["height"],
+                "version": item["version"],
+            }
+
+    return tf.data.Dataset.from_generator(generate, output_signature=element_spec())
