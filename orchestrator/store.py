@@ -52,7 +52,9 @@ def check_dataset_name(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _filesystem(location: StoreLocation) -> pafs.FileSystem:
+def _filesystem(location: StoreLocation, pid: int) -> pafs.FileSystem:
+    """One filesystem per location and process: an S3 client must not cross a fork
+    (DataLoader workers), so a forked child builds its own."""
     return location.filesystem()
 
 
@@ -64,7 +66,7 @@ class BlobStore:
 
     @property
     def fs(self) -> pafs.FileSystem:
-        return _filesystem(self.location)
+        return _filesystem(self.location, os.getpid())
 
     def path(self, blob: str) -> str:
         if not _HASH.match(blob):

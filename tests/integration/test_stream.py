@@ -1,0 +1,181 @@
+"""Streaming on both backends: pixels, exactly-once iteration, DataLoader workers and ranks,
+Keras on tf.data, Ray Data stages, the cache across epochs, and missing or corrupt blobs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+import orchestrator
+from orchestrator.errors import ItemError
+from orchestrator.stream.cache import BlobCache
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+@pytest.fixture
+def street(store_uri, demo_small):
+    store = orchestrator.connect(store_uri)
+    store.ingest("street", coco=demo_small / "annotations.json", images=demo_small / "images")
+    return store
+
+
+def _pillow(demo: Path, item_id: str) -> np.ndarray:
+    with Image.open(demo / "images" / item_id) as img:
+        return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+
+
+def _exif_rotated(demo: Path) -> list[str]:
+    out = []
+    for f in sorted((demo / "images").iterdir()):
+        with Image.open(f) as img:
+            if img.getexif().get(0x0112, 1) != 1:
+                out.append(f.name)
+    return out
+
+
+def test_random_access_equals_pillow_pixel_for_pixel(street, demo_small):
+    ds = street.dataset("street", cache=BlobCache(memory_budget=1 << 30))
+    assert len(ds) == 60
+    by_id = {ds[i]["id"]: i for i in range(len(ds))}
+    rotated = _exif_rotated(demo_small)
+    doc = json.loads((demo_small / "annotations.json").read_text())
+    for name in [*rotated, "street_000000.jpg", "street_000059.jpg"]:
+        item = ds[by_id[name]]
+        expected = _pillow(demo_small, name)
+        assert item["image"].dtype == np.uint8 and item["image"].shape == expected.shape
+        assert np.array_equal(item["image"], expected)
+        meta = next(i for i in doc["images"] if i["file_name"] == name)
+        assert (item["width"], item["height"]) == (meta["width"], meta["height"])
+    assert ds[-1]["id"] == ds[59]["id"]
+    with pytest.raises(IndexError):
+        ds[60]
+    item = ds[0]
+    assert item["boxes"].shape == (len(item["labels"]), 4) and item["version"] == 0
+    assert [ds.label_map.names[i] for i in item["labels"]] == item["label_names"]
+
+
+def test_iteration_yields_every_item_once_in_stable_order(street):
+    ds = street.dataset("street")
+    first = [it["id"] for it in ds]
+    assert len(first) == len(set(first)) == 60
+    assert [it["id"] for it in ds] == first  # stable
+    shuffled = [it["id"] for it in ds.iter_items(shuffle=True, seed=3, epoch=0)]
+    assert sorted(shuffled) == sorted(first) and shuffled != first
+    assert [it["id"] for it in ds.iter_items(shuffle=True, seed=3, epoch=0)] == shuffled
+    assert [it["id"] for it in ds.iter_items(shuffle=True, seed=3, epoch=1)] != shuffled
+    sl = ds.slice("labels.car > 3 and labels.pedestrian >= 1")
+    assert sorted(it["id"] for it in sl) == sl.item_ids()
+
+
+def test_dataloader_workers_and_ranks_see_each_item_exactly_once(street):
+    from torch.utils.data import DataLoader
+
+    from orchestrator.adapters.torch import collate_items
+
+    ds = street.dataset("street")
+    for epoch in (0, 1):
+        torch_ds = ds.to_pytorch(shuffle=True, seed=7)
+        torch_ds.set_epoch(epoch)
+        loader = DataLoader(torch_ds, batch_size=4, num_workers=2, collate_fn=collate_items)
+        ids = [i for batch in loader for i in batch["id"]]
+        assert sorted(ids) == sorted(ds.item_ids()) and len(ids) == 60
+        assert all(b["boxes"].shape[-1] == 4 for b in loader)
+
+    ranks = []
+    for rank in (0, 1):
+        part = ds.to_pytorch(shuffle=True, seed=7, rank=rank, world_size=2)
+        loader = DataLoader(part, batch_size=None, num_workers=2)
+        ranks.append([item["id"] for item in loader])
+        assert len(part) == 30
+    assert not set(ranks[0]) & set(ranks[1])
+    assert sorted(ranks[0] + ranks[1]) == sorted(ds.item_ids())
+
+
+def test_keras_trains_one_epoch_on_tf_data(street):
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    import tensorflow as tf
+    import tf_keras as keras
+
+    ds = street.dataset("street").slice("labels.car >= 0")
+    tfds = ds.to_tensorflow()
+    spec = tfds.element_spec
+    assert spec["image"].shape.as_list() == [None, None, 3] and spec["image"].dtype == tf.uint8
+    ragged = next(iter(tfds.ragged_batch(8)))
+    assert isinstance(ragged["boxes"], tf.RaggedTensor) and ragged["boxes"].shape[0] == 8
+    padded = next(iter(tfds.map(lambda x: {"boxes": x["boxes"], "labels": x["labels"]})
+                       .padded_batch(8, padding_values={"boxes": -1.0, "labels": np.int64(-1)})))
+    assert padded["boxes"].shape[0] == 8 and padded["boxes"].shape[2] == 4
+
+    n_labels = len(ds.label_map)
+
+    def to_xy(x):
+        image = tf.image.resize(tf.cast(x["image"], tf.float32) / 255.0, (32, 32))
+        counts = tf.math.bincount(tf.cast(x["labels"], tf.int32), minlength=n_labels,
+                                  maxlength=n_labels, dtype=tf.float32)
+        return image, counts
+
+    train = tfds.map(to_xy).batch(8).prefetch(2)
+    model = keras.Sequential([
+        keras.layers.Input((32, 32, 3)), keras.layers.Conv2D(4, 3, activation="relu"),
+        keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(n_labels),
+    ])
+    model.compile(optimizer="adam", loss="mse")
+    history = model.fit(train, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+def test_to_ray_runs_scan_fetch_decode_stages(street, demo_small):
+    ds = street.dataset("street").slice("labels.car > 3")
+    rows = ds.to_ray().take_all()
+    assert sorted(r["id"] for r in rows) == ds.item_ids()
+    row = next(r for r in rows if r["id"] == "street_000000.jpg") if any(
+        r["id"] == "street_000000.jpg" for r in rows) else rows[0]
+    assert np.array_equal(row["image"], _pillow(demo_small, row["id"]))
+    assert row["boxes"].shape == (row["num_boxes"], 4)
+
+
+def test_second_epoch_fetches_nothing_and_a_small_cache_stays_in_budget(street):
+    big = BlobCache(memory_budget=1 << 30)
+    ds = street.dataset("street", cache=big)
+    list(ds)
+    first = big.stats.bytes_fetched
+    assert first > 0 and big.stats.misses == 60
+    list(ds)
+    assert big.stats.bytes_fetched == first and big.stats.memory_hits >= 60
+
+    budget = 200_000  # well under the ~1.4 MB of the 60 images
+    small = BlobCache(memory_budget=budget)
+    ds_small = street.dataset("street", cache=small)
+    for _ in ds_small:
+        assert small.memory.size <= budget
+    assert small.stats.evictions > 0 and small.stats.bytes_fetched > budget
+
+
+def test_missing_and_corrupt_blobs_skip_with_warning_or_raise(store_uri, demo_small):
+    store = orchestrator.connect(store_uri)
+    store.ingest("street", coco=demo_small / "annotations.json", images=demo_small / "images")
+    ds = store.dataset("street", cache=BlobCache(memory_budget=1))
+    victims = {r["item_id"]: r["blob"] for r in ds.manifest_rows(["item_id", "blob"]).to_pylist()[:2]}
+    (missing_id, missing_blob), (corrupt_id, corrupt_blob) = victims.items()
+    fs = store.blobs.fs
+    fs.delete_file(store.blobs.path(missing_blob))
+    with fs.open_output_stream(store.blobs.path(corrupt_blob)) as out:
+        out.write(b"\xff\xd8 not really a jpeg")
+
+    with pytest.warns(UserWarning, match="skipped"):
+        ids = [it["id"] for it in ds]
+    assert len(ids) == 58 and missing_id not in ids and corrupt_id not in ids
+    assert ds.skipped == 2
+
+    strict = store.dataset("street", cache=BlobCache(memory_budget=1), on_error="raise")
+    with pytest.raises(ItemError, match=missing_id.replace(".", r"\.")):
+        list(strict)
+    position = strict.item_ids().index(corrupt_id)
+    with pytest.raises(ItemError, match="not a readable image"):
+        strict[position]
