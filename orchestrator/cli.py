@@ -77,6 +77,18 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument("--ids", action="store_true", help="print matching item ids, one a line")
     out.add_argument("--json", action="store_true", help="count, ids and scan statistics as JSON")
 
+    p = sub.add_parser("train", help="run a training config on Ray Train")
+    p.add_argument("config", type=Path, help="run config YAML (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.epochs=3 (repeatable)")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_ID",
+                   help="continue the latest run of this config (or RUN_ID) from its checkpoint")
+    p.add_argument("--json", action="store_true", help="print the lineage record as JSON")
+
+    p = sub.add_parser("runs", help="list the training runs recorded in a store")
+    _store_arg(p)
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("store", help="store utilities")
     store_sub = p.add_subparsers(dest="store_command", required=True, metavar="SUBCOMMAND")
     s = store_sub.add_parser("serve", help="run a local SeaweedFS S3 server on loopback")
@@ -194,6 +206,45 @@ def cmd_slice(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from orchestrator.train.config import load_config
+    from orchestrator.train.runner import plan_run, run
+
+    settings = load_config(args.config, args.overrides)
+    plan = plan_run(settings, config_name=args.config.stem, resume=args.resume)
+    print(f"run {plan.run_id}: {settings.framework} {settings.model.name} on {settings.dataset!r} "
+          f"version {plan.lineage.version} ({plan.lineage.items['train']} train / "
+          f"{plan.lineage.items['validation']} validation items), "
+          f"{settings.scaling.num_workers} workers", flush=True)
+    lineage = run(plan)
+    if args.json:
+        print(json.dumps(lineage.as_dict(), indent=2, default=str))
+    else:
+        for m in lineage.metrics:
+            print("  " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                   for k, v in m.items()))
+        print(f"finished; lineage: {plan.store.uri}/runs/{plan.run_id}/lineage.json")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from orchestrator.train.lineage import list_runs
+
+    runs = list_runs(_need_store(args))
+    rows = [{"run_id": r.run_id, "status": r.status, "dataset": r.dataset, "version": r.version,
+             "train": r.items.get("train"), "validation": r.items.get("validation"),
+             "principal": r.principal, "last": (r.metrics[-1] if r.metrics else {})} for r in runs]
+    if args.json:
+        print(json.dumps([r.as_dict() for r in runs], indent=2, default=str))
+    else:
+        for row in rows:
+            row["last"] = " ".join(f"{k}={v:.3f}" for k, v in row["last"].items()
+                                   if isinstance(v, float))
+        _print_table(rows, ["run_id", "status", "dataset", "version", "train", "validation",
+                            "principal", "last"])
+    return 0
+
+
 def cmd_store(args: argparse.Namespace) -> int:
     from orchestrator.seaweed import serve
 
@@ -216,6 +267,8 @@ COMMANDS = {
     "versions": cmd_versions,
     "info": cmd_info,
     "slice": cmd_slice,
+    "train": cmd_train,
+    "runs": cmd_runs,
     "store": cmd_store,
     "demo-data": cmd_demo_data,
 }

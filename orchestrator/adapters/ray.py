@@ -24,6 +24,7 @@ from orchestrator.stream.cache import BlobCache, node_cache
 from orchestrator.stream.decode import decode_image, make_item
 from orchestrator.stream.index import ITEM_COLUMNS
 from orchestrator.stream.reader import fetch_blob
+from orchestrator.stream.split import HashSplit
 
 if TYPE_CHECKING:
     import ray.data
@@ -33,14 +34,16 @@ if TYPE_CHECKING:
 
 
 def scan_manifest_files(batch: pa.Table, store: "Store", snapshot: Snapshot,
-                        query: CompiledQuery | None) -> pa.Table:
-    """Stage 1: the rows of the given manifest files that match the slice."""
+                        query: CompiledQuery | None, split: HashSplit | None = None) -> pa.Table:
+    """Stage 1: the rows of the given manifest files that match the slice (and the split)."""
     files = batch.column("file").to_pylist()
     columns = sorted(set(ITEM_COLUMNS) | set(query.columns if query else []),
                      key=snapshot.schema.names.index)
     table = fill_label_counts(manifest_dataset(store, snapshot, files).to_table(columns=columns))
     if query is not None:
         table = table.filter(query.evaluate(table))
+    if split is not None:
+        table = table.filter(pa.array(split.keep(table.column("item_id").to_pylist())))
     return table.select(ITEM_COLUMNS)
 
 
@@ -81,9 +84,11 @@ class FetchDecode:
         }]
 
 
-def to_ray_dataset(ds: "Dataset") -> "ray.data.Dataset":
+def to_ray_dataset(ds: "Dataset", split: HashSplit | None = None) -> "ray.data.Dataset":
     """Items of ``ds`` as a lazy Ray Data pipeline (order not preserved; list-like fields of
-    variable structure travel as JSON text: label_names, polygons, tags, attributes)."""
+    variable structure travel as JSON text: label_names, polygons, tags, attributes).
+    ``split`` keeps one side of a hash split, applied in the scan: the other side's blobs are
+    never fetched."""
     import ray.data
 
     from orchestrator.ray_runtime import ensure_ray
@@ -97,8 +102,9 @@ def to_ray_dataset(ds: "Dataset") -> "ray.data.Dataset":
     return (
         ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
         .map_batches(scan_manifest_files, batch_size=1, batch_format="pyarrow",
-                     fn_kwargs={"store": ds.store, "snapshot": snapshot, "query": query})
+                     fn_kwargs={"store": ds.store, "snapshot": snapshot, "query": query, "split": split})
         .flat_map(FetchDecode, fn_constructor_kwargs={
             "blobs": ds.store.blobs, "label_map": ds.label_map, "version": ds.version,
-            "cache": opts.cache, "on_error": opts.on_error}, concurrency=(1, 4), num_cpus=0.5)
+            "cache": opts.cache, "on_error": opts.on_error},
+            concurrency=(1, min(4, opts.threads)), num_cpus=0.5)
     )

@@ -158,11 +158,12 @@ class Dataset:
 
         return to_tf_dataset(self, shuffle=shuffle, seed=seed)
 
-    def to_ray(self):
-        """A ``ray.data.Dataset`` of items built as stages; see adapters.ray."""
+    def to_ray(self, split=None):
+        """A ``ray.data.Dataset`` of items built as stages; see adapters.ray. ``split``: a
+        ``HashSplit`` keeping one side of a train/validation split."""
         from orchestrator.adapters.ray import to_ray_dataset
 
-        return to_ray_dataset(self)
+        return to_ray_dataset(self, split)
 
     def versions(self) -> list[VersionInfo]:
         """Every committed version of this dataset, oldest first."""

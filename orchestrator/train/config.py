@@ -1,0 +1,136 @@
+"""The run configuration: one YAML file, mapped 1:1 onto these pydantic models.
+
+A bad file fails before Ray starts, with the key path and what is allowed, e.g.
+``configs/x.yaml: train.epochs: must be >= 1 (got 0)``. ``--set train.epochs=3`` overrides a key
+(the value is parsed as YAML, so numbers, booleans and lists work).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from orchestrator.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SplitConfig(_Strict):
+    """Train/validation split by a deterministic hash of ``item_id`` (stable across versions:
+    an item never moves between splits)."""
+
+    validation_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    seed: int = 0
+
+
+class ModelConfig(_Strict):
+    name: Literal["detector", "counter"] = "detector"
+    image_size: int = Field(128, ge=32, le=1024)
+    max_boxes: int = Field(32, ge=1, le=512)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainLoopConfig(_Strict):
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    seed: int = 0
+
+
+class ScalingSettings(_Strict):
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+
+
+class DataConfig(_Strict):
+    prefetch_batches: int = Field(2, ge=0)
+    memory_cache_mb: int = Field(256, ge=1)
+    disk_cache_mb: int = Field(0, ge=0, description="0: no disk cache")
+    decode_concurrency: int = Field(2, ge=1, description="max Ray Data fetch+decode workers")
+
+
+class CheckpointSettings(_Strict):
+    path: str | None = Field(None, description="default: <store>/runs")
+    every_epochs: int = Field(1, ge=1)
+    keep: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0, description="worker failures to recover from")
+
+
+class RunSettings(_Strict):
+    store: str
+    dataset: str
+    version: int | Literal["latest"] = "latest"
+    query: str | None = None
+    framework: Literal["torch", "tensorflow"] = "torch"
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
+    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
+    data: DataConfig = Field(default_factory=DataConfig)
+    checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)
+
+    @field_validator("version")
+    @classmethod
+    def _non_negative(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be >= 0 or 'latest'")
+        return v
+
+
+def _apply_override(doc: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r} is not KEY=VALUE", hint="e.g. --set train.epochs=3")
+    key, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    parts = key.strip().split(".")
+    node = doc
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def _format(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "input" in err and err["type"] != "missing":
+            msg = f"{msg} (got {err['input']!r})"
+        lines.append(f"  {path}: {msg}")
+    return f"{source} is not a valid run config:\n" + "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                doc: dict | None = None) -> RunSettings:
+    """Read, override and validate a run config; every problem is a ``ConfigError``."""
+    source = str(path) if path is not None else "config"
+    if doc is None:
+        try:
+            text = Path(path).read_text()  # type: ignore[arg-type]
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        try:
+            doc = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{source} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{source} must be a mapping of keys (store, dataset, train, ...)")
+    doc = yaml.safe_load(yaml.safe_dump(doc))  # deep copy
+    for assignment in overrides:
+        _apply_override(doc, assignment)
+    try:
+        return RunSettings.model_validate(doc)
+    except ValidationError as exc:
+        raise ConfigError(_format(exc, source), hint="see the run config section of the README") from None

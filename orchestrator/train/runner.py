@@ -1,0 +1,181 @@
+"""Run a training config on Ray Train: resolve the data, record lineage, fit, record results.
+
+Everything that can be wrong with the config, the store, the dataset, the version or the query is
+checked before Ray starts. The data reach the workers as Ray Data pipelines (manifest scan with
+the slice and split pushed down → blob fetch through the node cache → decode → resize/pad), one
+per split; ``train`` is split across workers with ``streaming_split``, ``validation`` is read
+whole by each worker and scored on rank 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import orchestrator
+from orchestrator.errors import ConfigError, OrchestratorError
+from orchestrator.ray_runtime import ensure_ray
+from orchestrator.store import current_principal
+from orchestrator.stream.split import HashSplit, validation_mask
+from orchestrator.train.config import RunSettings
+from orchestrator.train.lineage import (
+    Lineage, code_revision, ids_digest, new_run_id, now, read_lineage, runs_dir, write_lineage,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """A config resolved against the store: exact version, item sets, run id."""
+
+    settings: RunSettings
+    store: orchestrator.Store
+    dataset: orchestrator.Dataset
+    run_id: str
+    lineage: Lineage
+
+
+def latest_run_id(store: orchestrator.Store, config_name: str) -> str:
+    """The most recent run started from a config of this name (for ``--resume``)."""
+    from orchestrator.train.lineage import list_runs
+
+    runs = [r for r in list_runs(store) if r.run_id.startswith(f"{config_name}-")]
+    if not runs:
+        raise ConfigError(f"no earlier run of {config_name!r} to resume in {store.uri}",
+                          hint="run without --resume first, or pass --resume RUN_ID")
+    return runs[-1].run_id
+
+
+def plan_run(settings: RunSettings, *, config_name: str = "run", resume: str | bool | None = None) -> Plan:
+    """Resolve everything a run needs without starting Ray; raise user errors early.
+
+    ``resume``: a run id, or True for the latest run of ``config_name``; the resumed run keeps
+    its version and continues from its latest checkpoint."""
+    store = orchestrator.connect(settings.store)
+    if resume is True:
+        resume = latest_run_id(store, config_name)
+    version = None if settings.version == "latest" else int(settings.version)
+    if resume:
+        previous = read_lineage(store, resume)
+        version = previous.version
+    ds = store.dataset(settings.dataset, version, prefetch=settings.data.prefetch_batches + 1)
+    if settings.query:
+        ds = ds.slice(settings.query)
+    ids = ds.item_ids()
+    if not ids:
+        raise ConfigError(
+            f"dataset {settings.dataset!r} version {ds.version} has no items"
+            + (f" matching {settings.query!r}" if settings.query else ""),
+            hint="check the query with `orchestrator slice --count`",
+        )
+    val = validation_mask(ids, settings.split.validation_fraction, settings.split.seed)
+    train_ids = [i for i, v in zip(ids, val) if not v]
+    val_ids = [i for i, v in zip(ids, val) if v]
+    if len(train_ids) < settings.scaling.num_workers:
+        raise ConfigError(
+            f"only {len(train_ids)} training items for {settings.scaling.num_workers} workers",
+            hint="lower scaling.num_workers or split.validation_fraction",
+        )
+    resolved = settings.model_dump(mode="json")
+    resolved["version"] = ds.version
+    run_id = resume or new_run_id(config_name)
+    lineage = Lineage(
+        run_id=run_id, config=resolved, dataset=settings.dataset, version=ds.version,
+        query=settings.query, items={"train": len(train_ids), "validation": len(val_ids)},
+        items_digest={"train": ids_digest(train_ids), "validation": ids_digest(val_ids)},
+        principal=current_principal(), code_revision=code_revision(), started_at=now(),
+    )
+    if resume:
+        lineage.metrics = previous.metrics
+        lineage.started_at = previous.started_at
+    return Plan(settings, store, ds, run_id, lineage)
+
+
+def _ray_datasets(plan: Plan) -> dict[str, Any]:
+    s = plan.settings
+    kwargs = {"size": s.model.image_size, "max_boxes": s.model.max_boxes}
+    out = {}
+    for name, is_val in (("train", False), ("validation", True)):
+        split = HashSplit(s.split.validation_fraction, s.split.seed, validation=is_val)
+        rds = plan.dataset.to_ray(split)
+        out[name] = rds.map(_prepare_row, fn_kwargs=kwargs)
+    return out
+
+
+def _prepare_row(row: dict, size: int, max_boxes: int) -> dict:
+    from orchestrator.train.batches import prepare_item
+
+    return prepare_item(row, size, max_boxes)
+
+
+def run(plan: Plan) -> Lineage:
+    """Fit on Ray Train; the lineage record is written at start, per epoch by the driver's
+    result, and at the end (``status``: finished or failed)."""
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+
+    s = plan.settings
+    write_lineage(plan.store, plan.lineage)
+    ensure_ray()
+    from orchestrator.train import loops
+
+    loop_config = {
+        "model": s.model.model_dump(), "train": s.train.model_dump(), "data": s.data.model_dump(),
+        "num_classes": len(plan.dataset.label_map), "checkpoint_every": s.checkpoint.every_epochs,
+        "framework": s.framework,
+    }
+    scaling = ScalingConfig(
+        num_workers=s.scaling.num_workers, use_gpu=s.scaling.use_gpu,
+        resources_per_worker={"CPU": s.scaling.cpus_per_worker},
+    )
+    storage_path = s.checkpoint.path or runs_dir(plan.store)
+    run_config = RunConfig(
+        name=plan.run_id,
+        storage_path=storage_path,
+        storage_filesystem=plan.store.blobs.fs if s.checkpoint.path is None else None,
+        failure_config=FailureConfig(max_failures=s.checkpoint.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=s.checkpoint.keep),
+    )
+    data_config = ray.train.DataConfig(datasets_to_split=["train"])
+    datasets = _ray_datasets(plan)
+    if s.framework == "torch":
+        from ray.train.torch import TorchTrainer
+
+        trainer = TorchTrainer(loops.torch_loop, train_loop_config=loop_config, scaling_config=scaling,
+                               run_config=run_config, datasets=datasets, dataset_config=data_config)
+    else:
+        from ray.train.tensorflow import TensorflowTrainer
+
+        trainer = TensorflowTrainer(loops.tf_loop, train_loop_config=loop_config, scaling_config=scaling,
+                                    run_config=run_config, datasets=datasets, dataset_config=data_config)
+    lineage = plan.lineage
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        lineage.status, lineage.finished_at, lineage.error = "failed", now(), str(exc)[:2000]
+        write_lineage(plan.store, lineage)
+        if isinstance(exc, OrchestratorError):
+            raise
+        raise OrchestratorError(f"training run {plan.run_id} failed: {str(exc).splitlines()[0][:500]}",
+                                user_fault=False) from exc
+    history = result.metrics_dataframe
+    seen = {m.get("epoch") for m in lineage.metrics}
+    if history is not None:
+        for rec in history.to_dict("records"):
+            clean = {k: _plain(v) for k, v in rec.items() if not k.startswith("_") and "/" not in k}
+            if clean.get("epoch") not in seen:
+                lineage.metrics.append(clean)
+    lineage.metrics.sort(key=lambda m: m.get("epoch", 0))
+    lineage.checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    lineage.status, lineage.finished_at = "finished", now()
+    write_lineage(plan.store, lineage)
+    return lineage
+
+
+def _plain(v: Any) -> Any:
+    try:
+        return v.item()  # numpy scalar
+    except AttributeError:
+        return v
