@@ -13,11 +13,12 @@ log = logging.getLogger(__name__)
 
 
 def local_cpus() -> int:
-    """Logical CPUs for a local cluster: ``ORCHESTRATOR_RAY_CPUS`` or twice the cores (min 4)."""
+    """Logical CPUs for a local cluster: ``ORCHESTRATOR_RAY_CPUS`` or four times the cores
+    (min 8): room for the train workers and every data stage at once."""
     env = os.environ.get("ORCHESTRATOR_RAY_CPUS")
     if env:
         return max(1, int(env))
-    return max(4, 2 * (os.cpu_count() or 1))
+    return max(8, 4 * (os.cpu_count() or 1))
 
 
 def ensure_ray() -> None:

@@ -60,7 +60,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
     port = _free_port()
     env = dict(os.environ)
     subprocess.run(
-        [ray_bin, "start", "--head", f"--port={port}", "--num-cpus=4", "--node-ip-address=127.0.0.1",
+        [ray_bin, "start", "--head", f"--port={port}", "--num-cpus=8", "--node-ip-address=127.0.0.1",
          "--include-dashboard=false", "--disable-usage-stats"],
         check=True, capture_output=True, env=env,
     )

@@ -101,10 +101,11 @@ def to_ray_dataset(ds: "Dataset", split: HashSplit | None = None) -> "ray.data.D
     opts = ds.options
     return (
         ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
-        .map_batches(scan_manifest_files, batch_size=1, batch_format="pyarrow",
+        .map_batches(scan_manifest_files, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
                      fn_kwargs={"store": ds.store, "snapshot": snapshot, "query": query, "split": split})
         .flat_map(FetchDecode, fn_constructor_kwargs={
             "blobs": ds.store.blobs, "label_map": ds.label_map, "version": ds.version,
             "cache": opts.cache, "on_error": opts.on_error},
-            concurrency=(1, min(4, opts.threads)), num_cpus=0.5)
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(4, opts.threads))),
+            num_cpus=0.5)
     )

@@ -40,6 +40,8 @@ def prepare_item(item: Mapping[str, Any], size: int, max_boxes: int) -> dict[str
     """One item (``image`` HxWx3 uint8, ``boxes`` Nx4 pixels, ``labels`` N) -> fixed-shape example.
 
     Extra keys of ``item`` are ignored. Grayscale (HxW) and RGBA images are converted to RGB.
+    ``boxes`` may also be a list / object array of 4-element rows (as Arrow hands ragged
+    columns back).
     """
     if size < 1 or max_boxes < 1:
         raise ValueError(f"size and max_boxes must be >= 1, got size={size}, max_boxes={max_boxes}")
@@ -53,7 +55,10 @@ def prepare_item(item: Mapping[str, Any], size: int, max_boxes: int) -> dict[str
     if (h, w) != (size, size):
         image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
 
-    boxes = np.asarray(item.get("boxes", np.zeros((0, 4))), dtype=np.float32).reshape(-1, 4)
+    boxes = item.get("boxes", np.zeros((0, 4)))
+    if isinstance(boxes, np.ndarray) and boxes.dtype == object:  # rows as separate arrays (Arrow)
+        boxes = [np.asarray(b, dtype=np.float32) for b in boxes]
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     labels = np.asarray(item.get("labels", np.zeros((0,))), dtype=np.int64).reshape(-1)
     if len(boxes) != len(labels):
         raise ValueError(f"{len(boxes)} boxes but {len(labels)} labels")

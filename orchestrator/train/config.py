@@ -30,7 +30,7 @@ class SplitConfig(_Strict):
 
 class ModelConfig(_Strict):
     name: Literal["detector", "counter"] = "detector"
-    image_size: int = Field(128, ge=32, le=1024)
+    image_size: int = Field(128, ge=32, le=1024, multiple_of=8)
     max_boxes: int = Field(32, ge=1, le=512)
     params: dict[str, Any] = Field(default_factory=dict)
 

@@ -99,8 +99,8 @@ def _ray_datasets(plan: Plan) -> dict[str, Any]:
     out = {}
     for name, is_val in (("train", False), ("validation", True)):
         split = HashSplit(s.split.validation_fraction, s.split.seed, validation=is_val)
-        rds = plan.dataset.to_ray(split)
-        out[name] = rds.map(_prepare_row, fn_kwargs=kwargs)
+        rds = plan.dataset.with_options(threads=s.data.decode_concurrency).to_ray(split)
+        out[name] = rds.map(_prepare_row, fn_kwargs=kwargs, num_cpus=0.25)
     return out
 
 
@@ -124,7 +124,8 @@ def run(plan: Plan) -> Lineage:
     loop_config = {
         "model": s.model.model_dump(), "train": s.train.model_dump(), "data": s.data.model_dump(),
         "num_classes": len(plan.dataset.label_map), "checkpoint_every": s.checkpoint.every_epochs,
-        "framework": s.framework,
+        "framework": s.framework, "train_items": plan.lineage.items["train"],
+        "cpus_per_worker": s.scaling.cpus_per_worker,
     }
     scaling = ScalingConfig(
         num_workers=s.scaling.num_workers, use_gpu=s.scaling.use_gpu,

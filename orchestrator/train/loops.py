@@ -1,0 +1,182 @@
+"""The per-worker training loops for Ray Train, one per framework, each readable top to bottom.
+
+Both loops: build the model from the registry, resume from ``ray.train.get_checkpoint()`` when
+there is one (a restarted worker group or ``--resume``), then per epoch train on this worker's
+shard of ``train``, score ``validation`` (mAP@0.5 for the detector, count MAE for the counter) on
+rank 0 with a local, collective-free copy of the model, and ``ray.train.report`` the metrics with
+a checkpoint (rank 0 uploads it).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+
+
+def _evaluate(predict_fn, spec, val_shard, batch_size: int, num_classes: int) -> dict[str, float]:
+    """Score the whole validation split: mAP@0.5 (detection) or count MAE (counting)."""
+    from orchestrator.train.batches import ground_truth
+    from orchestrator.train.metrics import mean_average_precision
+    from orchestrator.train.models.counting import count_targets
+
+    preds, truth, errors = [], [], []
+    for batch in val_shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        out = predict_fn(batch)
+        if spec.task == "detection":  # a low threshold: mAP integrates over all scores
+            preds += spec.predict(out, score_threshold=0.05, max_detections=50)
+            truth += ground_truth(batch)
+        else:
+            errors.append(np.abs(spec.predict(out) - count_targets(batch["labels"], num_classes)))
+    if spec.task == "detection":
+        score = mean_average_precision(preds, truth, num_classes, 0.5) if truth else float("nan")
+        return {"val_map50": float(score) if np.isfinite(score) else 0.0}
+    return {"val_count_mae": float(np.concatenate(errors).mean()) if errors else 0.0}
+
+
+def torch_loop(config: dict[str, Any]) -> None:
+    import torch
+    import torch.distributed as dist
+
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from orchestrator.train.models import get_model
+
+    m, t = config["model"], config["train"]
+    torch.manual_seed(t["seed"])
+    torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
+    spec = get_model(m["name"], "torch")
+    model = spec.build(config["num_classes"], **m["params"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=t["learning_rate"])
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = state["epoch"] + 1
+    model = ray.train.torch.prepare_model(model)
+    local = model.module if hasattr(model, "module") else model
+    rank = ray.train.get_context().get_world_rank()
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("validation")
+
+    for epoch in range(start_epoch, t["epochs"]):
+        model.train()
+        loss_sum, seen = 0.0, 0
+        for batch in train_shard.iter_batches(batch_size=t["batch_size"], batch_format="numpy",
+                                              prefetch_batches=config["data"]["prefetch_batches"]):
+            loss = spec.loss(model(spec.inputs(batch)), batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            n = len(batch["num_boxes"])
+            loss_sum += float(loss.detach()) * n
+            seen += n
+        totals = torch.tensor([loss_sum, float(seen)], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(totals)
+        metrics = {"epoch": epoch, "train_loss": float(totals[0] / max(totals[1], 1.0)),
+                   "train_items": int(totals[1])}
+        last = epoch == t["epochs"] - 1
+        save = rank == 0 and ((epoch + 1) % config["checkpoint_every"] == 0 or last)
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                local.eval()
+                with torch.no_grad():
+                    metrics.update(_evaluate(lambda b: local(spec.inputs(b)), spec, val_shard,
+                                             t["batch_size"], config["num_classes"]))
+            if save:
+                torch.save({"model": local.state_dict(), "optimizer": optimizer.state_dict(),
+                            "epoch": epoch}, os.path.join(d, "state.pt"))
+                ckpt = Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+
+def tf_loop(config: dict[str, Any]) -> None:
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    import tensorflow as tf
+    import tf_keras as keras
+
+    import ray.train
+    from ray.train import Checkpoint
+
+    from orchestrator.train.models import get_model
+
+    m, t = config["model"], config["train"]
+    tf.random.set_seed(t["seed"])
+    spec = get_model(m["name"], "tensorflow")
+    params = {**m["params"], "image_size": m["image_size"]}
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    with strategy.scope():
+        model = spec.build(config["num_classes"], **params)
+        model.compile(optimizer=keras.optimizers.Adam(t["learning_rate"]), loss=spec.loss)
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            model.load_weights(os.path.join(d, "model.weights.h5"))
+            start_epoch = int(open(os.path.join(d, "epoch.txt")).read()) + 1
+    rank = ray.train.get_context().get_world_rank()
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("validation")
+    size = m["image_size"]
+    sample = {"image": np.zeros((1, size, size, 3), np.uint8),
+              "boxes": np.zeros((1, m["max_boxes"], 4), np.float32),
+              "labels": np.full((1, m["max_boxes"]), -1, np.int64), "num_boxes": np.zeros(1, np.int64)}
+    target_shape = spec.targets(sample, model).shape[1:]
+
+    # MultiWorkerMirroredStrategy needs every worker to take the same number of steps, and
+    # Keras must know that number up front (an unknown-size dataset can leave one worker waiting
+    # in a collective at the end of an epoch). streaming_split(equal=True) gives each worker
+    # train_items // world rows; we feed the full batches and drain the rest of the shard.
+    world = ray.train.get_context().get_world_size()
+    steps = (config["train_items"] // world) // t["batch_size"]
+    if steps < 1:
+        raise ValueError(f"train.batch_size {t['batch_size']} exceeds the {config['train_items'] // world} "
+                         f"training items each of the {world} workers gets")
+    signature = (tf.TensorSpec((t["batch_size"], size, size, 3), tf.float32),
+                 tf.TensorSpec((t["batch_size"], *target_shape), tf.float32))
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+
+    for epoch in range(start_epoch, t["epochs"]):
+        shard_batches = iter(train_shard.iter_batches(
+            batch_size=t["batch_size"], batch_format="numpy", drop_last=True,
+            prefetch_batches=config["data"]["prefetch_batches"]))
+
+        def first_steps():
+            for _ in range(steps):
+                batch = next(shard_batches)
+                yield spec.inputs(batch).astype(np.float32), spec.targets(batch, model).astype(np.float32)
+
+        data = (tf.data.Dataset.from_generator(first_steps, output_signature=signature)
+                .apply(tf.data.experimental.assert_cardinality(steps)).with_options(options))
+        history = model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0)
+        for _ in shard_batches:  # finish this epoch of the shard
+            pass
+        metrics = {"epoch": epoch, "train_loss": float(history.history["loss"][-1]),
+                   "train_items": steps * t["batch_size"] * world}
+        last = epoch == t["epochs"] - 1
+        with tempfile.TemporaryDirectory() as d:
+            # Reading weights is a collective (BatchNorm statistics are sync-on-read
+            # variables): every worker must do it, or the others wait forever.
+            model.save_weights(os.path.join(d, "model.weights.h5"))
+            weights = model.get_weights()
+            ckpt = None
+            if rank == 0:
+                local = spec.build(config["num_classes"], **params)  # outside the strategy
+                local.set_weights(weights)
+                metrics.update(_evaluate(lambda b: local(spec.inputs(b), training=False), spec,
+                                         val_shard, t["batch_size"], config["num_classes"]))
+                if (epoch + 1) % config["checkpoint_every"] == 0 or last:
+                    with open(os.path.join(d, "epoch.txt"), "w") as f:
+                        f.write(str(epoch))
+                    ckpt = Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ckpt)

@@ -1,0 +1,103 @@
+"""Model registry: pick a model by config ``model.name`` and ``framework``.
+
+    spec = get_model("detector", "torch")      # or MODELS["detector"]["torch"]()
+
+A :class:`ModelSpec` gives every model the same handful of functions. Batches are what
+:func:`orchestrator.train.batches.stack` makes (numpy ``image`` uint8 [B,S,S,3], ``boxes``
+[B,M,4] normalized, ``labels`` [B,M] padded with -1, ``num_boxes`` [B]).
+
+===========  =============================================================================
+field        meaning
+===========  =============================================================================
+name, task   ``"detector"``/``"counter"``; task ``"detection"``/``"counting"``
+framework    ``"torch"`` or ``"tensorflow"``
+build        ``build(num_classes, **params)`` -> ``torch.nn.Module`` / uncompiled ``keras.Model``;
+             params: ``width`` (all), ``stride`` 4|8 (detector), ``image_size`` (keras only)
+inputs       ``inputs(batch)`` -> the model input (torch uint8 tensor / float32 numpy, NHWC 0..255;
+             both models scale to [0, 1] themselves)
+loss         torch: ``loss(model_out, batch) -> scalar tensor`` (targets built from the batch);
+             tensorflow: ``loss(y_true, y_pred)``, for ``model.compile(loss=...)`` / ``fit``
+targets      tensorflow: ``targets(batch, model) -> y_true`` numpy for ``fit``; torch: ``None``
+predict      detection: ``predict(model_out, score_threshold=0.3, max_detections=50)`` -> per image
+             ``(boxes [k,4] normalized x0,y0,x1,y1, scores [k], labels [k])``, the input of
+             :func:`orchestrator.train.metrics.mean_average_precision`;
+             counting: ``predict(model_out)`` -> expected counts ``[B, C]`` float32 numpy
+===========  =============================================================================
+
+A torch step::
+
+    out = model(spec.inputs(batch)); loss = spec.loss(out, batch); loss.backward()
+
+A keras step (or ``fit`` on a ``tf.data`` of ``(inputs, targets)`` pairs)::
+
+    model.compile(optimizer, loss=spec.loss); model.train_on_batch(spec.inputs(batch), spec.targets(batch, model))
+
+Frameworks are imported lazily: asking for a torch model never imports TensorFlow, and the other
+way round. The keras models set ``TF_USE_LEGACY_KERAS=1`` (``setdefault``) before importing TF.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = ["FRAMEWORKS", "MODELS", "ModelSpec", "get_model"]
+
+FRAMEWORKS = ("torch", "tensorflow")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    framework: Literal["torch", "tensorflow"]
+    task: Literal["detection", "counting"]
+    build: Callable[..., Any]
+    inputs: Callable[[Any], Any]
+    loss: Callable[[Any, Any], Any]
+    predict: Callable[..., Any]
+    targets: Callable[[Any, Any], Any] | None = None
+
+
+def _detector_torch() -> ModelSpec:
+    from orchestrator.train.models import torch_detector as m
+
+    return ModelSpec("detector", "torch", "detection", m.build, m.inputs, m.loss, m.predict)
+
+
+def _detector_tensorflow() -> ModelSpec:
+    from orchestrator.train.models import keras_detector as m
+
+    return ModelSpec("detector", "tensorflow", "detection", m.build, m.inputs, m.loss_fn, m.predict_boxes, m.targets)
+
+
+def _counter_torch() -> ModelSpec:
+    from orchestrator.train.models import counting as m
+
+    return ModelSpec("counter", "torch", "counting", m.build_torch, m.torch_inputs, m.torch_loss, m.torch_predict)
+
+
+def _counter_tensorflow() -> ModelSpec:
+    from orchestrator.train.models import counting as m
+
+    return ModelSpec(
+        "counter", "tensorflow", "counting", m.build_keras, m.keras_inputs, m.keras_loss, m.keras_predict,
+        m.keras_targets,
+    )
+
+
+# name -> framework -> loader (imports that framework on first call)
+MODELS: dict[str, dict[str, Callable[[], ModelSpec]]] = {
+    "detector": {"torch": _detector_torch, "tensorflow": _detector_tensorflow},
+    "counter": {"torch": _counter_torch, "tensorflow": _counter_tensorflow},
+}
+
+
+def get_model(name: str, framework: str) -> ModelSpec:
+    """The :class:`ModelSpec` for config ``model.name`` and ``framework``; ValueError names the
+    choices when either is unknown."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+    if framework not in MODELS[name]:
+        raise ValueError(f"unknown framework {framework!r} for model {name!r}; choose from {sorted(MODELS[name])}")
+    return MODELS[name][framework]()

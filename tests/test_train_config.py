@@ -1,0 +1,63 @@
+"""train.config: YAML → validated settings, errors with key paths, --set overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.errors import ConfigError
+from orchestrator.train.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", ["street_torch.yaml", "street_tf.yaml"])
+def test_shipped_configs_validate(name):
+    cfg = load_config(REPO / "configs" / name)
+    assert cfg.dataset == "street" and cfg.scaling.num_workers == 2
+    assert cfg.framework == ("torch" if "torch" in name else "tensorflow")
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config(REPO / "configs" / "street_torch.yaml",
+                      ["train.epochs=5", "version=3", "query=labels.car >= 1", "scaling.use_gpu=true",
+                       "model.params={width: 16}"])
+    assert cfg.train.epochs == 5 and cfg.version == 3 and cfg.scaling.use_gpu is True
+    assert cfg.query == "labels.car >= 1" and cfg.model.params == {"width": 16}
+
+
+@pytest.mark.parametrize(
+    "doc, needles",
+    [
+        ({"dataset": "x"}, ["store: Field required"]),
+        ({"store": "file:///s", "dataset": "x", "train": {"epochs": 0}},
+         ["train.epochs: Input should be greater than or equal to 1 (got 0)"]),
+        ({"store": "file:///s", "dataset": "x", "framework": "jax"},
+         ["framework: Input should be 'torch' or 'tensorflow' (got 'jax')"]),
+        ({"store": "file:///s", "dataset": "x", "scaling": {"num_wrkers": 2}},
+         ["scaling.num_wrkers: unknown key"]),
+        ({"store": "file:///s", "dataset": "x", "version": -1}, ["version"]),
+        ({"store": "file:///s", "dataset": "x", "version": "newest"}, ["version"]),
+        ({"store": "file:///s", "dataset": "x", "model": {"name": "resnet"}},
+         ["model.name: Input should be 'detector' or 'counter'"]),
+    ],
+)
+def test_invalid_configs_name_the_key_path(doc, needles):
+    with pytest.raises(ConfigError) as err:
+        load_config(doc=doc)
+    for needle in needles:
+        assert needle in str(err.value)
+
+
+def test_bad_yaml_and_bad_override(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("store: file:///s\ndataset: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML at line \d+, column \d+"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(REPO / "configs" / "street_torch.yaml", ["train.epochs"])
+    with pytest.raises(ConfigError, match="train.epochs: Input should be a valid integer"):
+        load_config(REPO / "configs" / "street_torch.yaml", ["train.epochs=many"])
