@@ -11,7 +11,7 @@ reused by the next run (a dataset already holding the right number of items is n
 again).
 
 Each (size, backend, method) is measured in a fresh subprocess, so its peak RSS
-(``ru_maxrss``) belongs to that run alone. Methods:
+(``VmHWM``, see ``peak_rss_mb``) belongs to that run alone. Methods:
 
 * ``ours``: ``store.dataset(name, cache=BlobCache(memory_budget=--budget-mib), prefetch=16,
   threads=8)`` iterated ``--epochs`` times in a plain for-loop (the same Dataset object, so the
@@ -61,6 +61,19 @@ HEARTBEAT_S = 30.0
 
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS: ``VmHWM`` (the high-water mark of its own address space).
+
+    Not ``ru_maxrss``: Linux carries a parent's high-water mark over ``fork``/``exec`` into the
+    child's ``ru_maxrss`` (measured: a driver that once held 350 MB gives a fresh 11 MB child an
+    ``ru_maxrss`` of 356 MB), so a child started by a heavy driver would report the driver's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -131,20 +144,23 @@ def measure(spec: dict) -> dict:
         import torch.utils.data  # noqa: F401  (a training process has torch loaded)
     store = orchestrator.connect(spec["uri"])
     base_rss = peak_rss_mb()
+    base_cur = current_rss_mb()
     run = measure_ours if spec["method"] == "ours" else measure_naive
     out = run(store, spec)
-    out.update(spec=spec, base_rss_mb=base_rss, peak_rss_mb=peak_rss_mb(),
+    out.update(spec=spec, base_rss_mb=base_rss, base_cur_rss_mb=base_cur, peak_rss_mb=peak_rss_mb(),
                final_rss_mb=current_rss_mb())
     return out
 
 
-def consume(it, t_start: float) -> tuple[int, int, float, float]:
+def consume(it, t_start: float, on_first=None) -> tuple[int, int, float, float]:
     """Touch every image; (items, checksum, seconds to the first item, seconds to the last)."""
     total = n = 0
     ttfi = float("nan")
     for item in it:
         if n == 0:
             ttfi = time.perf_counter() - t_start
+            if on_first is not None:
+                on_first()
         total += int(item["image"][0, 0, 0])
         n += 1
     return n, total, ttfi, time.perf_counter() - t_start
@@ -161,7 +177,8 @@ def measure_ours(store, spec: dict) -> dict:
     for epoch in range(spec["epochs"]):
         before = cache.stats.as_dict()
         t_start = time.perf_counter() if epoch else t0
-        n, checksum, ttfi, seconds = consume(iter(ds), t_start)
+        n, checksum, ttfi, seconds = consume(
+            iter(ds), t_start, (lambda: diag.update(first_item_rss_mb=current_rss_mb())) if epoch == 0 else None)
         after = cache.stats.as_dict()
         epochs.append({
             "epoch": epoch + 1, "items": n, "seconds": seconds, "items_per_s": n / seconds,
@@ -172,7 +189,7 @@ def measure_ours(store, spec: dict) -> dict:
             "peak_rss_mb": peak_rss_mb(), "rss_mb": current_rss_mb(),
         })
         if epoch == 0:
-            diag = stream_diagnostics(ds, cache)
+            diag.update(stream_diagnostics(ds, cache))
     return {"epochs": epochs, "diag": diag, "skipped": ds.skipped}
 
 
@@ -381,7 +398,7 @@ def report(results: list[dict], sizes: list[int], data_bytes: dict[int, int], ar
             print(f"{s['backend']:<8} {s['size']:>7,} {s['method']:<6} {cache:>9} {e['epoch']:>5} "
                   f"{e['items_per_s']:>8.0f} {e['first_item_s']:>12.3f} {fmt_mb(e['bytes_fetched']):>10} "
                   f"{e['hits']:>7,} {e['misses']:>7,} {r['base_rss_mb']:>11.0f} {e['peak_rss_mb']:>11.0f}")
-    print("\n(peak RSS per row = ru_maxrss of that run's process at the end of that epoch)")
+    print("\n(peak RSS per row = VmHWM of that run's process at the end of that epoch; base = VmHWM after imports + connect)")
 
     print("\nwhat the reader held after epoch 1 (ours):")
     for r in results:
@@ -392,8 +409,10 @@ def report(results: list[dict], sizes: list[int], data_bytes: dict[int, int], ar
               f"{d['index_bytes'] / 1e6:.2f} MB, {d['manifest_files']} manifest file(s), "
               f"{d['row_groups']} row group(s) of up to {d['rows_per_group_max']:,} rows, "
               f"{d['row_groups_kept']} kept ({d['rows_kept']:,} rows as Python dicts), blob cache "
-              f"{d['cache_entries']:,} entries / {d['cache_bytes'] / 1e6:.0f} MB; "
-              f"RSS now {r['final_rss_mb']:.0f} MB")
+              f"{d['cache_entries']:,} entries / {d['cache_bytes'] / 1e6:.0f} MB")
+        print(f"  {'':<8} {'':>7} {'':>16}  RSS: {r['base_cur_rss_mb']:.0f} MB before opening, "
+              f"{d['first_item_rss_mb']:.0f} MB at the first item (index, row group as dicts, first prefetch), "
+              f"{r['final_rss_mb']:.0f} MB at the end; peak {r['peak_rss_mb']:.0f} MB")
 
     if len(sizes) >= 2:
         lo, hi = sizes[0], sizes[-1]

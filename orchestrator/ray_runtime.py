@@ -25,11 +25,15 @@ def ensure_ray() -> None:
     """Connect once per process; idempotent."""
     import ray
 
+    from orchestrator.store_location import S3_COMPAT_ENV
+
     if ray.is_initialized():
         return
+    runtime_env = {"env_vars": {k: os.environ.get(k, v) for k, v in S3_COMPAT_ENV.items()}}
     try:
-        ray.init(address="auto", log_to_driver=False)
+        ray.init(address="auto", log_to_driver=False, runtime_env=runtime_env)
         log.info("attached to the running Ray cluster")
     except ConnectionError:
-        ray.init(num_cpus=local_cpus(), include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=local_cpus(), include_dashboard=False, log_to_driver=False,
+                 runtime_env=runtime_env)
         log.info("started a local Ray cluster with %d logical CPUs", local_cpus())

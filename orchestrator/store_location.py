@@ -16,6 +16,17 @@ import pyarrow.fs as pafs
 
 from orchestrator.errors import StoreError
 
+#: The AWS C++ SDK inside pyarrow signs uploads with trailing CRC checksums by default; S3-
+#: compatible servers such as SeaweedFS reject those parts. Checksums only where the API requires
+#: them works everywhere (AWS S3 included). The SDK reads these when S3 first initialises, in
+#: every process that unpickles an S3 filesystem, so Ray workers get them too (ray_runtime).
+S3_COMPAT_ENV = {
+    "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+    "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+}
+for _key, _value in S3_COMPAT_ENV.items():
+    os.environ.setdefault(_key, _value)
+
 _S3_FIX = (
     "use s3://BUCKET/PREFIX and set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
     "(and AWS_ENDPOINT_URL for MinIO or SeaweedFS)"
@@ -95,11 +106,6 @@ class StoreLocation:
         """A pyarrow filesystem for this location (cheap to build; not cached across pickles)."""
         if self.scheme == "file":
             return pafs.LocalFileSystem()
-        # The AWS C++ SDK inside pyarrow signs uploads with trailing CRC checksums by default;
-        # S3-compatible servers such as SeaweedFS reject those parts. Checksums only where the
-        # API requires them works everywhere (AWS S3 included). Read when S3 first initialises.
-        os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
-        os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
         creds = self.credentials or S3Credentials.from_env()
         kwargs: dict = {"region": creds.region}
         if creds.access_key:

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -57,20 +58,29 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
     import ray
 
     ray_bin = str(Path(sys.executable).parent / "ray")
-    port = _free_port()
+    port, dashboard_port = _free_port(), _free_port()
     env = dict(os.environ)
     subprocess.run(
         [ray_bin, "start", "--head", f"--port={port}", "--num-cpus=8", "--node-ip-address=127.0.0.1",
-         "--include-dashboard=false", "--disable-usage-stats"],
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard_port}", "--disable-usage-stats"],
         check=True, capture_output=True, env=env,
     )
     address = f"127.0.0.1:{port}"
     os.environ["RAY_ADDRESS"] = address
-    ray.init(address=address, log_to_driver=False)
-    yield address
+    from orchestrator.store_location import S3_COMPAT_ENV
+
+    ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": dict(S3_COMPAT_ENV)})
+    yield RayCluster(address, f"http://127.0.0.1:{dashboard_port}")
     ray.shutdown()
     subprocess.run([ray_bin, "stop", "--force"], capture_output=True)
     os.environ.pop("RAY_ADDRESS", None)
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    address: str  # for ray.init / RAY_ADDRESS
+    dashboard: str  # for `ray job submit --address`
 
 
 def _free_port() -> int:

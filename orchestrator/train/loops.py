@@ -9,11 +9,26 @@ a checkpoint (rank 0 uploads it).
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from typing import Any
 
 import numpy as np
+
+
+HISTORY = "history.json"
+
+
+def _load_history(directory: str) -> list[dict]:
+    """Metrics of the epochs before this checkpoint (kept in it, so restarts lose none)."""
+    path = os.path.join(directory, HISTORY)
+    return json.load(open(path)) if os.path.exists(path) else []
+
+
+def _save_history(directory: str, history: list[dict]) -> None:
+    with open(os.path.join(directory, HISTORY), "w") as f:
+        json.dump(history, f)
 
 
 def _evaluate(predict_fn, spec, val_shard, batch_size: int, num_classes: int) -> dict[str, float]:
@@ -52,11 +67,12 @@ def torch_loop(config: dict[str, Any]) -> None:
     spec = get_model(m["name"], "torch")
     model = spec.build(config["num_classes"], **m["params"])
     optimizer = torch.optim.Adam(model.parameters(), lr=t["learning_rate"])
-    start_epoch = 0
+    start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, "state.pt"), weights_only=False)
+            history = _load_history(d)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"] + 1
@@ -82,7 +98,7 @@ def torch_loop(config: dict[str, Any]) -> None:
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(totals)
         metrics = {"epoch": epoch, "train_loss": float(totals[0] / max(totals[1], 1.0)),
-                   "train_items": int(totals[1])}
+                   "train_items": int(totals[1]), "attempt_start_epoch": start_epoch}
         last = epoch == t["epochs"] - 1
         save = rank == 0 and ((epoch + 1) % config["checkpoint_every"] == 0 or last)
         with tempfile.TemporaryDirectory() as d:
@@ -92,9 +108,11 @@ def torch_loop(config: dict[str, Any]) -> None:
                 with torch.no_grad():
                     metrics.update(_evaluate(lambda b: local(spec.inputs(b)), spec, val_shard,
                                              t["batch_size"], config["num_classes"]))
+            history.append(dict(metrics))
             if save:
                 torch.save({"model": local.state_dict(), "optimizer": optimizer.state_dict(),
                             "epoch": epoch}, os.path.join(d, "state.pt"))
+                _save_history(d, history)
                 ckpt = Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)
 
@@ -117,12 +135,13 @@ def tf_loop(config: dict[str, Any]) -> None:
     with strategy.scope():
         model = spec.build(config["num_classes"], **params)
         model.compile(optimizer=keras.optimizers.Adam(t["learning_rate"]), loss=spec.loss)
-    start_epoch = 0
+    start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             model.load_weights(os.path.join(d, "model.weights.h5"))
             start_epoch = int(open(os.path.join(d, "epoch.txt")).read()) + 1
+            history = _load_history(d)
     rank = ray.train.get_context().get_world_rank()
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
@@ -158,11 +177,11 @@ def tf_loop(config: dict[str, Any]) -> None:
 
         data = (tf.data.Dataset.from_generator(first_steps, output_signature=signature)
                 .apply(tf.data.experimental.assert_cardinality(steps)).with_options(options))
-        history = model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0)
+        fitted = model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0)
         for _ in shard_batches:  # finish this epoch of the shard
             pass
-        metrics = {"epoch": epoch, "train_loss": float(history.history["loss"][-1]),
-                   "train_items": steps * t["batch_size"] * world}
+        metrics = {"epoch": epoch, "train_loss": float(fitted.history["loss"][-1]),
+                   "train_items": steps * t["batch_size"] * world, "attempt_start_epoch": start_epoch}
         last = epoch == t["epochs"] - 1
         with tempfile.TemporaryDirectory() as d:
             # Reading weights is a collective (BatchNorm statistics are sync-on-read
@@ -175,8 +194,10 @@ def tf_loop(config: dict[str, Any]) -> None:
                 local.set_weights(weights)
                 metrics.update(_evaluate(lambda b: local(spec.inputs(b), training=False), spec,
                                          val_shard, t["batch_size"], config["num_classes"]))
+                history.append(dict(metrics))
                 if (epoch + 1) % config["checkpoint_every"] == 0 or last:
                     with open(os.path.join(d, "epoch.txt"), "w") as f:
                         f.write(str(epoch))
+                    _save_history(d, history)
                     ckpt = Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)

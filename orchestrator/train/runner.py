@@ -161,14 +161,11 @@ def run(plan: Plan) -> Lineage:
             raise
         raise OrchestratorError(f"training run {plan.run_id} failed: {str(exc).splitlines()[0][:500]}",
                                 user_fault=False) from exc
-    history = result.metrics_dataframe
-    seen = {m.get("epoch") for m in lineage.metrics}
-    if history is not None:
-        for rec in history.to_dict("records"):
-            clean = {k: _plain(v) for k, v in rec.items() if not k.startswith("_") and "/" not in k}
-            if clean.get("epoch") not in seen:
-                lineage.metrics.append(clean)
-    lineage.metrics.sort(key=lambda m: m.get("epoch", 0))
+    if result.checkpoint is not None:  # the full history travels in the last checkpoint
+        from orchestrator.train.loops import _load_history
+
+        with result.checkpoint.as_directory() as d:
+            lineage.metrics = [{k: _plain(v) for k, v in m.items()} for m in _load_history(d)]
     lineage.checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     lineage.status, lineage.finished_at = "finished", now()
     write_lineage(plan.store, lineage)

@@ -1,0 +1,164 @@
+"""Training end to end on a local Ray cluster: both shipped configs with 2 workers on the
+SeaweedFS store, lineage, re-runs on the identical items, early errors, worker failure, and
+`ray job submit`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import orchestrator
+from orchestrator.errors import ConfigError, DatasetNotFound, VersionNotFound
+from orchestrator.train.config import load_config
+from orchestrator.train.lineage import list_runs
+from orchestrator.train.runner import plan_run, run
+from tests.conftest import REPO, run_cli
+
+pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def s3_street(seaweed, demo_small) -> str:
+    uri = f"s3://orchestrator-test/train-{time.time_ns()}"
+    store = orchestrator.connect(uri)
+    store.ingest("street", coco=demo_small / "annotations.json", images=demo_small / "images")
+    return uri
+
+
+def _settings(config: str, store: str, *extra: str):
+    return load_config(REPO / "configs" / config,
+                       [f"store={store}", "train.epochs=2", "train.batch_size=8", *extra])
+
+
+@pytest.mark.parametrize("config", ["street_torch.yaml", "street_tf.yaml"])
+def test_shipped_config_trains_with_two_workers_and_records_lineage(config, s3_street):
+    settings = _settings(config, s3_street)
+    plan = plan_run(settings, config_name=Path(config).stem)
+    lineage = run(plan)
+    assert lineage.status == "finished" and lineage.version == 0
+    assert lineage.items["train"] + lineage.items["validation"] == 60
+    assert lineage.config["version"] == 0 and lineage.config["framework"] == settings.framework
+    losses = [m["train_loss"] for m in lineage.metrics]
+    assert [m["epoch"] for m in lineage.metrics] == [0, 1]
+    assert losses[-1] < losses[0], losses
+    assert all("val_map50" in m for m in lineage.metrics)
+    assert lineage.metrics[0]["train_items"] <= lineage.items["train"]
+    assert lineage.checkpoint and lineage.principal and lineage.code_revision
+
+    store = orchestrator.connect(s3_street)
+    recorded = {r.run_id: r for r in list_runs(store)}[plan.run_id]
+    assert recorded.status == "finished" and recorded.items == lineage.items
+    r = run_cli("runs", "--store", s3_street)
+    assert r.returncode == 0 and plan.run_id in r.stdout
+
+
+def test_rerun_of_a_recorded_run_uses_the_identical_items(s3_street, demo_small, tmp_path):
+    store = orchestrator.connect(s3_street)
+    first = plan_run(_settings("street_torch.yaml", s3_street, "version=latest"))
+    # New data arrives after the run was recorded ...
+    doc = json.loads((demo_small / "annotations.json").read_text())
+    doc["images"] = [dict(i, file_name=i["file_name"], item_id=f"new/{i['file_name']}") for i in doc["images"][:10]]
+    keep = {i["id"] for i in doc["images"]}
+    doc["annotations"] = [a for a in doc["annotations"] if a["image_id"] in keep]
+    extra = tmp_path / "more.json"
+    extra.write_text(json.dumps(doc))
+    store.ingest("street", coco=extra, images=demo_small / "images")
+    # ... the recorded (resolved) config still plans the same item sets.
+    again = plan_run(load_config(doc=first.lineage.config))
+    assert again.lineage.version == first.lineage.version
+    assert again.lineage.items_digest == first.lineage.items_digest
+    latest = plan_run(_settings("street_torch.yaml", s3_street))
+    assert latest.lineage.items_digest != first.lineage.items_digest
+
+
+@pytest.mark.parametrize(
+    "overrides, error, needle",
+    [
+        (["dataset=nope"], DatasetNotFound, "dataset 'nope' does not exist"),
+        (["version=42"], VersionNotFound, "no version 42"),
+        (["query=labels.cars > 1"], orchestrator.errors.QueryError, "did you mean 'car'"),
+        (["query=labels.car > 100"], ConfigError, "has no items matching"),
+    ],
+)
+def test_bad_dataset_version_or_query_fail_before_ray_work(s3_street, overrides, error, needle):
+    with pytest.raises(error, match=needle):
+        plan_run(_settings("street_torch.yaml", s3_street, *overrides))
+
+
+def test_cli_reports_malformed_config_before_starting_ray(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("store: file:///tmp/x\ndataset: street\ntrain:\n  epochs: 0\n  batchsize: 4\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    started = time.monotonic()
+    r = subprocess.run([str(Path(sys.executable).parent / "orchestrator"), "train", str(bad)],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2
+    assert "train.epochs" in r.stderr and "train.batchsize: unknown key" in r.stderr
+    assert "Started a local Ray instance" not in r.stderr and "Traceback" not in r.stderr
+    assert time.monotonic() - started < 30
+
+
+def _train_worker_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_a_killed_worker_is_replaced_and_the_run_finishes_from_its_checkpoint(tmp_path, demo_small):
+    uri = f"file://{tmp_path / 'store'}"
+    orchestrator.connect(uri).ingest("street", coco=demo_small / "annotations.json",
+                                     images=demo_small / "images")
+    settings = _settings("street_torch.yaml", uri, "train.epochs=4", "checkpoint.max_failures=2")
+    plan = plan_run(settings, config_name="killtest")
+    ckpt_root = Path(tmp_path / "store" / "runs" / plan.run_id)
+    killed: list[int] = []
+
+    def killer() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            # The controller writes this snapshot once a reported checkpoint is registered.
+            if (ckpt_root / "checkpoint_manager_snapshot.json").exists():
+                pids = _train_worker_pids()
+                if pids:
+                    os.kill(pids[-1], signal.SIGKILL)
+                    killed.append(pids[-1])
+                    return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    lineage = run(plan)
+    thread.join(5)
+    assert killed, "no worker was killed: the test proved nothing"
+    assert lineage.status == "finished"
+    # Every epoch is recorded once: the restarted group resumed from the checkpoint instead of
+    # starting again at epoch 0 (which would repeat epochs).
+    assert [m["epoch"] for m in lineage.metrics] == [0, 1, 2, 3]
+    assert lineage.metrics[0]["attempt_start_epoch"] == 0
+    assert lineage.metrics[-1]["attempt_start_epoch"] >= 1, "the restart began again from scratch"
+
+
+def test_ray_job_submit_runs_jobs_train_py(ray_cluster, tmp_path, demo_small):
+    uri = f"file://{tmp_path / 'store'}"
+    orchestrator.connect(uri).ingest("street", coco=demo_small / "annotations.json",
+                                     images=demo_small / "images")
+    env = {**os.environ}
+    dashboard = ray_cluster.dashboard
+    r = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", dashboard,
+         "--working-dir", str(REPO), "--", sys.executable, "jobs/train.py", "--config",
+         "configs/street_torch.yaml", "--set", f"store={uri}", "--set", "train.epochs=1",
+         "--set", "train.batch_size=8"],
+        capture_output=True, text=True, env=env, timeout=600, cwd=REPO,
+    )
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert "succeeded" in (r.stdout + r.stderr).lower()
+    runs = list_runs(orchestrator.connect(uri))
+    assert len(runs) == 1 and runs[0].status == "finished" and runs[0].run_id.startswith("street_torch-")
