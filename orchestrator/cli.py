@@ -17,6 +17,13 @@ from pathlib import Path
 from orchestrator.errors import OrchestratorError
 
 EXIT_SYSTEM, EXIT_USER, EXIT_REJECTED = 1, 2, 3
+_out = sys.stdout
+
+
+def emit(*args, **kwargs) -> None:
+    """Print a command's result. Only results go to stdout (so `--json` output parses): Ray
+    and library messages, which can be written to stdout from other threads, go to stderr."""
+    print(*args, file=_out, **kwargs)
 
 
 def _store_arg(p: argparse.ArgumentParser) -> None:
@@ -116,9 +123,9 @@ def _need_store(args: argparse.Namespace):
 
 def _print_table(rows: list[dict], columns: Sequence[str]) -> None:
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) if rows else len(c) for c in columns}
-    print("  ".join(c.upper().ljust(widths[c]) for c in columns))
+    emit("  ".join(c.upper().ljust(widths[c]) for c in columns))
     for r in rows:
-        print("  ".join(str(r[c]).ljust(widths[c]) for c in columns))
+        emit("  ".join(str(r[c]).ljust(widths[c]) for c in columns))
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -132,36 +139,36 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         )
     except IngestRejected as exc:
         if args.json and exc.report is not None:
-            print(json.dumps(exc.report.as_dict(), indent=2))
+            emit(json.dumps(exc.report.as_dict(), indent=2))
         else:
             if exc.report is not None:
-                print(exc.report.summary())
+                emit(exc.report.summary())
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_REJECTED
-    print(json.dumps(report.as_dict(), indent=2) if args.json else report.summary())
+    emit(json.dumps(report.as_dict(), indent=2) if args.json else report.summary())
     return 0 if report.committed else EXIT_USER
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
     store = _need_store(args)
     version, deleted = store.delete(args.dataset, args.items, message=args.message)
-    print(f"dataset {args.dataset!r}: deleted {deleted} items as version {version}")
+    emit(f"dataset {args.dataset!r}: deleted {deleted} items as version {version}")
     return 0
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
     names = _need_store(args).datasets()
     if args.json:
-        print(json.dumps(names))
+        emit(json.dumps(names))
     else:
-        print("\n".join(names) if names else "(no datasets)")
+        emit("\n".join(names) if names else "(no datasets)")
     return 0
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
     rows = [v.as_dict() for v in _need_store(args).versions(args.name)]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        emit(json.dumps(rows, indent=2))
     else:
         _print_table(rows, ["version", "time", "items", "operation", "principal", "message"])
     return 0
@@ -175,9 +182,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     totals = label_totals(store, snapshot)
     info = {"dataset": args.name, "version": snapshot.version, "items": snapshot.rows, "labels": totals}
     if args.json:
-        print(json.dumps(info, indent=2))
+        emit(json.dumps(info, indent=2))
     else:
-        print(f"dataset {args.name!r} version {snapshot.version}: {snapshot.rows} items")
+        emit(f"dataset {args.name!r} version {snapshot.version}: {snapshot.rows} items")
         _print_table([{"label": k, "instances": v} for k, v in totals.items()], ["label", "instances"])
     return 0
 
@@ -185,24 +192,24 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_slice(args: argparse.Namespace) -> int:
     ds = _need_store(args).dataset(args.name, args.version).slice(args.query)
     if args.count:
-        print(len(ds))
+        emit(len(ds))
         return 0
     ids = ds.item_ids()
     if args.ids:
-        print("\n".join(ids))
+        emit("\n".join(ids))
     elif args.json:
-        print(json.dumps({"dataset": args.name, "version": ds.version, "query": args.query,
+        emit(json.dumps({"dataset": args.name, "version": ds.version, "query": args.query,
                           "count": len(ids), "ids": ids, "scan": ds.last_scan.as_dict()}, indent=2))
     else:
         stats = ds.last_scan
-        print(f"{len(ids)} of {stats.rows_total} items in {args.name!r} version {ds.version} match")
-        print(f"  scan: {stats.files_read}/{stats.files_total} files, "
+        emit(f"{len(ids)} of {stats.rows_total} items in {args.name!r} version {ds.version} match")
+        emit(f"  scan: {stats.files_read}/{stats.files_total} files, "
               f"{stats.rows_in_files_read} rows in them, "
               f"{stats.seconds * 1000:.0f} ms")
         for item_id in ids[:10]:
-            print(f"  {item_id}")
+            emit(f"  {item_id}")
         if len(ids) > 10:
-            print(f"  ... {len(ids) - 10} more (--ids lists all)")
+            emit(f"  ... {len(ids) - 10} more (--ids lists all)")
     return 0
 
 
@@ -212,18 +219,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     settings = load_config(args.config, args.overrides)
     plan = plan_run(settings, config_name=args.config.stem, resume=args.resume)
-    print(f"run {plan.run_id}: {settings.framework} {settings.model.name} on {settings.dataset!r} "
+    say = emit if not args.json else (lambda *a, **k: print(*a, file=sys.stderr, **k))
+    say(f"run {plan.run_id}: {settings.framework} {settings.model.name} on {settings.dataset!r} "
           f"version {plan.lineage.version} ({plan.lineage.items['train']} train / "
           f"{plan.lineage.items['validation']} validation items), "
           f"{settings.scaling.num_workers} workers", flush=True)
     lineage = run(plan)
     if args.json:
-        print(json.dumps(lineage.as_dict(), indent=2, default=str))
+        emit(json.dumps(lineage.as_dict(), indent=2, default=str))
     else:
         for m in lineage.metrics:
-            print("  " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+            emit("  " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                    for k, v in m.items()))
-        print(f"finished; lineage: {plan.store.uri}/runs/{plan.run_id}/lineage.json")
+        emit(f"finished; lineage: {plan.store.uri}/runs/{plan.run_id}/lineage.json")
     return 0
 
 
@@ -235,7 +243,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
              "train": r.items.get("train"), "validation": r.items.get("validation"),
              "principal": r.principal, "last": (r.metrics[-1] if r.metrics else {})} for r in runs]
     if args.json:
-        print(json.dumps([r.as_dict() for r in runs], indent=2, default=str))
+        emit(json.dumps([r.as_dict() for r in runs], indent=2, default=str))
     else:
         for row in rows:
             row["last"] = " ".join(f"{k}={v:.3f}" for k, v in row["last"].items()
@@ -256,7 +264,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     from orchestrator.demo import make_demo_data
 
     coco = make_demo_data(args.out, args.n, args.seed, workers=args.workers)
-    print(f"wrote {args.n} images and {coco}")
+    emit(f"wrote {args.n} images and {coco}")
     return 0
 
 
@@ -274,9 +282,20 @@ COMMANDS = {
 }
 
 
+def _results_only_on_stdout() -> None:
+    """Point fd 1 (and sys.stdout) at stderr; keep the real stdout for ``emit`` alone."""
+    global _out
+    sys.stdout.flush()
+    _out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse and run one command; returns the exit code (errors printed, never a traceback)."""
     args = _parser().parse_args(argv)
+    if args.command != "store":  # `store serve` is interactive: its lines are its result
+        _results_only_on_stdout()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -298,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         if ray.is_initialized():
             ray.shutdown()  # stops a local cluster this process started
+    _out.flush()
     sys.stdout.flush()
     sys.stderr.flush()
     # Leave without interpreter teardown: native thread pools (Arrow, delta-rs, Ray) can abort

@@ -49,7 +49,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import pyarrow as pa
-from deltalake import CommitProperties, DeltaTable, write_deltalake
+from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from orchestrator.errors import DatasetNotFound, StoreError, VersionNotFound
@@ -87,6 +87,13 @@ INSTANCE_KINDS = ("box", "polygon", "tag")
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
 _META = "orchestrator."
 _COMMIT_ATTEMPTS = 12
+#: Rows per Parquet row group: small enough that ``ds[i]`` and the streaming reader hold a few
+#: thousand rows at a time and row-group statistics prune finely, large enough to compress well.
+ROW_GROUP_ROWS = 2048
+
+
+def _writer() -> WriterProperties:
+    return WriterProperties(max_row_group_size=ROW_GROUP_ROWS, compression="ZSTD")
 
 
 def label_field(label: str) -> str:
@@ -287,12 +294,12 @@ class Manifest:
             except TableNotFoundError:
                 write_deltalake(
                     self.uri, rows, mode="error", storage_options=self._options,
-                    commit_properties=props, name=self.dataset,
+                    commit_properties=props, name=self.dataset, writer_properties=_writer(),
                 )
                 return 0
             write_deltalake(
                 table, rows, mode="overwrite", predicate=_in_predicate(rows.column("item_id").to_pylist()),
-                schema_mode="merge",
+                schema_mode="merge", writer_properties=_writer(),
                 commit_properties=props,
             )
             return table.version()  # the table object advances to the version it committed
@@ -308,7 +315,7 @@ class Manifest:
         def attempt() -> int:
             table = self._table()
             props = self._commit_properties(message, principal, "delete", commit_id)
-            deleted.update(table.delete(predicate, commit_properties=props))
+            deleted.update(table.delete(predicate, writer_properties=_writer(), commit_properties=props))
             return table.version()
 
         version = self._find_commit(commit_id, self._commit_with_retry(attempt, "delete items from"))

@@ -2,8 +2,10 @@
 
 ``build_index`` scans only the columns the slice needs, file by file (files the Delta statistics
 rule out are skipped), and keeps two integer arrays: 12 bytes an item, so a 1M-item dataset
-indexes in ~12 MB. ``RowReader`` fetches full rows on demand, one Parquet row group at a time,
-keeping the few most recent row groups: ``ds[i]`` reads one row group, never the manifest.
+indexes in ~12 MB. ``RowReader`` fetches full rows on demand, one Parquet row group at a time
+(``manifest.ROW_GROUP_ROWS`` rows, as Arrow), keeping the few most recent: ``ds[i]`` reads one
+row group, not the manifest. (A manifest written before row groups were capped has one group
+per file; it is then held as Arrow, ~1 KB a row, while that file is being read.)
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchestrator.manifest import Snapshot
@@ -72,7 +75,7 @@ class RowReader:
         self.index = index
         self.keep_groups = keep_groups
         self._bounds: dict[int, np.ndarray] = {}  # file -> cumulative row-group starts
-        self._groups: OrderedDict[tuple[int, int], list[dict]] = OrderedDict()
+        self._groups: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
 
     def __getstate__(self) -> dict:
         return {"store": self.store, "index": self.index, "keep_groups": self.keep_groups}
@@ -96,14 +99,15 @@ class RowReader:
         group = int(np.searchsorted(bounds, row, side="right") - 1)
         return group, int(row - bounds[group])
 
-    def group_rows(self, file_idx: int, group: int) -> list[dict]:
+    def group_rows(self, file_idx: int, group: int) -> pa.Table:
+        """One row group as Arrow (about 1 KB a row; Python dicts would take ~15 KB)."""
         key = (file_idx, group)
         rows = self._groups.get(key)
         if rows is not None:
             self._groups.move_to_end(key)
             return rows
         with storage_errors("read manifest file", self.index.files[file_idx].rsplit("/", 1)[-1]):
-            rows = self._file(file_idx).read_row_group(group, columns=ITEM_COLUMNS).to_pylist()
+            rows = self._file(file_idx).read_row_group(group, columns=ITEM_COLUMNS)
         self._groups[key] = rows
         while len(self._groups) > self.keep_groups:
             self._groups.popitem(last=False)
@@ -112,4 +116,4 @@ class RowReader:
     def row(self, position: int) -> dict:
         f = int(self.index.file_of[position])
         group, offset = self.locate(f, int(self.index.row_of[position]))
-        return self.group_rows(f, group)[offset]
+        return self.group_rows(f, group).slice(offset, 1).to_pylist()[0]

@@ -179,3 +179,22 @@ def test_missing_and_corrupt_blobs_skip_with_warning_or_raise(store_uri, demo_sm
     position = strict.item_ids().index(corrupt_id)
     with pytest.raises(ItemError, match="not a readable image"):
         strict[position]
+
+
+def test_reader_holds_a_few_row_groups_not_the_manifest(store_uri, demo_small, monkeypatch):
+    import pyarrow.parquet as pq
+
+    import orchestrator.manifest as manifest_mod
+
+    monkeypatch.setattr(manifest_mod, "ROW_GROUP_ROWS", 4)
+    store = orchestrator.connect(store_uri)
+    store.ingest("street", coco=demo_small / "annotations.json", images=demo_small / "images")
+    ds = store.dataset("street")
+    (path,) = ds._snapshot.files
+    groups = pq.ParquetFile(store.blobs.fs.open_input_file(path)).metadata.num_row_groups
+    assert groups == 15  # 60 rows in groups of 4
+    reader = ds.stream.rows
+    held = 0
+    for _ in ds.iter_items(shuffle=True, seed=1):
+        held = max(held, len(reader._groups))
+    assert 1 <= held <= reader.keep_groups < groups
