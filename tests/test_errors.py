@@ -27,3 +27,10 @@ def test_pickle_round_trip_keeps_class_message_and_hint(cls):
     assert type(back) is cls
     assert str(back) == str(err) == "dataset 'x' is gone\n  fix: run orchestrator datasets"
     assert back.hint == err.hint
+
+
+def test_missing_optional_framework_names_the_install_command():
+    from orchestrator.optional import require
+
+    with pytest.raises(errors.ConfigError, match=r"pip install -e '\.\[torch\]'"):
+        require("torch.no_such_submodule_xyz")

@@ -14,14 +14,9 @@ from typing import TYPE_CHECKING
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-try:
-    import tensorflow as tf
-except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    from orchestrator.errors import ConfigError
+from orchestrator.optional import require
 
-    raise ConfigError(
-        "TensorFlow is not installed", hint="pip install -e '.[tf]' (tensorflow 2.21 + tf-keras)"
-    ) from exc
+tf = require("tensorflow")
 
 if TYPE_CHECKING:
     from orchestrator.stream.dataset import Dataset

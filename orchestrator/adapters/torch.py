@@ -10,15 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-try:
-    import torch
-    from torch.utils.data import IterableDataset, get_worker_info
-except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    from orchestrator.errors import ConfigError
+from orchestrator.optional import require
 
-    raise ConfigError(
-        "PyTorch is not installed", hint="pip install -e '.[torch]' (torch==2.13.0, CPU wheel)"
-    ) from exc
+torch = require("torch")
+from torch.utils.data import IterableDataset, get_worker_info  # noqa: E402
 
 if TYPE_CHECKING:
     from orchestrator.stream.dataset import Dataset
