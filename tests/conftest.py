@@ -53,27 +53,21 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
-    """One local Ray head for the session (``ray start``), so CLI subprocesses attach to it
-    instead of each starting their own. More logical CPUs than cores, see ray_runtime."""
+    """One local Ray cluster for the session, started in this process with a dashboard (for
+    `ray job submit`); CLI subprocesses attach to it through RAY_ADDRESS instead of starting their
+    own. More logical CPUs than cores, see ray_runtime. Teardown stops this cluster only."""
     import ray
 
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    port, dashboard_port = _free_port(), _free_port()
-    env = dict(os.environ)
-    subprocess.run(
-        [ray_bin, "start", "--head", f"--port={port}", "--num-cpus=8", "--node-ip-address=127.0.0.1",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard_port}", "--disable-usage-stats"],
-        check=True, capture_output=True, env=env,
-    )
-    address = f"127.0.0.1:{port}"
-    os.environ["RAY_ADDRESS"] = address
     from orchestrator.store_location import S3_COMPAT_ENV
 
-    ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": dict(S3_COMPAT_ENV)})
-    yield RayCluster(address, f"http://127.0.0.1:{dashboard_port}")
+    os.environ.pop("RAY_ADDRESS", None)
+    dashboard_port = _free_port()
+    ray.init(num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=dashboard_port, log_to_driver=False,
+             runtime_env={"env_vars": dict(S3_COMPAT_ENV)})
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    yield RayCluster(os.environ["RAY_ADDRESS"], f"http://127.0.0.1:{dashboard_port}")
     ray.shutdown()
-    subprocess.run([ray_bin, "stop", "--force"], capture_output=True)
     os.environ.pop("RAY_ADDRESS", None)
 
 
