@@ -203,7 +203,7 @@ def _read_string(query: str, start: int) -> tuple[str, int]:
                     caret_message(query, i, "bad escape: \\u needs 4 hex digits")
                 )
             raise QuerySyntaxError(
-                caret_message(query, i, f"bad escape \\{e} (use \\\\ \\' \\\" \\n \\t \\r \\0 or \\uXXXX)")
+                caret_message(query, i, f"bad escape \\{e} (use \\\\ \\' \\\" \\n \\t \\r \\0 or \\u and 4 hex digits)")
             )
         out.append(c)
         i += 1
