@@ -298,7 +298,8 @@ def in_subprocess(args: list[str], what: str, stderr_log: Path) -> dict:
                 print(f"  ... {what}: {time.perf_counter() - t0:.0f} s", flush=True)
     if proc.returncode != 0:
         raise SystemExit(f"{what} failed with exit status {proc.returncode}; see {stderr_log}")
-    return json.loads(out.strip().splitlines()[-1])
+    # Ray may print its own messages to stdout; the result is the last line that is JSON.
+    return json.loads(next(line for line in reversed(out.strip().splitlines()) if line.startswith("{")))
 
 
 def fmt_mb(nbytes: int) -> str:

@@ -35,12 +35,17 @@ pipeline; only the OS page cache is warm, the blob files having just been writte
 
 Per worker, samples/s = that worker's rows / its seconds; in total, samples/s = all workers' rows
 / (latest end - earliest start) of that epoch (same machine, same clock). "data wait" is the time
-the worker's loop spent blocked on the next batch. ``trainer.fit()`` start-up (worker group,
+the worker's loop spent blocked on the next batch (in the driver rows: all of it), "1st batch" the
+time from the ``iter_batches`` call to the first batch. ``trainer.fit()`` start-up (worker group,
 torch process group, dataset split set-up) and tear-down are reported separately and are in no
-samples/s figure. Our CPU use is the CPU time of this process and everything it started (the Ray
-cluster it owns), from /proc; the machine's busy share and load average show what else competed
-for the cores ("others": busy cores not ours). On a shared machine every figure depends on that
-competition, so compare stages only with their CPU lines beside them.
+samples/s figure.
+
+CPU: a background thread samples /proc every 0.5 s for the CPU time of this process and every
+process it started (the Ray cluster it owns; exited workers keep their last sample), and the
+machine's busy jiffies. For each row's time window: "our cores" (our CPU s / wall s; includes the
+idle Ray cluster's background work), "others" (busy cores that are not ours: other people's
+work on a shared machine) and "our CPU ms/sample", which depends much less on that competition
+than samples/s does. Compare samples/s between stages only with those columns beside them.
 """
 
 from __future__ import annotations

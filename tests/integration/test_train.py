@@ -107,8 +107,20 @@ def test_cli_reports_malformed_config_before_starting_ray(tmp_path):
 
 
 def _train_worker_pids() -> list[int]:
-    out = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+    """PIDs of the live Ray Train workers (from Ray's state API, not a process-name match that
+    could hit an idle worker left from an earlier run)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return [a.pid for a in actors if a.pid]
+
+
+def _checkpoint_registered(run_dir: Path) -> bool:
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        return bool(json.loads(snapshot.read_text()).get("checkpoint_results"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
 
 
 def test_a_killed_worker_is_replaced_and_the_run_finishes_from_its_checkpoint(tmp_path, demo_small):
@@ -123,8 +135,7 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes_from_its_checkpoint(tm
     def killer() -> None:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed:
-            # The controller writes this snapshot once a reported checkpoint is registered.
-            if (ckpt_root / "checkpoint_manager_snapshot.json").exists():
+            if _checkpoint_registered(ckpt_root):
                 pids = _train_worker_pids()
                 if pids:
                     os.kill(pids[-1], signal.SIGKILL)
@@ -151,13 +162,17 @@ def test_ray_job_submit_runs_jobs_train_py(ray_cluster, tmp_path, demo_small):
                                      images=demo_small / "images")
     env = {**os.environ}
     dashboard = ray_cluster.dashboard
-    r = subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", dashboard,
-         "--working-dir", str(REPO), "--", sys.executable, "jobs/train.py", "--config",
-         "configs/street_torch.yaml", "--set", f"store={uri}", "--set", "train.epochs=1",
-         "--set", "train.batch_size=8"],
-        capture_output=True, text=True, env=env, timeout=600, cwd=REPO,
-    )
+    for attempt in range(6):  # the dashboard's job agent may still be starting
+        r = subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", dashboard,
+             "--working-dir", str(REPO), "--", sys.executable, "jobs/train.py", "--config",
+             "configs/street_torch.yaml", "--set", f"store={uri}", "--set", "train.epochs=1",
+             "--set", "train.batch_size=8"],
+            capture_output=True, text=True, env=env, timeout=600, cwd=REPO,
+        )
+        if "No available agent to submit job" not in r.stderr + r.stdout:
+            break
+        time.sleep(5)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     assert "succeeded" in (r.stdout + r.stderr).lower()
     runs = list_runs(orchestrator.connect(uri))
