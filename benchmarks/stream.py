@@ -311,6 +311,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,50000",
                         help="comma-separated dataset sizes (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--backends", default="file,s3", help="comma list of file, s3")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget-mib", type=int, default=128,
                         help="memory cache budget, smaller than every dataset (default: %(default)s)")
@@ -350,6 +351,7 @@ def main() -> None:
             os.environ.update(s3.env(BUCKET, BUCKET))  # inherited by every subprocess
             print(f"SeaweedFS on {s3.endpoint_url} (started in {s3.startup_seconds or 0:.1f} s)", flush=True)
             backends = [("file://", f"file://{work / 'store'}"), ("s3://", f"s3://{BUCKET}/store")]
+            backends = [b for b in backends if b[0].rstrip(":/") in args.backends.split(",")]
             for label, uri in backends:
                 for size in sizes:
                     what = f"ingest {dataset_name(size)} into {label}"
@@ -416,7 +418,7 @@ def report(results: list[dict], sizes: list[int], data_bytes: dict[int, int], ar
               f"{d['row_groups_kept']} kept ({d['rows_kept']:,} rows as Python dicts), blob cache "
               f"{d['cache_entries']:,} entries / {d['cache_bytes'] / 1e6:.0f} MB")
         print(f"  {'':<8} {'':>7} {'':>16}  RSS: {r['base_cur_rss_mb']:.0f} MB before opening, "
-              f"{d['first_item_rss_mb']:.0f} MB at the first item (index, row group as dicts, first prefetch), "
+              f"{d['first_item_rss_mb']:.0f} MB at the first item (index, current row groups, first prefetch), "
               f"{r['final_rss_mb']:.0f} MB at the end; peak {r['peak_rss_mb']:.0f} MB")
 
     if len(sizes) >= 2:
