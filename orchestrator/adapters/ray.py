@@ -84,6 +84,9 @@ class FetchDecode:
         }]
 
 
+ROWS_PER_BLOCK = 32
+
+
 def to_ray_dataset(ds: "Dataset", split: HashSplit | None = None) -> "ray.data.Dataset":
     """Items of ``ds`` as a lazy Ray Data pipeline (order not preserved; list-like fields of
     variable structure travel as JSON text: label_names, polygons, tags, attributes).
@@ -103,6 +106,10 @@ def to_ray_dataset(ds: "Dataset", split: HashSplit | None = None) -> "ray.data.D
         ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
         .map_batches(scan_manifest_files, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
                      fn_kwargs={"store": ds.store, "snapshot": snapshot, "query": query, "split": split})
+        # One manifest file can hold the whole slice: cut it into small blocks so fetch and
+        # decode run in parallel and the first batch reaches a consumer after a few items,
+        # not after the whole file.
+        .repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
         .flat_map(FetchDecode, fn_constructor_kwargs={
             "blobs": ds.store.blobs, "label_map": ds.label_map, "version": ds.version,
             "cache": opts.cache, "on_error": opts.on_error},
