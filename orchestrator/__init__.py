@@ -12,4 +12,4 @@ from orchestrator.manifest import LabelMap, VersionInfo
 from orchestrator.store import Store, connect
 from orchestrator.stream.dataset import Dataset
 
-__all__ = sorted(["Dataset", "IngestReport", "LabelMap", "Store", "VersionInfo", "connect", "errors"])
+__all__ = ["Dataset", "IngestReport", "LabelMap", "Store", "VersionInfo", "connect", "errors"]

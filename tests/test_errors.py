@@ -34,3 +34,10 @@ def test_missing_optional_framework_names_the_install_command():
 
     with pytest.raises(errors.ConfigError, match=r"pip install -e '\.\[torch\]'"):
         require("torch.no_such_submodule_xyz")
+
+
+def test_public_surface_is_sorted_and_importable():
+    import orchestrator
+
+    assert orchestrator.__all__ == sorted(orchestrator.__all__)
+    assert all(hasattr(orchestrator, name) for name in orchestrator.__all__)
