@@ -34,8 +34,10 @@ if TYPE_CHECKING:
 
 
 def scan_manifest_files(batch: pa.Table, store: "Store", snapshot: Snapshot,
-                        query: CompiledQuery | None, split: HashSplit | None = None) -> pa.Table:
-    """Stage 1: the rows of the given manifest files that match the slice (and the split)."""
+                        query: CompiledQuery | None, split: HashSplit | None = None,
+                        item_ids: frozenset[str] | None = None) -> pa.Table:
+    """Stage 1: the rows of the given manifest files that match the slice (and the split, and
+    the shard's ``item_ids``)."""
     files = batch.column("file").to_pylist()
     columns = sorted(set(ITEM_COLUMNS) | set(query.columns if query else []),
                      key=snapshot.schema.names.index)
@@ -44,6 +46,9 @@ def scan_manifest_files(batch: pa.Table, store: "Store", snapshot: Snapshot,
         table = table.filter(query.evaluate(table))
     if split is not None:
         table = table.filter(pa.array(split.keep(table.column("item_id").to_pylist())))
+    if item_ids is not None:
+        table = table.filter(pa.array([i in item_ids for i in table.column("item_id").to_pylist()],
+                                      type=pa.bool_()))
     return table.select(ITEM_COLUMNS)
 
 
@@ -58,6 +63,10 @@ class FetchDecode:
         self.cache = cache if cache is not None else node_cache()
         self.on_error = on_error
         self.skipped = 0
+        import ray
+
+        # Stamped on every item: which node fetched it (shard locality is checked with it).
+        self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
     def __call__(self, row: dict) -> list[dict]:
         try:
@@ -81,17 +90,24 @@ class FetchDecode:
             "width": np.int64(item["width"]),
             "height": np.int64(item["height"]),
             "version": np.int64(item["version"]),
+            "fetch_node": self.node_id,
         }]
 
 
 ROWS_PER_BLOCK = 32
 
 
-def to_ray_dataset(ds: "Dataset", split: HashSplit | None = None) -> "ray.data.Dataset":
+def to_ray_dataset(ds: "Dataset", split: HashSplit | None = None, *,
+                   item_ids: frozenset[str] | None = None,
+                   node_id: str | None = None) -> "ray.data.Dataset":
     """Items of ``ds`` as a lazy Ray Data pipeline (order not preserved; list-like fields of
-    variable structure travel as JSON text: label_names, polygons, tags, attributes).
-    ``split`` keeps one side of a hash split, applied in the scan: the other side's blobs are
-    never fetched."""
+    variable structure travel as JSON text: label_names, polygons, tags, attributes; each item
+    also carries ``fetch_node``, the Ray node that fetched its blob).
+
+    ``split`` keeps one side of a hash split and ``item_ids`` one worker's shard, both applied in
+    the scan: other items' blobs are never fetched. ``node_id`` pins every stage to that node
+    (a train worker's), so its blobs are fetched into that node's cache and no decoded image
+    crosses the network."""
     import ray.data
 
     from orchestrator.ray_runtime import ensure_ray
@@ -102,10 +118,12 @@ def to_ray_dataset(ds: "Dataset", split: HashSplit | None = None) -> "ray.data.D
     if not files:
         return ray.data.from_items([])
     opts = ds.options
+    pinned = pinned_to(node_id)
     return (
         ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
         .map_batches(scan_manifest_files, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
-                     fn_kwargs={"store": ds.store, "snapshot": snapshot, "query": query, "split": split})
+                     fn_kwargs={"store": ds.store, "snapshot": snapshot, "query": query,
+                                "split": split, "item_ids": item_ids}, **pinned)
         # One manifest file can hold the whole slice: cut it into small blocks so fetch and
         # decode run in parallel and the first batch reaches a consumer after a few items,
         # not after the whole file.
@@ -113,6 +131,16 @@ def to_ray_dataset(ds: "Dataset", split: HashSplit | None = None) -> "ray.data.D
         .flat_map(FetchDecode, fn_constructor_kwargs={
             "blobs": ds.store.blobs, "label_map": ds.label_map, "version": ds.version,
             "cache": opts.cache, "on_error": opts.on_error},
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(4, opts.threads))),
-            num_cpus=0.5)
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, opts.threads)),
+            num_cpus=0.5, **pinned)
     )
+
+
+def pinned_to(node_id: str | None) -> dict:
+    """Ray remote args that keep a stage on ``node_id`` (falling back elsewhere only if that
+    node is gone); empty when ``node_id`` is None."""
+    if node_id is None:
+        return {}
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=True)}

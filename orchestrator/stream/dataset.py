@@ -158,12 +158,13 @@ class Dataset:
 
         return to_tf_dataset(self, shuffle=shuffle, seed=seed)
 
-    def to_ray(self, split=None):
+    def to_ray(self, split=None, *, item_ids=None, node_id=None):
         """A ``ray.data.Dataset`` of items built as stages; see adapters.ray. ``split``: a
-        ``HashSplit`` keeping one side of a train/validation split."""
+        ``HashSplit`` keeping one side of a train/validation split; ``item_ids``: keep only
+        these items (a worker's shard); ``node_id``: run the stages on that Ray node."""
         from orchestrator.adapters.ray import to_ray_dataset
 
-        return to_ray_dataset(self, split)
+        return to_ray_dataset(self, split, item_ids=item_ids, node_id=node_id)
 
     def versions(self) -> list[VersionInfo]:
         """Every committed version of this dataset, oldest first."""

@@ -36,3 +36,24 @@ class HashSplit:
     def keep(self, item_ids: Sequence[str]) -> np.ndarray:
         mask = validation_mask(item_ids, self.fraction, self.seed)
         return mask if self.validation else ~mask
+
+
+def _shard_key(seed: int, item_id: str) -> bytes:
+    return hashlib.sha256(f"shard:{seed}:{item_id}".encode()).digest()[:8]
+
+
+def balanced_shards(item_ids: Sequence[str], num_shards: int, seed: int = 0) -> list[list[str]]:
+    """Split items into ``num_shards`` disjoint shards of exactly ``len(item_ids) // num_shards``
+    items each (synchronous data-parallel training needs equal step counts).
+
+    Items are ordered by a seeded hash of their id and dealt round robin, so the assignment
+    depends only on the ids, the shard count and the seed: a restarted run gives every rank the
+    same items, and its node's blob cache stays warm. The ``len % num_shards`` items last in
+    hash order sit out (the same ones each epoch; never more than ``num_shards - 1``)."""
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    ordered = sorted(set(item_ids), key=lambda i: _shard_key(seed, i))
+    if len(ordered) != len(item_ids):
+        raise ValueError("item ids must be unique")
+    per = len(ordered) // num_shards
+    return [ordered[rank:per * num_shards:num_shards] for rank in range(num_shards)]

@@ -46,6 +46,8 @@ class ScalingSettings(_Strict):
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how Ray places the workers' resource bundles on nodes")
 
 
 class DataConfig(_Strict):

@@ -2,16 +2,16 @@
 
 Everything that can be wrong with the config, the store, the dataset, the version or the query is
 checked before Ray starts. The data reach the workers as Ray Data pipelines (manifest scan with
-the slice and split pushed down → blob fetch through the node cache → decode → resize/pad), one
-per split; ``train`` is split across workers with ``streaming_split``, ``validation`` is read
-whole by each worker and scored on rank 0.
+the slice and split pushed down → blob fetch through the node cache → decode → resize/pad): each
+worker gets its own shard of ``train``, produced on its own node (train/data.py), and rank 0
+scores ``validation``.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orchestrator
 from orchestrator.errors import ConfigError, OrchestratorError
@@ -22,6 +22,9 @@ from orchestrator.train.config import RunSettings
 from orchestrator.train.lineage import (
     Lineage, code_revision, ids_digest, new_run_id, now, read_lineage, runs_dir, write_lineage,
 )
+
+if TYPE_CHECKING:
+    from orchestrator.train.data import RunData
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ class Plan:
     dataset: orchestrator.Dataset
     run_id: str
     lineage: Lineage
+    train_ids: list[str]
 
 
 def latest_run_id(store: orchestrator.Store, config_name: str) -> str:
@@ -90,24 +94,19 @@ def plan_run(settings: RunSettings, *, config_name: str = "run", resume: str | b
     if resume:
         lineage.metrics = previous.metrics
         lineage.started_at = previous.started_at
-    return Plan(settings, store, ds, run_id, lineage)
+    return Plan(settings, store, ds, run_id, lineage, train_ids)
 
 
-def _ray_datasets(plan: Plan) -> dict[str, Any]:
+def _run_data(plan: Plan) -> "RunData":
+    from orchestrator.train.data import RunData
+
     s = plan.settings
-    kwargs = {"size": s.model.image_size, "max_boxes": s.model.max_boxes}
-    out = {}
-    for name, is_val in (("train", False), ("validation", True)):
-        split = HashSplit(s.split.validation_fraction, s.split.seed, validation=is_val)
-        rds = plan.dataset.with_options(threads=s.data.decode_concurrency).to_ray(split)
-        out[name] = rds.map(_prepare_row, fn_kwargs=kwargs, num_cpus=0.25)
-    return out
-
-
-def _prepare_row(row: dict, size: int, max_boxes: int) -> dict:
-    from orchestrator.train.batches import prepare_item
-
-    return prepare_item(row, size, max_boxes)
+    return RunData(
+        dataset=plan.dataset.with_options(threads=s.data.decode_concurrency),
+        train_ids=plan.train_ids,
+        split=HashSplit(s.split.validation_fraction, s.split.seed, validation=True),
+        shard_seed=s.split.seed, image_size=s.model.image_size, max_boxes=s.model.max_boxes,
+    )
 
 
 def run(plan: Plan) -> Lineage:
@@ -130,6 +129,7 @@ def run(plan: Plan) -> Lineage:
     scaling = ScalingConfig(
         num_workers=s.scaling.num_workers, use_gpu=s.scaling.use_gpu,
         resources_per_worker={"CPU": s.scaling.cpus_per_worker},
+        placement_strategy=s.scaling.placement_strategy,
     )
     storage_path = s.checkpoint.path or runs_dir(plan.store)
     run_config = RunConfig(
@@ -139,8 +139,13 @@ def run(plan: Plan) -> Lineage:
         failure_config=FailureConfig(max_failures=s.checkpoint.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=s.checkpoint.keep),
     )
-    data_config = ray.train.DataConfig(datasets_to_split=["train"])
-    datasets = _ray_datasets(plan)
+    from orchestrator.train.data import NodeLocalDataConfig
+
+    run_data = _run_data(plan)
+    data_config = NodeLocalDataConfig(run_data)
+    # Placeholders that name the datasets; each worker's real pipeline is built per node by
+    # NodeLocalDataConfig.configure once the workers are placed.
+    datasets = {name: run_data.pipeline(name, 0, 1, None, [[]]) for name in ("train", "validation")}
     if s.framework == "torch":
         from ray.train.torch import TorchTrainer
 

@@ -173,7 +173,7 @@ def test_ray_job_submit_runs_jobs_train_py(ray_cluster, tmp_path, demo_small):
         if "No available agent to submit job" not in r.stderr + r.stdout:
             break
         time.sleep(5)
-    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert r.returncode == 0, (r.stdout[-6000:], r.stderr[-3000:])
     assert "succeeded" in (r.stdout + r.stderr).lower()
     runs = list_runs(orchestrator.connect(uri))
     assert len(runs) == 1 and runs[0].status == "finished" and runs[0].run_id.startswith("street_torch-")

@@ -1,0 +1,80 @@
+"""Each train worker's data: its own shard, fetched and decoded on its own node.
+
+Ray Train's default ``DataConfig`` runs one pipeline for all workers and hands its output blocks
+out with ``streaming_split(equal=True, locality_hints=...)``. The hints are best effort: whenever
+the local worker is ahead, the splitter gives a block to the worker with the least data, wherever
+it was produced, so decoded images cross the network and a node's cache fills with items its
+worker never sees. Here the split is decided on item ids before anything is fetched
+(:func:`~orchestrator.stream.split.balanced_shards`: equal sizes, stable across restarts) and each
+worker's scan → fetch → decode → resize stages are pinned to the node that worker runs on. Every
+blob is fetched once per epoch, on the node that trains on it, into that node's cache; when the
+worker group is rebuilt (a node lost, a resize), ``configure`` runs again with the new nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import ray.train
+
+from orchestrator.stream.split import HashSplit, balanced_shards
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from orchestrator.stream.dataset import Dataset
+
+
+@dataclass
+class RunData:
+    """What a run reads: the dataset (version and slice fixed), its train ids and the split."""
+
+    dataset: "Dataset"
+    train_ids: list[str]
+    split: HashSplit  # validation side; the train side is ``train_ids``
+    shard_seed: int
+    image_size: int
+    max_boxes: int
+
+    def pipeline(self, name: str, rank: int, world_size: int, node_id: str | None,
+                 shards: list[list[str]] | None = None) -> "ray.data.Dataset":
+        """``train``: rank's shard; ``validation``: the whole validation side (read by rank 0)."""
+        if name == "train":
+            shards = shards or balanced_shards(self.train_ids, world_size, self.shard_seed)
+            rds = self.dataset.to_ray(item_ids=frozenset(shards[rank]), node_id=node_id)
+        else:
+            rds = self.dataset.to_ray(self.split, node_id=node_id)
+        from orchestrator.adapters.ray import pinned_to
+
+        return rds.map(_prepare_row, fn_kwargs={"size": self.image_size, "max_boxes": self.max_boxes},
+                       num_cpus=0.25, **pinned_to(node_id))
+
+
+class NodeLocalDataConfig(ray.train.DataConfig):
+    """A ``DataConfig`` that gives every worker its own node-local pipeline (see module doc)."""
+
+    def __init__(self, data: RunData) -> None:
+        super().__init__(datasets_to_split=["train"])
+        self._data = data
+
+    def configure(self, datasets: dict[str, Any], world_size: int, worker_handles: Any,
+                  worker_node_ids: list[str] | None, **kwargs: Any) -> list[dict[str, Any]]:
+        output: list[dict[str, Any]] = [{} for _ in range(world_size)]
+        shards = balanced_shards(self._data.train_ids, world_size, self._data.shard_seed)
+        for name, base in datasets.items():
+            for rank in range(world_size):
+                if name in ("train", "validation"):
+                    node = worker_node_ids[rank] if worker_node_ids else None
+                    rds = self._data.pipeline(name, rank, world_size, node, shards)
+                else:
+                    rds = base
+                rds.context.execution_options = self.default_ingest_options()
+                output[rank][name] = rds.iterator()
+        return output
+
+
+def _prepare_row(row: dict, size: int, max_boxes: int) -> dict:
+    from orchestrator.train.batches import prepare_item
+
+    return {**prepare_item(row, size, max_boxes), "id": row["id"], "fetch_node": row["fetch_node"]}
