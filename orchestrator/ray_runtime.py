@@ -37,3 +37,23 @@ def ensure_ray() -> None:
         ray.init(num_cpus=local_cpus(), include_dashboard=False, log_to_driver=False,
                  runtime_env=runtime_env)
         log.info("started a local Ray cluster with %d logical CPUs", local_cpus())
+
+
+def anchor_data_actors() -> None:
+    """Create Ray Data's two cluster-wide detached actors (stats, actor locations) from this
+    process, so they live on the driver's node.
+
+    Ray Data creates them on first use, on the node of whichever process uses it first, and they
+    never exit. Our train workers run their own pipelines; on a fresh autoscaling cluster that
+    would pin them to an added worker node, which then never counts as idle and is never
+    removed. Best effort: these are Ray-internal functions (checked against Ray 2.60)."""
+    try:
+        from ray.data._internal.execution.node_trackers.actor_location import (
+            get_or_create_actor_location_tracker,
+        )
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError:  # pragma: no cover - a Ray version without them
+        log.warning("Ray Data internals moved: its stats actors may pin an autoscaled node")
+        return
+    get_or_create_stats_actor()
+    get_or_create_actor_location_tracker()

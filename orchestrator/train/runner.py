@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import orchestrator
 from orchestrator.errors import ConfigError, OrchestratorError
-from orchestrator.ray_runtime import ensure_ray
+from orchestrator.ray_runtime import anchor_data_actors, ensure_ray
 from orchestrator.store import current_principal
 from orchestrator.stream.split import HashSplit, validation_mask
 from orchestrator.train.config import RunSettings
@@ -118,6 +118,7 @@ def run(plan: Plan) -> Lineage:
     s = plan.settings
     write_lineage(plan.store, plan.lineage)
     ensure_ray()
+    anchor_data_actors()
     from orchestrator.train import loops
 
     loop_config = {

@@ -1,0 +1,1 @@
+"""Helpers for tests that need Ray clusters of their own (run in subprocesses)."""
