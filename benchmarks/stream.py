@@ -251,7 +251,7 @@ def measure_naive(store, spec: dict) -> dict:
 
         def __init__(self, rows) -> None:
             self.ids = rows.column("item_id").to_pylist()
-            self.paths = [store.blobs.path(b) for b in rows.column("blob").to_pylist()]
+            self.paths = [store.blobs(spec["name"]).path(b) for b in rows.column("blob").to_pylist()]
             self.bytes_read = 0
 
         def __len__(self) -> int:

@@ -352,9 +352,9 @@ class Manifest:
     def _find_commit(self, commit_id: str, hint: int) -> int:
         """The version holding our commit: ``hint`` checked against the log itself, then a scan
         of the newest entries (delta-rs's history() can misnumber entries under concurrency)."""
-        from orchestrator.store import BlobStore
+        from orchestrator.store import filesystem_for
 
-        fs = BlobStore(self.location).fs
+        fs = filesystem_for(self.location)
         log_dir = f"{self.path}/_delta_log"
 
         def commit_id_of(version: int) -> str | None:

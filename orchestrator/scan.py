@@ -35,7 +35,7 @@ def manifest_dataset(
     with storage_errors("open the manifest files of dataset", repr(snapshot.dataset)):
         return pads.dataset(
             list(snapshot.files if files is None else files), schema=snapshot.schema,
-            format="parquet", filesystem=store.blobs.fs,
+            format="parquet", filesystem=store.fs,
         )
 
 

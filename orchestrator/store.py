@@ -2,8 +2,14 @@
 
 Layout under the store root (``file:///path`` or ``s3://bucket/prefix``)::
 
-    blobs/sha256/<first 2 hex>/<sha256>      immutable media bytes, written once
-    datasets/<name>/manifest/                 Delta Lake table (see orchestrator.manifest)
+    datasets/<name>/manifest/                        Delta Lake table (see orchestrator.manifest)
+    datasets/<name>/blobs/sha256/<2 hex>/<sha256>    immutable media bytes, written once
+    _policy/                                         access policy versions (orchestrator.access)
+    runs/<run_id>/                                   lineage and checkpoints of training runs
+
+Blobs live under their dataset so that object-storage permissions can follow dataset grants (a
+reader's keys cannot fetch another dataset's media); a blob is stored once per dataset, and the
+client cache, keyed by hash, still shares it across datasets.
 
 Blob writes are atomic (a temp file renamed into place locally; a single PUT on S3), so a killed
 upload never leaves a partial blob under its final name, and a blob that exists is complete.
@@ -58,20 +64,26 @@ def _filesystem(location: StoreLocation, pid: int) -> pafs.FileSystem:
     return location.filesystem()
 
 
-class BlobStore:
-    """Content-addressed blob access; picklable (it carries only the location)."""
+def filesystem_for(location: StoreLocation) -> pafs.FileSystem:
+    """This process's filesystem for a store location."""
+    return _filesystem(location, os.getpid())
 
-    def __init__(self, location: StoreLocation) -> None:
+
+class BlobStore:
+    """Content-addressed blobs of one dataset; picklable (location and dataset name only)."""
+
+    def __init__(self, location: StoreLocation, dataset: str) -> None:
         self.location = location
+        self.dataset = dataset
 
     @property
     def fs(self) -> pafs.FileSystem:
-        return _filesystem(self.location, os.getpid())
+        return filesystem_for(self.location)
 
     def path(self, blob: str) -> str:
         if not _HASH.match(blob):
             raise ItemError(f"{blob!r} is not a sha256 hex digest")
-        return self.location.join("blobs", "sha256", blob[:2], blob)
+        return self.location.join("datasets", self.dataset, "blobs", "sha256", blob[:2], blob)
 
     def exists(self, blob: str) -> bool:
         with storage_errors("look up blob", blob[:12]):
@@ -111,7 +123,15 @@ class Store:
 
     def __init__(self, location: StoreLocation) -> None:
         self.location = location
-        self.blobs = BlobStore(location)
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        """This process's filesystem for the store (see ``_filesystem``)."""
+        return filesystem_for(self.location)
+
+    def blobs(self, dataset: str) -> BlobStore:
+        """The blobs of one dataset."""
+        return BlobStore(self.location, check_dataset_name(dataset))
 
     @property
     def uri(self) -> str:
@@ -127,14 +147,14 @@ class Store:
         """Names of the datasets in this store, sorted."""
         base = self.location.join("datasets")
         with storage_errors("list datasets in", self.uri):
-            infos = self.blobs.fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+            infos = self.fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
             names = []
             for info in infos:
                 if info.type != pafs.FileType.Directory:
                     continue
                 log_dir = f"{info.path}/manifest/_delta_log"
                 sel = pafs.FileSelector(log_dir, allow_not_found=True)
-                if any(i.path.endswith(".json") for i in self.blobs.fs.get_file_info(sel)):
+                if any(i.path.endswith(".json") for i in self.fs.get_file_info(sel)):
                     names.append(info.base_name)
         return sorted(names)
 
@@ -214,7 +234,7 @@ def connect(uri: str, *, credentials: S3Credentials | None = None) -> Store:
     store = Store(location)
     if location.scheme == "s3":  # a local root is created by the first write
         with storage_errors("open the store", location.uri):
-            store.blobs.fs.get_file_info(
+            store.fs.get_file_info(
                 pafs.FileSelector(location.root, allow_not_found=True, recursive=False)
             )
     return store

@@ -129,7 +129,7 @@ def to_ray_dataset(ds: "Dataset", split: HashSplit | None = None, *,
         # not after the whole file.
         .repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
         .flat_map(FetchDecode, fn_constructor_kwargs={
-            "blobs": ds.store.blobs, "label_map": ds.label_map, "version": ds.version,
+            "blobs": ds.store.blobs(ds.name), "label_map": ds.label_map, "version": ds.version,
             "cache": opts.cache, "on_error": opts.on_error},
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, opts.threads)),
             num_cpus=0.5, **pinned)

@@ -91,7 +91,7 @@ def _run_probe(items: list) -> list[Probe]:
     return probes  # type: ignore[return-value]
 
 
-def _run_upload(store: "Store", unique: dict[str, str]) -> tuple[int, int, int]:
+def _run_upload(store: "Store", dataset: str, unique: dict[str, str]) -> tuple[int, int, int]:
     import ray.data
 
     if not unique:
@@ -100,7 +100,7 @@ def _run_upload(store: "Store", unique: dict[str, str]) -> tuple[int, int, int]:
     ds = ray.data.from_items(records, override_num_blocks=_blocks(len(records)))
     ds = ds.map_batches(
         upload_batch, batch_format="pyarrow", batch_size=16,
-        fn_kwargs={"blobs": store.blobs}, num_cpus=0.5,
+        fn_kwargs={"blobs": store.blobs(dataset)}, num_cpus=0.5,
     )
     uploaded = reused = nbytes = 0
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -162,7 +162,7 @@ def ingest_source(
         return report
 
     log.info("uploading %d distinct blobs", len(unique))
-    report.blobs_uploaded, report.blobs_reused, report.bytes_uploaded = _run_upload(store, unique)
+    report.blobs_uploaded, report.blobs_reused, report.bytes_uploaded = _run_upload(store, dataset, unique)
     table = conform(rows, labels)
     report.version = manifest.upsert(
         table, message=message, principal=current_principal(), operation="ingest"

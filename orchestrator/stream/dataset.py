@@ -102,7 +102,7 @@ class Dataset:
         """The indexed reader (built on first use: one scan of the query's columns)."""
         if self._stream is None:
             index: ItemIndex = build_index(self.store, self._snapshot, self._query)
-            self._stream = ItemStream(self.store, index, self.label_map, self.version, self.options)
+            self._stream = ItemStream(self.store, self.name, index, self.label_map, self.version, self.options)
             self._len = len(index)
         return self._stream
 

@@ -86,7 +86,7 @@ class RowReader:
     def _file(self, file_idx: int) -> pq.ParquetFile:
         path = self.index.files[file_idx]
         with storage_errors("open manifest file", path.rsplit("/", 1)[-1]):
-            return pq.ParquetFile(self.store.blobs.fs.open_input_file(path))
+            return pq.ParquetFile(self.store.fs.open_input_file(path))
 
     def locate(self, file_idx: int, row: int) -> tuple[int, int]:
         """(row group, row within it) for a row of a file."""

@@ -77,9 +77,10 @@ def load_item(
 class ItemStream:
     """Reads items of one pinned, indexed slice."""
 
-    def __init__(self, store: "Store", index: ItemIndex, label_map: LabelMap, version: int,
-                 options: StreamOptions) -> None:
+    def __init__(self, store: "Store", dataset: str, index: ItemIndex, label_map: LabelMap,
+                 version: int, options: StreamOptions) -> None:
         self.store = store
+        self.blobs = store.blobs(dataset)
         self.index = index
         self.label_map = label_map
         self.version = version
@@ -90,7 +91,7 @@ class ItemStream:
     def item(self, position: int) -> dict:
         """One item; always raises on a bad blob (a caller asked for this exact item)."""
         row = self.rows.row(position)
-        return load_item(self.store.blobs, self.options.blob_cache, row, self.label_map,
+        return load_item(self.blobs, self.options.blob_cache, row, self.label_map,
                          self.version, self.options.decode)
 
     def group_keys(self) -> np.ndarray:
@@ -108,7 +109,7 @@ class ItemStream:
         """Items at ``positions`` in that order, fetched ahead on a thread pool."""
         opts = self.options
         cache = opts.blob_cache
-        blobs = self.store.blobs
+        blobs = self.blobs
         pending: deque[tuple[int, Future]] = deque()
         with ThreadPoolExecutor(max_workers=opts.threads, thread_name_prefix="orchestrator-fetch") as pool:
             it = iter(positions)

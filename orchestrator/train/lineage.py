@@ -80,7 +80,7 @@ def runs_dir(store: "Store") -> str:
 
 def write_lineage(store: "Store", lineage: Lineage) -> str:
     path = f"{runs_dir(store)}/{lineage.run_id}/lineage.json"
-    fs = store.blobs.fs
+    fs = store.fs
     with storage_errors("write the lineage of run", lineage.run_id):
         if store.location.scheme == "file":
             fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
@@ -92,13 +92,13 @@ def write_lineage(store: "Store", lineage: Lineage) -> str:
 def read_lineage(store: "Store", run_id: str) -> Lineage:
     path = f"{runs_dir(store)}/{run_id}/lineage.json"
     with storage_errors("read the lineage of run", run_id):
-        with store.blobs.fs.open_input_stream(path) as f:
+        with store.fs.open_input_stream(path) as f:
             return Lineage(**json.loads(f.read()))
 
 
 def list_runs(store: "Store") -> list[Lineage]:
     """Every recorded run in the store, oldest first."""
-    fs = store.blobs.fs
+    fs = store.fs
     with storage_errors("list the runs in", store.uri):
         infos = fs.get_file_info(pafs.FileSelector(runs_dir(store), allow_not_found=True))
     out = []

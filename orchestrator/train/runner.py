@@ -136,7 +136,7 @@ def run(plan: Plan) -> Lineage:
     run_config = RunConfig(
         name=plan.run_id,
         storage_path=storage_path,
-        storage_filesystem=plan.store.blobs.fs if s.checkpoint.path is None else None,
+        storage_filesystem=plan.store.fs if s.checkpoint.path is None else None,
         failure_config=FailureConfig(max_failures=s.checkpoint.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=s.checkpoint.keep),
     )

@@ -102,8 +102,8 @@ def test_two_concurrent_cli_ingests_on_s3(seaweed, demo_small, tmp_path):
 
 
 def _count_blobs(store: orchestrator.Store) -> int:
-    sel = pafs.FileSelector(store.location.join("blobs"), allow_not_found=True, recursive=True)
-    return sum(1 for i in store.blobs.fs.get_file_info(sel) if i.type == pafs.FileType.File)
+    sel = pafs.FileSelector(store.location.join("datasets", "street", "blobs"), allow_not_found=True, recursive=True)
+    return sum(1 for i in store.fs.get_file_info(sel) if i.type == pafs.FileType.File)
 
 
 @pytest.mark.slow

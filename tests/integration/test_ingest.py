@@ -33,7 +33,7 @@ def coco_counts(coco_path: Path) -> dict[str, Counter]:
 def plain_parquet_rows(store: orchestrator.Store, dataset: str, version: int) -> pa.Table:
     """Read a version the way a user without this package would: replay the Delta JSON log by
     hand, then read the listed Parquet files with pyarrow."""
-    fs = store.blobs.fs
+    fs = store.fs
     log_dir = store.location.join("datasets", dataset, "manifest", "_delta_log")
     files: set[str] = set()
     for v in range(version + 1):
@@ -64,7 +64,7 @@ def test_ingest_commits_version_zero_that_plain_pyarrow_reads(store_uri, demo_sm
         dropped = sum(1 for w in report.warnings if w.startswith(r["item_id"] + ":") and "dropped" in w)
         assert sum(counts.values()) == sum(expected[r["item_id"]].values()) - dropped
         assert len(r["instances"]) == sum(counts.values())
-        assert store.blobs.exists(r["blob"])
+        assert store.blobs("street").exists(r["blob"])
     cols = ["item_id", "blob", "width", "height", "labels", "instances", "attributes", "tags"]
     ours = read_table(store, snapshot).sort_by("item_id").select(cols).to_pylist()
     assert ours == sorted(({c: r[c] for c in cols} for r in rows), key=lambda r: r["item_id"])

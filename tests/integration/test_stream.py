@@ -163,9 +163,9 @@ def test_missing_and_corrupt_blobs_skip_with_warning_or_raise(store_uri, demo_sm
     ds = store.dataset("street", cache=BlobCache(memory_budget=1))
     victims = {r["item_id"]: r["blob"] for r in ds.manifest_rows(["item_id", "blob"]).to_pylist()[:2]}
     (missing_id, missing_blob), (corrupt_id, corrupt_blob) = victims.items()
-    fs = store.blobs.fs
-    fs.delete_file(store.blobs.path(missing_blob))
-    with fs.open_output_stream(store.blobs.path(corrupt_blob)) as out:
+    fs = store.fs
+    fs.delete_file(store.blobs("street").path(missing_blob))
+    with fs.open_output_stream(store.blobs("street").path(corrupt_blob)) as out:
         out.write(b"\xff\xd8 not really a jpeg")
 
     with pytest.warns(UserWarning, match="skipped"):
@@ -191,7 +191,7 @@ def test_reader_holds_a_few_row_groups_not_the_manifest(store_uri, demo_small, m
     store.ingest("street", coco=demo_small / "annotations.json", images=demo_small / "images")
     ds = store.dataset("street")
     (path,) = ds._snapshot.files
-    groups = pq.ParquetFile(store.blobs.fs.open_input_file(path)).metadata.num_row_groups
+    groups = pq.ParquetFile(store.fs.open_input_file(path)).metadata.num_row_groups
     assert groups == 15  # 60 rows in groups of 4
     reader = ds.stream.rows
     held = 0
