@@ -21,22 +21,45 @@ def local_cpus() -> int:
     return max(8, 4 * (os.cpu_count() or 1))
 
 
+def running_cluster_address() -> tuple[str | None, bool]:
+    """The cluster to attach to: ``RAY_ADDRESS`` (explicit), else the one ``ray start --head``
+    recorded on this machine; (None, False) if neither. Deliberately not Ray's ``"auto"``
+    process scan, which attaches to any Ray process it finds, another user's private or
+    simulated cluster included."""
+    explicit = os.environ.get("RAY_ADDRESS")
+    if explicit:
+        return explicit, True
+    from ray._private.utils import read_ray_address
+
+    return read_ray_address(), False
+
+
 def ensure_ray() -> None:
     """Connect once per process; idempotent."""
     import ray
 
+    from orchestrator.errors import OrchestratorError
     from orchestrator.store_location import S3_COMPAT_ENV
 
     if ray.is_initialized():
         return
     runtime_env = {"env_vars": {k: os.environ.get(k, v) for k, v in S3_COMPAT_ENV.items()}}
-    try:
-        ray.init(address="auto", log_to_driver=False, runtime_env=runtime_env)
-        log.info("attached to the running Ray cluster")
-    except ConnectionError:
-        ray.init(num_cpus=local_cpus(), include_dashboard=False, log_to_driver=False,
-                 runtime_env=runtime_env)
-        log.info("started a local Ray cluster with %d logical CPUs", local_cpus())
+    address, explicit = running_cluster_address()
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+            log.info("attached to the Ray cluster at %s", address)
+            return
+        except ConnectionError as exc:
+            if explicit:
+                raise OrchestratorError(
+                    f"no Ray cluster answers at RAY_ADDRESS={address}: {exc}",
+                    hint="start it (`ray start --head`) or unset RAY_ADDRESS to run locally",
+                ) from None
+            log.info("the Ray cluster recorded at %s is gone; starting a local one", address)
+    ray.init(num_cpus=local_cpus(), include_dashboard=False, log_to_driver=False,
+             runtime_env=runtime_env)
+    log.info("started a local Ray cluster with %d logical CPUs", local_cpus())
 
 
 def anchor_data_actors() -> None:

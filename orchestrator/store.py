@@ -35,6 +35,9 @@ from orchestrator.storage_errors import storage_errors
 from orchestrator.store_location import S3Credentials, StoreLocation
 
 if TYPE_CHECKING:
+    from orchestrator.access.control import AccessControl
+    from orchestrator.access.policy import Policy
+    from orchestrator.access.store_policy import PolicyVersion
     from orchestrator.stream.dataset import Dataset
 
 log = logging.getLogger(__name__)
@@ -123,6 +126,25 @@ class Store:
 
     def __init__(self, location: StoreLocation) -> None:
         self.location = location
+        self._access: AccessControl | None = None
+
+    @property
+    def access(self) -> "AccessControl":
+        """The policy in force and the principal behind this store's credentials (read once;
+        ``refresh_access()`` re-reads)."""
+        if self._access is None:
+            from orchestrator.access.control import resolve
+
+            self._access = resolve(self)
+        return self._access
+
+    def refresh_access(self) -> None:
+        self._access = None
+
+    @property
+    def principal(self) -> str:
+        """Who is acting (see ``orchestrator.access.control``)."""
+        return self.access.name
 
     @property
     def fs(self) -> pafs.FileSystem:
@@ -156,7 +178,7 @@ class Store:
                 sel = pafs.FileSelector(log_dir, allow_not_found=True)
                 if any(i.path.endswith(".json") for i in self.fs.get_file_info(sel)):
                     names.append(info.base_name)
-        return sorted(names)
+        return sorted(n for n in names if self.access.allows("read", n))
 
     def dataset(self, name: str, version: int | None = None, **options: Any) -> "Dataset":
         """Open a dataset at ``version`` (default: the latest, pinned now). ``options`` are
@@ -164,10 +186,13 @@ class Store:
         from orchestrator.stream.dataset import Dataset
         from orchestrator.stream.reader import StreamOptions
 
-        return Dataset(self, check_dataset_name(name), version, options=StreamOptions(**options))
+        check_dataset_name(name)
+        view = self.access.read_view(name)  # AccessDenied unless the principal may read it
+        return Dataset(self, name, version, options=StreamOptions(**options), _access=view)
 
     def versions(self, name: str) -> list[VersionInfo]:
         """Every committed version of a dataset, oldest first."""
+        self.access.check("read", check_dataset_name(name))
         return self.manifest(name).versions()
 
     def ingest(
@@ -185,6 +210,7 @@ class Store:
         from orchestrator.ingest.sources import read_coco, read_jsonl
 
         check_dataset_name(dataset)
+        self.access.check("write", dataset)  # before anything is read or uploaded
         if (coco is None) == (jsonl is None):
             raise IngestError("give exactly one source: coco=FILE (with images=DIR) or jsonl=FILE")
         if coco is not None:
@@ -199,10 +225,38 @@ class Store:
             self, dataset, source, message=message or f"ingest {label}", strict=strict
         )
 
+    def policy(self, version: int | None = None) -> "PolicyVersion | None":
+        """The access policy in force (or an earlier version); None if the store has none."""
+        from orchestrator.access.store_policy import read_policy
+
+        return read_policy(self, version)
+
+    def set_policy(self, text: str, *, message: str = "") -> int:
+        """Commit a new policy version (needs admin on '*' under the policy in force; on a
+        store without a policy, whoever can write the storage sets the first one). Refused if
+        the new policy would leave the caller without admin rights."""
+        from orchestrator.access.control import AccessControl
+        from orchestrator.access.policy import parse_policy
+        from orchestrator.access.store_policy import PolicyVersion, write_policy
+
+        self.refresh_access()
+        self.access.check_admin()
+        new = parse_policy(text, "the new policy")
+        pending = PolicyVersion(-1, new, text, "", "", None)  # type: ignore[arg-type]
+        probe = AccessControl(pending, _principal_under(new, self), self.access.identity)
+        if not probe.allows("admin", "*"):
+            raise ConfigError(
+                f"the new policy gives {self.access.identity} no admin on datasets '*': "
+                "you would lock yourself out", hint="add your principal to an admin role")
+        version = write_policy(self, text, principal=probe.name, message=message)
+        self.refresh_access()
+        return version
+
     def delete(self, dataset: str, item_ids: Sequence[str], *, message: str = "") -> tuple[int, int]:
         """Remove items as one new version; unknown ids are an error and nothing changes."""
         from orchestrator.scan import existing_item_ids
 
+        self.access.check("write", check_dataset_name(dataset))
         if not item_ids:
             raise IngestError("no item ids given to delete")
         manifest = self.manifest(dataset)
@@ -218,8 +272,15 @@ class Store:
         return manifest.delete(
             list(dict.fromkeys(item_ids)),
             message=message or f"delete {len(item_ids)} items",
-            principal=current_principal(),
+            principal=self.principal,
         )
+
+
+def _principal_under(policy: "Policy", store: Store) -> str | None:
+    if store.location.scheme == "s3":
+        key = store.location.credentials.access_key if store.location.credentials else None
+        return policy.principal_for_key(key) if key else None
+    return policy.principal_for_os_user(getpass.getuser())
 
 
 def connect(uri: str, *, credentials: S3Credentials | None = None) -> Store:

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
+from orchestrator.access.policy import ReadView
+from orchestrator.access.redact import redact
 from orchestrator.errors import ItemError
 from orchestrator.manifest import LabelMap, Snapshot
 from orchestrator.query.compile import CompiledQuery
@@ -35,7 +37,8 @@ if TYPE_CHECKING:
 
 def scan_manifest_files(batch: pa.Table, store: "Store", snapshot: Snapshot,
                         query: CompiledQuery | None, split: HashSplit | None = None,
-                        item_ids: frozenset[str] | None = None) -> pa.Table:
+                        item_ids: frozenset[str] | None = None,
+                        access: ReadView | None = None) -> pa.Table:
     """Stage 1: the rows of the given manifest files that match the slice (and the split, and
     the shard's ``item_ids``)."""
     files = batch.column("file").to_pylist()
@@ -49,7 +52,7 @@ def scan_manifest_files(batch: pa.Table, store: "Store", snapshot: Snapshot,
     if item_ids is not None:
         table = table.filter(pa.array([i in item_ids for i in table.column("item_id").to_pylist()],
                                       type=pa.bool_()))
-    return table.select(ITEM_COLUMNS)
+    return redact(table.select(ITEM_COLUMNS), access)
 
 
 class FetchDecode:
@@ -86,6 +89,7 @@ class FetchDecode:
             "polygons": json.dumps([p.tolist() for p in item["polygons"]]),
             "tags": json.dumps(item["tags"]),
             "attributes": json.dumps(item["attributes"]),
+            "instance_attributes": json.dumps(item["instance_attributes"]),
             "num_boxes": np.int64(len(item["boxes"])),
             "width": np.int64(item["width"]),
             "height": np.int64(item["height"]),
@@ -123,7 +127,8 @@ def to_ray_dataset(ds: "Dataset", split: HashSplit | None = None, *,
         ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
         .map_batches(scan_manifest_files, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
                      fn_kwargs={"store": ds.store, "snapshot": snapshot, "query": query,
-                                "split": split, "item_ids": item_ids}, **pinned)
+                                "split": split, "item_ids": item_ids,
+                                "access": ds._access}, **pinned)
         # One manifest file can hold the whole slice: cut it into small blocks so fetch and
         # decode run in parallel and the first batch reaches a consumer after a few items,
         # not after the whole file.

@@ -8,6 +8,7 @@ Use tf-keras (``TF_USE_LEGACY_KERAS=1``) for ``model.fit`` under MultiWorkerMirr
 
 from __future__ import annotations
 
+import json
 import os
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,8 @@ def element_spec() -> dict:
         "labels": tf.TensorSpec([None], tf.int64),
         "polygons": tf.RaggedTensorSpec([None, None], tf.float32, ragged_rank=1),
         "tags": tf.TensorSpec([None], tf.string),
+        "attributes": tf.TensorSpec([], tf.string),  # JSON object
+        "instance_attributes": tf.TensorSpec([], tf.string),  # JSON list, aligned with boxes
         "width": tf.TensorSpec([], tf.int64),
         "height": tf.TensorSpec([], tf.int64),
         "version": tf.TensorSpec([], tf.int64),
@@ -56,6 +59,8 @@ def to_tf_dataset(dataset: "Dataset", *, shuffle: bool = False, seed: int = 0) -
                     tf.constant(flat, tf.float32), tf.constant(lengths, tf.int64)
                 ),
                 "tags": tf.constant(item["tags"], tf.string, shape=[len(item["tags"])]),
+                "attributes": json.dumps(item["attributes"], sort_keys=True),
+                "instance_attributes": json.dumps(item["instance_attributes"], sort_keys=True),
                 "width": item["width"],
                 "height": item["height"],
                 "version": item["version"],

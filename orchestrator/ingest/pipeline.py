@@ -118,7 +118,6 @@ def ingest_source(
 
     With ``strict``, any rejection raises ``IngestRejected`` before anything is uploaded.
     """
-    from orchestrator.store import current_principal
 
     started = time.monotonic()
     report = IngestReport(dataset=dataset, rejected=list(source.rejected), warnings=list(source.warnings))
@@ -165,7 +164,7 @@ def ingest_source(
     report.blobs_uploaded, report.blobs_reused, report.bytes_uploaded = _run_upload(store, dataset, unique)
     table = conform(rows, labels)
     report.version = manifest.upsert(
-        table, message=message, principal=current_principal(), operation="ingest"
+        table, message=message, principal=store.principal, operation="ingest"
     )
     report.items = len(rows)
     report.seconds = time.monotonic() - started

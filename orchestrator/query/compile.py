@@ -54,9 +54,11 @@ class QueryTypeError(QueryError):
 
 @dataclass(frozen=True)
 class QueryContext:
-    """What a query may refer to: the labels of one dataset version."""
+    """What a query may refer to: the labels of one dataset version, minus the attributes the
+    reader's role hides (a query on a hidden field could reveal its values)."""
 
     labels: tuple[str, ...]
+    hidden_attributes: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,9 @@ def _field_type(field: Field, text: str, context: QueryContext) -> str:
             )
         return FILE_FIELDS[field.name]
     if field.namespace == "attributes":
+        if field.name in context.hidden_attributes:
+            raise QueryTypeError(caret_message(
+                text, field.pos, f"{field} is hidden from you by the store's access policy"))
         return "text"
     raise QueryTypeError(
         caret_message(text, field.pos, "tags is a list: test membership with 'value' in tags")

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from orchestrator.access.policy import ReadView
+from orchestrator.access.redact import redact
 from orchestrator.manifest import LabelMap, Snapshot, VersionInfo
 from orchestrator.query.compile import CompiledQuery, QueryContext, combine, compile_query
 from orchestrator.scan import ScanStats, scan, sum_labels
@@ -25,20 +27,31 @@ class Dataset:
     ``store.dataset(name)`` pins the latest version at open time; later commits do not change
     what this object reads. ``slice`` is lazy: it type-checks the query at once (a bad query
     fails before anything is read) and scans only when rows are needed.
+
+    Under an access policy the principal's row filter is ANDed into every scan and hidden
+    fields are removed from every row read, whatever the path (``ds[i]``, iteration, slices,
+    framework adapters, Ray stages); queries may not name hidden fields.
     """
 
     def __init__(
         self, store: "Store", name: str, version: int | None = None, *,
         options: StreamOptions | None = None,
         _snapshot: Snapshot | None = None, _queries: tuple[str, ...] = (),
+        _access: ReadView | None = None,
     ) -> None:
         self.store = store
         self.name = name
         self._snapshot: Snapshot = _snapshot or store.manifest(name).snapshot(version)
         self._queries = _queries
+        self._access = _access
+        labels = self._snapshot.label_map.names
+        hidden = _access.hidden_attributes if _access else frozenset()
+        for q in _queries:  # the caller's queries may not name hidden fields
+            compile_query(q, QueryContext(labels, hidden))
+        if _access is not None and _access.row_filter:  # the policy's filter may
+            _queries = (_access.row_filter, *_queries)
         self._query: CompiledQuery | None = (
-            compile_query(combine(list(_queries)), QueryContext(self._snapshot.label_map.names))
-            if _queries else None
+            compile_query(combine(list(_queries)), QueryContext(labels)) if _queries else None
         )
         self._len: int | None = None if _queries else self._snapshot.rows
         self.last_scan: ScanStats | None = None
@@ -66,20 +79,20 @@ class Dataset:
         """
         return Dataset(
             self.store, self.name, options=self.options, _snapshot=self._snapshot,
-            _queries=(*self._queries, query),
+            _queries=(*self._queries, query), _access=self._access,
         )
 
     def with_options(self, **changes: Any) -> "Dataset":
         """The same slice read with other ``StreamOptions`` (prefetch, threads, on_error, cache)."""
         opts = StreamOptions(**{**self.options.__dict__, **changes})
         return Dataset(self.store, self.name, options=opts, _snapshot=self._snapshot,
-                       _queries=self._queries)
+                       _queries=self._queries, _access=self._access)
 
     def manifest_rows(self, columns: list[str] | None = None) -> pa.Table:
         """The manifest rows of this slice (only ``columns`` if given); records ``last_scan``."""
         table, self.last_scan = scan(self.store, self._snapshot, self._query, columns)
         self._len = table.num_rows
-        return table
+        return redact(table, self._access)
 
     def item_ids(self) -> list[str]:
         """Ids of the items in this slice, sorted."""
@@ -102,7 +115,8 @@ class Dataset:
         """The indexed reader (built on first use: one scan of the query's columns)."""
         if self._stream is None:
             index: ItemIndex = build_index(self.store, self._snapshot, self._query)
-            self._stream = ItemStream(self.store, self.name, index, self.label_map, self.version, self.options)
+            self._stream = ItemStream(self.store, self.name, index, self.label_map, self.version, self.options,
+                                      access=self._access)
             self._len = len(index)
         return self._stream
 

@@ -44,6 +44,7 @@ def make_item(row: dict, image: np.ndarray | None, label_map: LabelMap, version:
         "labels": np.asarray([ids[i["label"]] for i in geo], dtype=np.int64),
         "label_names": [i["label"] for i in geo],
         "polygons": [np.asarray(i["polygon"] or [], dtype=np.float32) for i in geo],
+        "instance_attributes": [dict(i.get("attributes") or []) for i in geo],
         "instance_tags": [i["label"] for i in row.get("instances") or [] if i["kind"] == "tag"],
         "tags": list(row.get("tags") or []),
         "attributes": dict(row.get("attributes") or []),

@@ -18,6 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator.access.policy import ReadView
+from orchestrator.access.redact import redact
 from orchestrator.manifest import Snapshot
 from orchestrator.query.compile import CompiledQuery
 from orchestrator.scan import candidate_files, fill_label_counts, manifest_dataset
@@ -70,15 +72,18 @@ def build_index(store: "Store", snapshot: Snapshot, query: CompiledQuery | None)
 class RowReader:
     """Reads manifest rows by (file, row) through a small LRU of decoded row groups."""
 
-    def __init__(self, store: "Store", index: ItemIndex, keep_groups: int = 4) -> None:
+    def __init__(self, store: "Store", index: ItemIndex, keep_groups: int = 4,
+                 access: "ReadView | None" = None) -> None:
         self.store = store
         self.index = index
         self.keep_groups = keep_groups
+        self.access = access
         self._bounds: dict[int, np.ndarray] = {}  # file -> cumulative row-group starts
         self._groups: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
 
     def __getstate__(self) -> dict:
-        return {"store": self.store, "index": self.index, "keep_groups": self.keep_groups}
+        return {"store": self.store, "index": self.index, "keep_groups": self.keep_groups,
+                "access": self.access}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)  # type: ignore[misc]
@@ -107,7 +112,7 @@ class RowReader:
             self._groups.move_to_end(key)
             return rows
         with storage_errors("read manifest file", self.index.files[file_idx].rsplit("/", 1)[-1]):
-            rows = self._file(file_idx).read_row_group(group, columns=ITEM_COLUMNS)
+            rows = redact(self._file(file_idx).read_row_group(group, columns=ITEM_COLUMNS), self.access)
         self._groups[key] = rows
         while len(self._groups) > self.keep_groups:
             self._groups.popitem(last=False)

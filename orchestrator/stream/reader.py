@@ -24,6 +24,7 @@ from orchestrator.stream.decode import decode_image, make_item
 from orchestrator.stream.index import ItemIndex, RowReader
 
 if TYPE_CHECKING:
+    from orchestrator.access.policy import ReadView
     from orchestrator.store import BlobStore, Store
 
 log = logging.getLogger(__name__)
@@ -78,14 +79,15 @@ class ItemStream:
     """Reads items of one pinned, indexed slice."""
 
     def __init__(self, store: "Store", dataset: str, index: ItemIndex, label_map: LabelMap,
-                 version: int, options: StreamOptions) -> None:
+                 version: int, options: StreamOptions, access: "ReadView | None" = None) -> None:
         self.store = store
         self.blobs = store.blobs(dataset)
         self.index = index
         self.label_map = label_map
         self.version = version
         self.options = options
-        self.rows = RowReader(store, index, keep_groups=max(4, options.shuffle_window * 2))
+        self.rows = RowReader(store, index, keep_groups=max(4, options.shuffle_window * 2),
+                              access=access)
         self.skipped = 0
 
     def item(self, position: int) -> dict:

@@ -69,6 +69,7 @@ class Lineage:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     checkpoint: str | None = None
     error: str | None = None
+    policy_version: int | None = None  # the store's access policy version in force (None: none)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 import orchestrator
 from orchestrator.errors import ConfigError, OrchestratorError
 from orchestrator.ray_runtime import anchor_data_actors, ensure_ray
-from orchestrator.store import current_principal
 from orchestrator.stream.split import HashSplit, validation_mask
 from orchestrator.train.config import RunSettings
 from orchestrator.train.lineage import (
@@ -89,7 +88,8 @@ def plan_run(settings: RunSettings, *, config_name: str = "run", resume: str | b
         run_id=run_id, config=resolved, dataset=settings.dataset, version=ds.version,
         query=settings.query, items={"train": len(train_ids), "validation": len(val_ids)},
         items_digest={"train": ids_digest(train_ids), "validation": ids_digest(val_ids)},
-        principal=current_principal(), code_revision=code_revision(), started_at=now(),
+        principal=store.principal, policy_version=store.access.policy_version,
+        code_revision=code_revision(), started_at=now(),
     )
     if resume:
         lineage.metrics = previous.metrics
@@ -112,7 +112,6 @@ def _run_data(plan: Plan) -> "RunData":
 def run(plan: Plan) -> Lineage:
     """Fit on Ray Train; the lineage record is written at start, per epoch by the driver's
     result, and at the end (``status``: finished or failed)."""
-    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     s = plan.settings
