@@ -1,7 +1,8 @@
 """The ``orchestrator`` command: argument parsing and printing only; the library does the work.
 
 Exit codes: 0 success, 1 the system failed (store unreachable, commit failed), 2 the input was
-wrong (bad URI, unknown dataset, bad file), 3 ``--strict`` ingest refused rejected inputs.
+wrong (bad URI, unknown dataset, bad file), 3 ``--strict`` ingest refused rejected inputs,
+4 access denied (``AccessDenied``; ``policy check`` says no).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import AccessDenied, OrchestratorError
 
-EXIT_SYSTEM, EXIT_USER, EXIT_REJECTED = 1, 2, 3
+EXIT_SYSTEM, EXIT_USER, EXIT_REJECTED, EXIT_DENIED = 1, 2, 3, 4
 _out = sys.stdout
 
 
@@ -103,6 +104,25 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8333, help="S3 port (default 8333)")
     s.add_argument("--bucket", default="orchestrator", help="bucket to create (default orchestrator)")
 
+    p = sub.add_parser("policy", help="show, set, check or compile the store's access policy")
+    pol = p.add_subparsers(dest="policy_command", required=True, metavar="SUBCOMMAND")
+    s = pol.add_parser("show", help="print the policy in force (or --version N)")
+    _store_arg(s)
+    s.add_argument("--version", type=int, default=None)
+    s = pol.add_parser("set", help="commit a policy file as the next version (admin on '*')")
+    _store_arg(s)
+    s.add_argument("file", type=Path)
+    s.add_argument("--message", default="")
+    s = pol.add_parser("check", help="may a principal do ACTION on DATASET? (exit 0 yes, 4 no)")
+    _store_arg(s)
+    s.add_argument("action", choices=["read", "write", "admin"])
+    s.add_argument("dataset")
+    s.add_argument("--principal", help="default: the principal behind your credentials")
+    s = pol.add_parser("compile", help="the policy as storage-server rules: SeaweedFS identities or AWS IAM policies")
+    _store_arg(s)
+    s.add_argument("--target", choices=["seaweedfs", "aws"], required=True)
+    s.add_argument("--secrets", type=Path, help="seaweedfs: JSON {access_key_id: secret_key} (kept out of the store)")
+
     p = sub.add_parser("demo-data", help="draw synthetic street scenes with a COCO file")
     p.add_argument("out", type=Path)
     p.add_argument("--n", type=int, default=200)
@@ -175,16 +195,13 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from orchestrator.scan import label_totals
-
-    store = _need_store(args)
-    snapshot = store.manifest(args.name).snapshot(args.version)
-    totals = label_totals(store, snapshot)
-    info = {"dataset": args.name, "version": snapshot.version, "items": snapshot.rows, "labels": totals}
+    ds = _need_store(args).dataset(args.name, args.version)  # what this principal may see
+    totals, items = ds.label_counts(), len(ds)
+    info = {"dataset": args.name, "version": ds.version, "items": items, "labels": totals}
     if args.json:
         emit(json.dumps(info, indent=2))
     else:
-        emit(f"dataset {args.name!r} version {snapshot.version}: {snapshot.rows} items")
+        emit(f"dataset {args.name!r} version {ds.version}: {items} items")
         _print_table([{"label": k, "instances": v} for k, v in totals.items()], ["label", "instances"])
     return 0
 
@@ -253,6 +270,48 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_policy(args: argparse.Namespace) -> int:
+    store = _need_store(args)
+    if args.policy_command == "show":
+        pv = store.policy(args.version)
+        if pv is None:
+            emit("(no access policy: the store is open to whoever can reach its storage)")
+            return 0
+        emit(f"# policy version {pv.version}, set by {pv.principal} at {pv.set_at:%Y-%m-%d %H:%M:%S} UTC: {pv.message}")
+        emit(pv.text.rstrip())
+        return 0
+    if args.policy_command == "set":
+        try:
+            text = args.file.read_text()
+        except OSError as exc:
+            raise OrchestratorError(f"cannot read policy file {args.file}: {exc.strerror}") from None
+        version = store.set_policy(text, message=args.message)
+        emit(f"policy version {version} is in force")
+        return 0
+    if args.policy_command == "check":
+        pv = store.policy()
+        if pv is None:
+            emit("allowed: the store has no access policy")
+            return 0
+        who = args.principal or store.access.principal
+        if who is None:
+            emit(f"denied: {store.access.identity} is not a principal of policy version {pv.version}")
+            return EXIT_DENIED
+        if not pv.policy.allows(who, args.action, args.dataset):
+            emit(f"denied: {who!r} may not {args.action} dataset {args.dataset!r} (policy version {pv.version})")
+            return EXIT_DENIED
+        emit(f"allowed: {who!r} may {args.action} dataset {args.dataset!r} (policy version {pv.version})")
+        if args.action == "read":
+            view = pv.policy.read_view(who, args.dataset)
+            emit(f"  rows: {view.row_filter or 'all'}")
+            emit(f"  hidden fields: {', '.join(sorted(view.hidden_fields)) or 'none'}")
+        return 0
+    from orchestrator.access.server_rules import compile_rules
+
+    emit(compile_rules(store, args.target, args.secrets))
+    return 0
+
+
 def cmd_store(args: argparse.Namespace) -> int:
     from orchestrator.seaweed import serve
 
@@ -278,6 +337,7 @@ COMMANDS = {
     "train": cmd_train,
     "runs": cmd_runs,
     "store": cmd_store,
+    "policy": cmd_policy,
     "demo-data": cmd_demo_data,
 }
 
@@ -304,6 +364,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except OrchestratorError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if isinstance(exc, AccessDenied):
+            return EXIT_DENIED
         return EXIT_USER if exc.user_fault else EXIT_SYSTEM
     except KeyboardInterrupt:
         print("interrupted; nothing partial was committed", file=sys.stderr)

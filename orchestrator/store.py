@@ -169,16 +169,28 @@ class Store:
         """Names of the datasets in this store, sorted."""
         base = self.location.join("datasets")
         with storage_errors("list datasets in", self.uri):
-            infos = self.fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+            try:
+                infos = self.fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+            except OSError as exc:
+                if "ACCESS_DENIED" not in str(exc) or self.access.policy is None:
+                    raise
+                # The server lets this principal list its own datasets' prefixes only: name
+                # the datasets its grants name exactly (globs cannot be enumerated).
+                return self._granted_dataset_names()
             names = []
             for info in infos:
-                if info.type != pafs.FileType.Directory:
-                    continue
+                if info.type != pafs.FileType.Directory or not self.access.allows("read", info.base_name):
+                    continue  # a dataset the principal may not read is neither opened nor listed
                 log_dir = f"{info.path}/manifest/_delta_log"
                 sel = pafs.FileSelector(log_dir, allow_not_found=True)
                 if any(i.path.endswith(".json") for i in self.fs.get_file_info(sel)):
                     names.append(info.base_name)
-        return sorted(n for n in names if self.access.allows("read", n))
+        return sorted(names)
+
+    def _granted_dataset_names(self) -> list[str]:
+        grants = self.access.policy.policy.grants_for(self.access.principal or "")  # type: ignore[union-attr]
+        exact = sorted({d for g in grants for d in g.datasets if not d.endswith("*")})
+        return [n for n in exact if self.manifest(n).exists()]
 
     def dataset(self, name: str, version: int | None = None, **options: Any) -> "Dataset":
         """Open a dataset at ``version`` (default: the latest, pinned now). ``options`` are
@@ -294,8 +306,10 @@ def connect(uri: str, *, credentials: S3Credentials | None = None) -> Store:
     location = StoreLocation.parse(str(uri), credentials)
     store = Store(location)
     if location.scheme == "s3":  # a local root is created by the first write
+        # A listing (not a HEAD) so that wrong keys are told apart from a missing grant; of
+        # _policy/, which every principal may list when the server enforces the policy.
         with storage_errors("open the store", location.uri):
             store.fs.get_file_info(
-                pafs.FileSelector(location.root, allow_not_found=True, recursive=False)
+                pafs.FileSelector(location.join("_policy"), allow_not_found=True, recursive=False)
             )
     return store

@@ -62,9 +62,24 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
 
     os.environ.pop("RAY_ADDRESS", None)
     dashboard_port = _free_port()
-    ray.init(num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=dashboard_port, log_to_driver=False,
-             runtime_env={"env_vars": dict(S3_COMPAT_ENV)})
+    # The dashboard's job agent listens on a fixed port (52365) that ray.init cannot change; when
+    # another Ray cluster on the machine holds it, `ray job submit` gets "No available agent".
+    # Give this cluster's agent a free port instead (test-only: RayParams' default argument).
+    from ray._private import parameter
+
+    original, agent_port = parameter.RayParams.__init__, _free_port()
+
+    def with_free_agent_port(self, *args, **kwargs):
+        kwargs.setdefault("dashboard_agent_listen_port", agent_port)
+        original(self, *args, **kwargs)
+
+    parameter.RayParams.__init__ = with_free_agent_port
+    try:
+        ray.init(num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=dashboard_port, log_to_driver=False,
+                 runtime_env={"env_vars": dict(S3_COMPAT_ENV)})
+    finally:
+        parameter.RayParams.__init__ = original
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     yield RayCluster(os.environ["RAY_ADDRESS"], f"http://127.0.0.1:{dashboard_port}")
     ray.shutdown()

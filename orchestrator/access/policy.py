@@ -42,6 +42,7 @@ Action = Literal["read", "write", "admin"]
 IMPLIES: dict[str, set[str]] = {"read": {"read"}, "write": {"read", "write"},
                                 "admin": {"read", "write", "admin"}}
 _HIDDEN = re.compile(r"^(attributes|instances\.attributes)\.[^.\s][^\s]*$")
+_GLOB = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,127}\*?)$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
 
@@ -59,6 +60,17 @@ class Grant(_Strict):
     @classmethod
     def _one_or_many(cls, v: object) -> object:
         return [v] if isinstance(v, str) else v
+
+    @field_validator("datasets")
+    @classmethod
+    def _glob_shapes(cls, v: list[str]) -> list[str]:
+        # Storage servers match grants as key globs where '*' also crosses '/': only an exact
+        # name or a name prefix followed by one trailing '*' stays inside its datasets.
+        for g in v:
+            if not _GLOB.match(g):
+                raise ValueError(f"dataset pattern {g!r}: use an exact name or a prefix ending in '*' "
+                                 "(e.g. 'street', 'street-*', '*')")
+        return v
 
     @field_validator("hidden_fields")
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -76,7 +77,9 @@ class Lineage:
 
 
 def runs_dir(store: "Store") -> str:
-    return store.location.join("runs")
+    """``runs/<principal>/``: each principal's runs (lineage, checkpoints) under its own prefix,
+    so storage permissions can let it write there and nowhere else."""
+    return store.location.join("runs", re.sub(r"[^A-Za-z0-9._-]", "_", store.principal))
 
 
 def write_lineage(store: "Store", lineage: Lineage) -> str:

@@ -18,7 +18,7 @@ import pytest
 import orchestrator
 from orchestrator.errors import ConfigError, DatasetNotFound, VersionNotFound
 from orchestrator.train.config import load_config
-from orchestrator.train.lineage import list_runs
+from orchestrator.train.lineage import list_runs, runs_dir
 from orchestrator.train.runner import plan_run, run
 from tests.conftest import REPO, run_cli
 
@@ -129,7 +129,7 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes_from_its_checkpoint(tm
                                      images=demo_small / "images")
     settings = _settings("street_torch.yaml", uri, "train.epochs=4", "checkpoint.max_failures=2")
     plan = plan_run(settings, config_name="killtest")
-    ckpt_root = Path(tmp_path / "store" / "runs" / plan.run_id)
+    ckpt_root = Path(runs_dir(plan.store)) / plan.run_id
     killed: list[int] = []
 
     def killer() -> None:

@@ -111,7 +111,7 @@ def node_loss(store_dir: Path) -> dict:
 
     cluster, nodes = start_cluster(3)
     try:
-        store = make_store(store_dir, 60)
+        make_store(store_dir, 60)
         settings = load_config(Path(__file__).resolve().parents[2] / "configs/street_torch.yaml", [
             f"store=file://{store_dir}", "train.epochs=4", "model.image_size=64",
             "scaling.num_workers=2", f"scaling.cpus_per_worker={WORKER_CPUS}",
@@ -119,7 +119,9 @@ def node_loss(store_dir: Path) -> dict:
         ])
         plan = plan_run(settings, config_name="nodeloss")
         removed: dict = {}
-        ckpt_root = store_dir / "runs" / plan.run_id
+        from orchestrator.train.lineage import runs_dir
+
+        ckpt_root = Path(runs_dir(plan.store)) / plan.run_id
 
         def remove_a_worker_node() -> None:
             deadline = time.time() + 300
