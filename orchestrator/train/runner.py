@@ -18,6 +18,7 @@ from orchestrator.errors import ConfigError, OrchestratorError
 from orchestrator.ray_runtime import anchor_data_actors, ensure_ray
 from orchestrator.stream.split import HashSplit, validation_mask
 from orchestrator.train.config import RunSettings
+from orchestrator.train.storage import checkpoint_filesystem
 from orchestrator.train.lineage import (
     Lineage, code_revision, ids_digest, new_run_id, now, read_lineage, runs_dir, write_lineage,
 )
@@ -135,7 +136,7 @@ def run(plan: Plan) -> Lineage:
     run_config = RunConfig(
         name=plan.run_id,
         storage_path=storage_path,
-        storage_filesystem=plan.store.fs if s.checkpoint.path is None else None,
+        storage_filesystem=checkpoint_filesystem(plan.store.fs) if s.checkpoint.path is None else None,
         failure_config=FailureConfig(max_failures=s.checkpoint.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=s.checkpoint.keep),
     )
