@@ -90,10 +90,8 @@ def assert_redacted(item: dict) -> None:
         assert "plate" not in attrs and attrs["color"] == "red"
 
 
-def test_reader_sees_exactly_the_filtered_items_without_hidden_fields(governed) -> None:
-    bob = as_principal(governed, "bob-key")
-    assert bob.principal == "bob" and bob.access.policy_version == 0
-    ds = bob.dataset("street")
+def check_sdk_paths(ds) -> None:
+    """len, ids, manifest rows, iteration, ds[i] and slices: exactly the filtered items, redacted."""
     assert len(ds) == len(expected_ids()) and ds.item_ids() == expected_ids()
     rows = ds.manifest_rows().to_pylist()
     assert all(all(k != "gps" for k, _ in r["attributes"]) for r in rows)
@@ -107,9 +105,8 @@ def test_reader_sees_exactly_the_filtered_items_without_hidden_fields(governed) 
     assert ds.query is None  # the policy's filter is not the user's query
 
 
-def test_reader_frameworks_see_the_same(governed) -> None:
-    bob = as_principal(governed, "bob-key")
-    ds = bob.dataset("street")
+def check_framework_paths(ds) -> None:
+    """to_pytorch (2 forked DataLoader workers), to_tensorflow, to_ray: the same items, redacted."""
     from torch.utils.data import DataLoader
 
     from orchestrator.adapters.torch import collate_items
@@ -130,12 +127,20 @@ def test_reader_frameworks_see_the_same(governed) -> None:
         assert "plate" not in el["instance_attributes"].numpy().decode()
     assert sorted(tf_ids) == expected_ids() and all("gps" not in a for a in tf_attrs)
 
-
-def test_reader_ray_stages_see_the_same(governed, ray_cluster) -> None:
-    rows = as_principal(governed, "bob-key").dataset("street").to_ray().take_all()
+    rows = ds.to_ray().take_all()
     assert sorted(r["id"] for r in rows) == expected_ids()
     assert all("gps" not in json.loads(r["attributes"]) for r in rows)
     assert all("plate" not in r["instance_attributes"] for r in rows)
+
+
+def test_reader_sees_exactly_the_filtered_items_without_hidden_fields(governed) -> None:
+    bob = as_principal(governed, "bob-key")
+    assert bob.principal == "bob" and bob.access.policy_version == 0
+    check_sdk_paths(bob.dataset("street"))
+
+
+def test_reader_frameworks_see_the_same(governed, ray_cluster) -> None:
+    check_framework_paths(as_principal(governed, "bob-key").dataset("street"))
 
 
 def test_reader_cannot_query_hidden_fields(governed) -> None:

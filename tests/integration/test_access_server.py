@@ -24,7 +24,9 @@ from orchestrator.access.server_rules import seaweed_identities
 from orchestrator.errors import AccessDenied
 from orchestrator.store_location import S3Credentials
 from tests.conftest import run_cli
-from tests.integration.test_access import N, ROW_FILTER, expected_ids, write_jsonl
+from tests.integration.test_access import (
+    N, ROW_FILTER, check_framework_paths, check_sdk_paths, expected_ids, write_jsonl,
+)
 
 pytestmark = [pytest.mark.s3]
 
@@ -144,6 +146,13 @@ def test_reader_streams_its_rows_and_cannot_ingest(secured, demo_small, tmp_path
     assert [v.items for v in admin.versions("street")] == [N]
 
 
+def test_reader_sees_its_rows_through_every_path(secured) -> None:
+    server, uri = secured
+    ds = orchestrator.connect(uri, credentials=creds(server, "bob-key")).dataset("street")
+    check_sdk_paths(ds)
+    check_framework_paths(ds)
+
+
 def test_raw_s3_with_a_readers_keys_cannot_write_or_read_other_datasets(secured) -> None:
     server, _ = secured
     bob = server.client("bob-key", KEYS["bob-key"])
@@ -212,7 +221,7 @@ def test_training_as_a_reader_sees_its_rows_and_leaks_no_secret(secured, ray_clu
     from ray.job_submission import JobSubmissionClient
 
     jobs = JobSubmissionClient(ray_cluster.dashboard).list_jobs()
-    artifacts["ray job table"] = json.dumps([j.dict() if hasattr(j, "dict") else str(j) for j in jobs],
+    artifacts["ray job table"] = json.dumps([j.model_dump() if hasattr(j, "model_dump") else str(j) for j in jobs],
                                             default=str).encode()
     artifacts["cli output"] = (r.stdout + r.stderr).encode()
     assert len(artifacts) > 20
