@@ -4,7 +4,7 @@
     python jobs/quickstart.py [--dir .demo] [--n 500] [--seed 0] [--epochs 3] [--no-train]
 
 Everything stays under --dir: the drawn images with their COCO file, and the store
-(file://<dir>/store) with the run's checkpoints and lineage under runs/. Running it again
+(file://<dir>/store) with the run's checkpoints and lineage under runs/<principal>/. Running it again
 commits a new version that re-uses every blob.
 """
 
@@ -66,7 +66,9 @@ def main() -> None:
     lineage = run(plan)
     for m in lineage.metrics:
         print(f"  epoch {m['epoch']}: train_loss {m['train_loss']:.3f}  val mAP@0.5 {m['val_map50']:.3f}")
-    print(f"lineage: {store.uri}/runs/{plan.run_id}/lineage.json")
+    from orchestrator.train.lineage import runs_dir
+
+    print(f"lineage: {runs_dir(store)}/{plan.run_id}/lineage.json")
 
 
 if __name__ == "__main__":

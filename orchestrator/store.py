@@ -5,7 +5,7 @@ Layout under the store root (``file:///path`` or ``s3://bucket/prefix``)::
     datasets/<name>/manifest/                        Delta Lake table (see orchestrator.manifest)
     datasets/<name>/blobs/sha256/<2 hex>/<sha256>    immutable media bytes, written once
     _policy/                                         access policy versions (orchestrator.access)
-    runs/<run_id>/                                   lineage and checkpoints of training runs
+    runs/<principal>/<run_id>/                       lineage and checkpoints of training runs
 
 Blobs live under their dataset so that object-storage permissions can follow dataset grants (a
 reader's keys cannot fetch another dataset's media); a blob is stored once per dataset, and the

@@ -37,6 +37,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import AccessDenied, ConfigError, QueryError
+from orchestrator.yaml_docs import load_mapping, validation_message
 
 Action = Literal["read", "write", "admin"]
 IMPLIES: dict[str, set[str]] = {"read": {"read"}, "write": {"read", "write"},
@@ -182,20 +183,10 @@ class Policy(_Strict):
 
 
 def parse_policy(text: str, source: str = "policy") -> Policy:
-    """YAML text → Policy; every problem is a ConfigError naming the key path."""
-    try:
-        doc = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{source} is not valid YAML{where}") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{source} must be a mapping with principals and roles")
+    """YAML text → Policy; every problem is a ConfigError naming the line or the key path."""
+    doc = load_mapping(text, source, "principals, roles")
     try:
         return Policy.model_validate(doc)
     except ValidationError as exc:
-        lines = [f"{source} is not a valid policy:"]
-        for err in exc.errors():
-            path = ".".join(str(p) for p in err["loc"]) or "(top)"
-            lines.append(f"  {path}: {err['msg'].removeprefix('Value error, ')}")
-        raise ConfigError("\n".join(lines), hint="see the security section of the README") from None
+        raise ConfigError(validation_message(exc, f"{source} is not a valid policy"),
+                          hint="see the access control section of the README") from None

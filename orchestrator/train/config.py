@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from orchestrator.errors import ConfigError
+from orchestrator.yaml_docs import load_mapping, validation_message
 
 
 class _Strict(BaseModel):
@@ -99,19 +100,6 @@ def _apply_override(doc: dict, assignment: str) -> None:
     node[parts[-1]] = value
 
 
-def _format(exc: ValidationError, source: str) -> str:
-    lines = []
-    for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif "input" in err and err["type"] != "missing":
-            msg = f"{msg} (got {err['input']!r})"
-        lines.append(f"  {path}: {msg}")
-    return f"{source} is not a valid run config:\n" + "\n".join(lines)
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 doc: dict | None = None) -> RunSettings:
     """Read, override and validate a run config; every problem is a ``ConfigError``."""
@@ -121,12 +109,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             text = Path(path).read_text()  # type: ignore[arg-type]
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
-        try:
-            doc = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"{source} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        doc = load_mapping(text, source, "store, dataset, train, ...")
     if not isinstance(doc, dict):
         raise ConfigError(f"{source} must be a mapping of keys (store, dataset, train, ...)")
     doc = yaml.safe_load(yaml.safe_dump(doc))  # deep copy
@@ -135,4 +118,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     try:
         return RunSettings.model_validate(doc)
     except ValidationError as exc:
-        raise ConfigError(_format(exc, source), hint="see the run config section of the README") from None
+        raise ConfigError(validation_message(exc, f"{source} is not a valid run config"),
+                          hint="see the run config section of the README") from None

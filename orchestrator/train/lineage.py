@@ -1,4 +1,4 @@
-"""What a run trained on, kept beside its checkpoints: ``<store>/runs/<run_id>/lineage.json``.
+"""What a run trained on, kept beside its checkpoints: ``<store>/runs/<principal>/<run_id>/lineage.json``.
 
 The record holds the config as resolved (``version: latest`` replaced by the number read), the
 query, the item count and a digest of the item ids per split, the principal, the code revision

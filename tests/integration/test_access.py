@@ -22,9 +22,14 @@ from tests.conftest import BUCKET, S3_KEY
 pytestmark = pytest.mark.s3
 
 ROW_FILTER = "attributes.consent = 'yes' and not 'restricted' in tags"
-POLICY = f"""
+
+
+def policy_text(admin_key: str, reader_datasets: str) -> str:
+    """alice (admin, ``admin_key``), bob (reads ``reader_datasets`` filtered, two fields hidden),
+    erin (no grant)."""
+    return f"""
 principals:
-  alice: {{roles: [admin], access_keys: [{S3_KEY}]}}
+  alice: {{roles: [admin], access_keys: [{admin_key}]}}
   bob: {{roles: [street-reader], access_keys: [bob-key]}}
   erin: {{roles: [], access_keys: [erin-key]}}
 roles:
@@ -32,11 +37,14 @@ roles:
     grants: [{{datasets: "*", actions: [admin]}}]
   street-reader:
     grants:
-      - datasets: ["street", "street-*"]
+      - datasets: {reader_datasets}
         actions: [read]
         row_filter: "{ROW_FILTER}"
         hidden_fields: [attributes.gps, instances.attributes.plate]
 """
+
+
+POLICY = policy_text(S3_KEY, '["street", "street-*"]')
 N = 30
 
 

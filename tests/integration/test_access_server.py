@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from orchestrator.errors import AccessDenied
 from orchestrator.store_location import S3Credentials
 from tests.conftest import run_cli
 from tests.integration.test_access import (
-    N, ROW_FILTER, check_framework_paths, check_sdk_paths, expected_ids, write_jsonl,
+    N, check_framework_paths, check_sdk_paths, expected_ids, policy_text, write_jsonl,
 )
 
 pytestmark = [pytest.mark.s3]
@@ -38,21 +36,7 @@ KEYS = {  # access key id -> secret; only the test knows the secrets
     "erin-key": "erin-secret-0123456789abcdef0123456789abc",
     "probe-key": "probe-secret-0123456789abcdef01234567890",
 }
-POLICY = f"""
-principals:
-  alice: {{roles: [admin], access_keys: [alice-key]}}
-  bob: {{roles: [street-reader], access_keys: [bob-key]}}
-  erin: {{roles: [], access_keys: [erin-key]}}
-roles:
-  admin:
-    grants: [{{datasets: "*", actions: [admin]}}]
-  street-reader:
-    grants:
-      - datasets: street
-        actions: [read]
-        row_filter: "{ROW_FILTER}"
-        hidden_fields: [attributes.gps, instances.attributes.plate]
-"""
+POLICY = policy_text("alice-key", "street")
 
 
 def _code(call) -> str:
