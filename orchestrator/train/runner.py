@@ -99,11 +99,17 @@ def plan_run(settings: RunSettings, *, config_name: str = "run", resume: str | b
 
 
 def _run_data(plan: Plan) -> "RunData":
+    from orchestrator.stream.cache import BlobCache, default_disk_dir
     from orchestrator.train.data import RunData
 
     s = plan.settings
+    # Each fetch worker builds its own cache from these settings (a BlobCache pickles as its
+    # settings); the disk tier, when on, is shared by every process on a node.
+    cache = BlobCache(memory_budget=s.data.memory_cache_mb << 20,
+                      disk_dir=default_disk_dir() if s.data.disk_cache_mb else None,
+                      disk_budget=(s.data.disk_cache_mb << 20) or None)
     return RunData(
-        dataset=plan.dataset.with_options(threads=s.data.decode_concurrency),
+        dataset=plan.dataset.with_options(threads=s.data.decode_concurrency, cache=cache),
         train_ids=plan.train_ids,
         split=HashSplit(s.split.validation_fraction, s.split.seed, validation=True),
         shard_seed=s.split.seed, image_size=s.model.image_size, max_boxes=s.model.max_boxes,
