@@ -8,9 +8,9 @@ Data: N demo images (``make_demo_data``, 2 workers) ingested as dataset ``street
 reused; a store that already holds ``street`` is not ingested again). The run settings are
 ``--config`` with ``store``, ``train.epochs``, ``scaling.num_workers`` (and ``train.batch_size``)
 overridden, resolved with ``plan_run``; every stage reads the ``train`` split through the very
-pipeline the runner builds, ``_ray_datasets(plan)["train"]`` (manifest scan with the split pushed
-down -> blob fetch through the node cache -> JPEG decode -> ``prepare_item`` resize/pad), with the
-config's batch size and ``data.prefetch_batches``.
+pipeline the runner builds (``runner.train_datasets``: per worker, its shard's manifest scan ->
+blob fetch through the node cache -> JPEG decode -> ``prepare_item`` resize/pad, on its node; in
+the driver stage the whole train split), with the config's batch size and ``data.prefetch_batches``.
 
 Stages, each run for ``--epochs`` passes over the train split (each pass re-executes the Ray Data
 pipeline; only the OS page cache is warm, the blob files having just been written or read):
@@ -161,6 +161,25 @@ class CpuSampler(threading.Thread):
 
 # ---------------------------------------------------------------- Ray Train worker loops
 
+def timed_batches(batches, stats: dict):
+    """Yield ``batches``; when they run out, record in ``stats`` the epoch's start and end, the
+    rows, the time spent waiting for data and the time to the first batch."""
+    t0, rows, wait, first = time.time(), 0, 0.0, None
+    it = iter(batches)
+    while True:
+        a = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            break
+        wait += time.perf_counter() - a
+        first = time.time() - t0 if first is None else first
+        rows += len(batch["num_boxes"])
+        yield batch  # the consumer (model step) runs while we are suspended here
+    stats.update(train_start=t0, train_end=time.time(), rows=rows, data_wait_s=wait,
+                 first_batch_s=first)
+
+
 def pipeline_loop(config: dict) -> None:
     """Only consume this worker's shard of ``train``; count rows and time each epoch."""
     import ray.train
@@ -169,22 +188,13 @@ def pipeline_loop(config: dict) -> None:
     rec = {"rank": rank, "loop_start": time.time(), "epochs": []}
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(config["epochs"]):
-        t0, rows, wait, first = time.time(), 0, 0.0, None
-        it = iter(shard.iter_batches(batch_size=config["batch_size"], batch_format="numpy",
-                                     prefetch_batches=config["prefetch_batches"]))
-        while True:
-            a = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                break
-            wait += time.perf_counter() - a
-            first = time.time() - t0 if first is None else first
-            rows += len(batch["num_boxes"])
-        t1 = time.time()
-        rec["epochs"].append({"train_start": t0, "train_end": t1, "rows": rows, "data_wait_s": wait,
-                              "first_batch_s": first, "report_at": t1})
-        ray.train.report({"epoch": epoch, f"rows_rank{rank}": rows, f"seconds_rank{rank}": t1 - t0})
+        stats: dict = {}
+        for _ in timed_batches(shard.iter_batches(batch_size=config["batch_size"], batch_format="numpy",
+                                                  prefetch_batches=config["prefetch_batches"]), stats):
+            pass
+        rec["epochs"].append({**stats, "report_at": stats["train_end"]})
+        ray.train.report({"epoch": epoch, f"rows_rank{rank}": stats["rows"],
+                          f"seconds_rank{rank}": stats["train_end"] - stats["train_start"]})
     rec["loop_end"] = time.time()
     Path(config["out_dir"], f"rank{rank}.json").write_text(json.dumps(rec))
 
@@ -208,20 +218,7 @@ def timed_torch_loop(config: dict) -> None:
             return getattr(self._shard, name)
 
         def iter_batches(self, **kwargs):
-            t0, rows, wait, first = time.time(), 0, 0.0, None
-            it = iter(self._shard.iter_batches(**kwargs))
-            while True:
-                a = time.perf_counter()
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    break
-                wait += time.perf_counter() - a
-                first = time.time() - t0 if first is None else first
-                rows += len(batch["num_boxes"])
-                yield batch  # the model step runs while we are suspended here
-            current.update(train_start=t0, train_end=time.time(), rows=rows, data_wait_s=wait,
-                           first_batch_s=first)
+            return timed_batches(self._shard.iter_batches(**kwargs), current)
 
     def get_dataset_shard(name=None):
         shard = real_shard(name)
@@ -263,9 +260,9 @@ def prepare_store(args: argparse.Namespace, work: Path) -> str:
 
 
 def driver_pipeline(plan, epochs: int, batch_size: int, prefetch: int) -> tuple[list[dict], dict]:
-    from orchestrator.train.runner import _ray_datasets
+    from orchestrator.train.runner import _run_data
 
-    ds = _ray_datasets(plan)["train"]
+    ds = _run_data(plan).pipeline("train", 0, 1, None)  # the whole train split, one consumer
     out, sample = [], None
     for _ in range(epochs):
         t0, rows, first = time.time(), 0, None
@@ -317,17 +314,16 @@ def model_step_alone(plan, batch: dict, steps: int = 20) -> dict:
 
 def fit(plan, loop, loop_config: dict, work: Path, name: str) -> tuple[list[dict], dict]:
     """Run ``loop`` on a TorchTrainer set up as ``runner.run`` does; return rank records, timings."""
-    import ray.train
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.train.runner import _ray_datasets
+    from orchestrator.train.runner import train_datasets
 
     s = plan.settings
     out_dir = work / f"ranks-{name}"
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
-    datasets = _ray_datasets(plan)
+    datasets, data_config = train_datasets(plan)
     if loop is pipeline_loop:
         datasets = {"train": datasets["train"]}
     trainer = TorchTrainer(
@@ -335,7 +331,7 @@ def fit(plan, loop, loop_config: dict, work: Path, name: str) -> tuple[list[dict
         scaling_config=ScalingConfig(num_workers=s.scaling.num_workers, use_gpu=s.scaling.use_gpu,
                                      resources_per_worker={"CPU": s.scaling.cpus_per_worker}),
         run_config=RunConfig(name=f"{name}-{time.time_ns()}", storage_path=str(work / "ray_results")),
-        datasets=datasets, dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        datasets=datasets, dataset_config=data_config,
     )
     t0 = time.time()
     trainer.fit()

@@ -18,7 +18,6 @@ upload never leaves a partial blob under its final name, and a blob that exists 
 from __future__ import annotations
 
 import functools
-import getpass
 import logging
 import os
 import re
@@ -36,7 +35,6 @@ from orchestrator.store_location import S3Credentials, StoreLocation
 
 if TYPE_CHECKING:
     from orchestrator.access.control import AccessControl
-    from orchestrator.access.policy import Policy
     from orchestrator.access.store_policy import PolicyVersion
     from orchestrator.stream.dataset import Dataset
 
@@ -44,11 +42,6 @@ log = logging.getLogger(__name__)
 
 _DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HASH = re.compile(r"^[0-9a-f]{64}$")
-
-
-def current_principal() -> str:
-    """Who is acting: ``ORCHESTRATOR_PRINCIPAL`` if set, else the OS user."""
-    return os.environ.get("ORCHESTRATOR_PRINCIPAL") or getpass.getuser()
 
 
 def check_dataset_name(name: str) -> str:
@@ -247,20 +240,19 @@ class Store:
         """Commit a new policy version (needs admin on '*' under the policy in force; on a
         store without a policy, whoever can write the storage sets the first one). Refused if
         the new policy would leave the caller without admin rights."""
-        from orchestrator.access.control import AccessControl
+        from orchestrator.access.control import identify
         from orchestrator.access.policy import parse_policy
-        from orchestrator.access.store_policy import PolicyVersion, write_policy
+        from orchestrator.access.store_policy import write_policy
 
         self.refresh_access()
         self.access.check_admin()
         new = parse_policy(text, "the new policy")
-        pending = PolicyVersion(-1, new, text, "", "", None)  # type: ignore[arg-type]
-        probe = AccessControl(pending, _principal_under(new, self), self.access.identity)
-        if not probe.allows("admin", "*"):
+        principal, identity = identify(self, new)
+        if principal is None or not new.allows(principal, "admin", "*"):
             raise ConfigError(
-                f"the new policy gives {self.access.identity} no admin on datasets '*': "
+                f"the new policy gives {identity} no admin on datasets '*': "
                 "you would lock yourself out", hint="add your principal to an admin role")
-        version = write_policy(self, text, principal=probe.name, message=message)
+        version = write_policy(self, text, principal=principal, message=message)
         self.refresh_access()
         return version
 
@@ -286,13 +278,6 @@ class Store:
             message=message or f"delete {len(item_ids)} items",
             principal=self.principal,
         )
-
-
-def _principal_under(policy: "Policy", store: Store) -> str | None:
-    if store.location.scheme == "s3":
-        key = store.location.credentials.access_key if store.location.credentials else None
-        return policy.principal_for_key(key) if key else None
-    return policy.principal_for_os_user(getpass.getuser())
 
 
 def connect(uri: str, *, credentials: S3Credentials | None = None) -> Store:

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from orchestrator.access.policy import ReadView
+from orchestrator.access.policy import Policy, ReadView
 from orchestrator.access.store_policy import PolicyVersion, read_policy
 from orchestrator.errors import AccessDenied
 
@@ -70,18 +70,21 @@ class AccessControl:
                                hint="only a principal with admin on datasets '*' may")
 
 
-def resolve(store: "Store") -> AccessControl:
-    """The policy in force on ``store`` and the principal behind its credentials."""
-    policy = read_policy(store)
+def identify(store: "Store", policy: Policy | None) -> tuple[str | None, str]:
+    """(principal under ``policy`` or None, how the credentials were recognised)."""
     if store.location.scheme == "s3":
         creds = store.location.credentials
         key = creds.access_key if creds is not None else None
         identity = f"access key {key!r}" if key else "anonymous S3 access"
-        principal = policy.policy.principal_for_key(key) if (policy and key) else None
-    else:
-        user = getpass.getuser()
-        identity = f"OS user {user!r}"
-        principal = policy.policy.principal_for_os_user(user) if policy else None
-    if policy is None:
+        return (policy.principal_for_key(key) if (policy and key) else None), identity
+    user = getpass.getuser()
+    return (policy.principal_for_os_user(user) if policy else None), f"OS user {user!r}"
+
+
+def resolve(store: "Store") -> AccessControl:
+    """The policy in force on ``store`` and the principal behind its credentials."""
+    version = read_policy(store)
+    principal, identity = identify(store, version.policy if version else None)
+    if version is None:
         principal = os.environ.get("ORCHESTRATOR_PRINCIPAL") or getpass.getuser()
-    return AccessControl(policy, principal, identity)
+    return AccessControl(version, principal, identity)

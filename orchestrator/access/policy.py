@@ -175,9 +175,6 @@ class Policy(_Strict):
         hidden = frozenset.intersection(*(frozenset(g.hidden_fields) for g in grants))
         return ReadView(row_filter, hidden)
 
-    def datasets_readable(self, principal: str, names: list[str]) -> list[str]:
-        return [n for n in names if self.allows(principal, "read", n)]
-
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
 

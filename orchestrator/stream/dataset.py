@@ -187,10 +187,6 @@ class Dataset:
     def label_counts(self) -> dict[str, int]:
         """Instances per label in this version or slice."""
         names = self.label_map.names
-        if self._query is None:  # a whole version (no slice, no row filter): from the log
-            from orchestrator.scan import label_totals
-
-            return label_totals(self.store, self._snapshot)
         return sum_labels(self.manifest_rows(["labels"]) if names else pa.table({}), names)
 
     def __repr__(self) -> str:

@@ -61,7 +61,9 @@ class NodeLocalDataConfig(ray.train.DataConfig):
     def configure(self, datasets: dict[str, Any], world_size: int, worker_handles: Any,
                   worker_node_ids: list[str] | None, **kwargs: Any) -> list[dict[str, Any]]:
         output: list[dict[str, Any]] = [{} for _ in range(world_size)]
-        shards = balanced_shards(self._data.train_ids, world_size, self._data.shard_seed)
+        # Ray Train calls this once per dataset name: shard only when "train" is asked for.
+        shards = (balanced_shards(self._data.train_ids, world_size, self._data.shard_seed)
+                  if "train" in datasets else None)
         for name, base in datasets.items():
             for rank in range(world_size):
                 if name in ("train", "validation"):

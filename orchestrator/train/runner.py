@@ -116,6 +116,17 @@ def _run_data(plan: Plan) -> "RunData":
     )
 
 
+def train_datasets(plan: Plan) -> tuple[dict[str, Any], Any]:
+    """Ray Train's ``datasets`` and ``dataset_config`` for a plan. The datasets only name the
+    splits; each worker's real pipeline is built per node by ``NodeLocalDataConfig.configure``
+    once the workers are placed."""
+    from orchestrator.train.data import NodeLocalDataConfig
+
+    run_data = _run_data(plan)
+    datasets = {name: run_data.pipeline(name, 0, 1, None, [[]]) for name in ("train", "validation")}
+    return datasets, NodeLocalDataConfig(run_data)
+
+
 def run(plan: Plan) -> Lineage:
     """Fit on Ray Train; the lineage record is written at start, per epoch by the driver's
     result, and at the end (``status``: finished or failed)."""
@@ -146,13 +157,7 @@ def run(plan: Plan) -> Lineage:
         failure_config=FailureConfig(max_failures=s.checkpoint.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=s.checkpoint.keep),
     )
-    from orchestrator.train.data import NodeLocalDataConfig
-
-    run_data = _run_data(plan)
-    data_config = NodeLocalDataConfig(run_data)
-    # Placeholders that name the datasets; each worker's real pipeline is built per node by
-    # NodeLocalDataConfig.configure once the workers are placed.
-    datasets = {name: run_data.pipeline(name, 0, 1, None, [[]]) for name in ("train", "validation")}
+    datasets, data_config = train_datasets(plan)
     if s.framework == "torch":
         from ray.train.torch import TorchTrainer
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import time
 from pathlib import Path
@@ -30,12 +31,10 @@ pytestmark = [pytest.mark.s3]
 
 BUCKET = "governed"
 ROOT = f"{BUCKET}/team"
-KEYS = {  # access key id -> secret; only the test knows the secrets
-    "alice-key": "alice-secret-0123456789abcdef0123456789ab",
-    "bob-key": "bob-secret-0123456789abcdef0123456789abcd",
-    "erin-key": "erin-secret-0123456789abcdef0123456789abc",
-    "probe-key": "probe-secret-0123456789abcdef01234567890",
-}
+# access key id -> secret, drawn per test session: only this process knows the secrets (a copy of
+# this file, e.g. a job's uploaded working dir, must not contain them)
+KEYS = {key: f"{key.split('-')[0]}-{secrets.token_hex(20)}"
+        for key in ("alice-key", "bob-key", "erin-key", "probe-key")}
 POLICY = policy_text("alice-key", "street")
 
 
