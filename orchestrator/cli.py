@@ -49,7 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--coco", type=Path, help="COCO annotations JSON (needs --images)")
     src.add_argument("--jsonl", type=Path, help="JSONL file, one item per line")
-    p.add_argument("--images", type=Path, help="folder holding the COCO file_names")
+    p.add_argument(
+        "--images", type=Path,
+        help="folder holding the COCO file_names (JSONL: the folder its paths are relative to; "
+        "default: the JSONL file's folder); nothing outside it is read",
+    )
+    p.add_argument(
+        "--allow-root", action="append", default=[], type=Path, metavar="DIR", dest="allow_roots",
+        help="also read files under DIR: absolute paths and links that lead there (repeatable)",
+    )
     p.add_argument("--message", default="", help="version message")
     p.add_argument("--strict", action="store_true", help="any rejected input: exit 3, commit nothing")
     p.add_argument("--json", action="store_true", help="print the ingest report as JSON")
@@ -155,7 +163,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     try:
         report = store.ingest(
             args.dataset, coco=args.coco, images=args.images, jsonl=args.jsonl,
-            message=args.message, strict=args.strict,
+            message=args.message, strict=args.strict, allow_roots=args.allow_roots,
         )
     except IngestRejected as exc:
         if args.json and exc.report is not None:

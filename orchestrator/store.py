@@ -209,8 +209,13 @@ class Store:
         jsonl: str | Path | None = None,
         message: str = "",
         strict: bool = False,
+        allow_roots: Sequence[str | Path] = (),
     ):
-        """Ingest a COCO or JSONL source as one new version; see ``orchestrator.ingest``."""
+        """Ingest a COCO or JSONL source as one new version; see ``orchestrator.ingest``.
+
+        Only files inside ``images`` (COCO; for JSONL, ``images`` or else the JSONL file's
+        folder) are read; absolute paths and links are read only under an ``allow_roots`` folder.
+        """
         from orchestrator.ingest.pipeline import ingest_source
         from orchestrator.ingest.sources import read_coco, read_jsonl
 
@@ -218,13 +223,16 @@ class Store:
         self.access.check("write", dataset)  # before anything is read or uploaded
         if (coco is None) == (jsonl is None):
             raise IngestError("give exactly one source: coco=FILE (with images=DIR) or jsonl=FILE")
+        if isinstance(allow_roots, (str, Path)):
+            allow_roots = [allow_roots]
         if coco is not None:
             if images is None:
                 raise IngestError("a COCO source needs images=DIR (the folder its file_names are in)")
-            source = read_coco(Path(coco), Path(images))
+            source = read_coco(Path(coco), Path(images), allowed_roots=allow_roots)
             label = f"COCO {Path(coco).name}"
         else:
-            source = read_jsonl(Path(jsonl))
+            base = None if images is None else Path(images)
+            source = read_jsonl(Path(jsonl), base=base, allowed_roots=allow_roots)
             label = f"JSONL {Path(jsonl).name}"
         return ingest_source(
             self, dataset, source, message=message or f"ingest {label}", strict=strict

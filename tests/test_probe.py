@@ -63,3 +63,24 @@ def test_truncated_jpeg_is_rejected():
 def test_missing_and_directory(tmp_path: Path):
     assert probe_file(str(tmp_path / "nope.jpg")).error == "file not found"
     assert "directory" in probe_file(str(tmp_path)).error
+
+
+def test_fifo_and_link_are_refused_without_blocking_or_following(tmp_path: Path):
+    import os
+    import threading
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    result = []
+    t = threading.Thread(target=lambda: result.append(probe_file(str(fifo))), daemon=True)
+    t.start()
+    t.join(5)
+    if t.is_alive():  # it blocked in open(): let it go, then fail
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(5)
+    assert result and "not a regular file" in result[0].error
+
+    (tmp_path / "real.jpg").write_bytes(_jpeg())
+    (tmp_path / "link.jpg").symlink_to(tmp_path / "real.jpg")
+    assert "symbolic link" in probe_file(str(tmp_path / "link.jpg")).error
+    assert probe_file(str(tmp_path / "real.jpg")).error is None

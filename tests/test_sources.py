@@ -110,3 +110,157 @@ def test_jsonl_items_kinds_and_rejections(tmp_path):
     assert "missing 'path'" in reasons["items.jsonl:4"]
     assert "duplicate item_id" in reasons["w.jpg"]
     assert "invalid JSON" in reasons["items.jsonl:7"]
+
+
+# --- confinement: nothing outside the source folder is named for reading ---------------------
+
+
+def _tree(tmp_path: Path) -> tuple[Path, Path]:
+    """images/ with one file, a sibling outside/ with a secret, and links from inside to it."""
+    images, outside = tmp_path / "images", tmp_path / "outside"
+    (images / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (images / "a.png").write_bytes(b"inside")
+    (outside / "secret.png").write_bytes(b"secret")
+    (images / "link.png").symlink_to(outside / "secret.png")
+    (images / "dirlink").symlink_to(outside, target_is_directory=True)
+    return images, outside
+
+
+ESCAPES = [
+    "../outside/secret.png",
+    "sub/../../outside/secret.png",
+    "link.png",  # symlink to a file outside
+    "dirlink/secret.png",  # symlinked folder outside
+    "ABSOLUTE",  # replaced by the absolute path of the secret
+    "a.png\x00../outside/secret.png",
+]
+
+
+def _name(name: str, outside: Path) -> str:
+    return str(outside / "secret.png") if name == "ABSOLUTE" else name
+
+
+@pytest.mark.parametrize("name", ESCAPES)
+def test_coco_file_name_outside_images_is_rejected_with_reason(tmp_path, name):
+    images, outside = _tree(tmp_path)
+    name = _name(name, outside)
+    doc = {"images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": name}],
+           "annotations": [{"id": 5, "image_id": 2, "category_id": 1, "bbox": [0, 0, 1, 1]}],
+           "categories": [{"id": 1, "name": "car"}]}
+    src = read_coco(_coco(tmp_path, doc), images)
+    assert [i.source_name for i in src.items] == ["a.png"]
+    (rej,) = src.rejected  # the image, not also its annotation as "image_id not in images"
+    assert rej.file == name
+    assert "outside" in rej.reason or "absolute" in rej.reason or "NUL" in rej.reason
+    assert "--allow-root" in rej.reason or "NUL" in rej.reason
+
+
+@pytest.mark.parametrize("name", ESCAPES)
+def test_jsonl_path_outside_its_folder_is_rejected_with_reason(tmp_path, name):
+    images, outside = _tree(tmp_path)
+    name = _name(name, outside)
+    p = images / "items.jsonl"
+    p.write_text(json.dumps({"path": "a.png"}) + "\n" + json.dumps({"path": name}) + "\n")
+    src = read_jsonl(p)
+    assert [i.source_name for i in src.items] == ["a.png"]
+    (rej,) = src.rejected
+    assert rej.file == name and ("outside" in rej.reason or "absolute" in rej.reason or "NUL" in rej.reason)
+
+
+def test_allow_root_opts_in_to_absolute_paths_and_links_under_it_only(tmp_path):
+    images, outside = _tree(tmp_path)
+    elsewhere = tmp_path / "elsewhere.png"
+    elsewhere.write_bytes(b"x")
+    names = [str(outside / "secret.png"), "link.png", "../outside/secret.png", str(elsewhere),
+             str(outside / ".." / "elsewhere.png")]
+    doc = {"images": [{"id": n, "file_name": f} for n, f in enumerate(names)], "annotations": []}
+    src = read_coco(_coco(tmp_path, doc), images, allowed_roots=[outside])
+    secret = str((outside / "secret.png").resolve())
+    assert [(i.source_name, i.path) for i in src.items] == [(n, secret) for n in names[:3]]
+    assert sorted(r.file for r in src.rejected) == sorted(names[3:])
+
+    p = images / "items.jsonl"
+    p.write_text("".join(json.dumps({"path": n}) + "\n" for n in names))
+    src = read_jsonl(p, allowed_roots=[outside])
+    assert [i.path for i in src.items] == [secret] * 3 and len(src.rejected) == 2
+
+
+def test_jsonl_paths_are_confined_to_the_given_base(tmp_path):
+    images, outside = _tree(tmp_path)
+    p = tmp_path / "items.jsonl"  # the JSONL's own folder holds images/ and outside/
+    p.write_text(json.dumps({"path": "a.png"}) + "\n" + json.dumps({"path": "../outside/secret.png"}) + "\n")
+    src = read_jsonl(p, base=images)
+    assert [i.path for i in src.items] == [str((images / "a.png").resolve())]
+    assert [r.file for r in src.rejected] == ["../outside/secret.png"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["%2e%2e/outside/secret.png", "..%2foutside%2fsecret.png", "\uff0e\uff0e/outside/secret.png",
+     "\u2025/outside/secret.png", "..\\outside\\secret.png", "sub/./../a.png"],
+)
+def test_encoded_and_look_alike_names_are_literal_names_inside_the_folder(tmp_path, name):
+    """Nothing decodes or normalises names: each is a literal (here missing) name inside."""
+    images, _ = _tree(tmp_path)
+    doc = {"images": [{"id": 1, "file_name": name}, {"id": 2, "file_name": "../x.png"}]}
+    src = read_coco(_coco(tmp_path, doc), images)
+    (item,) = src.items
+    assert Path(item.path).is_relative_to(images.resolve())
+    assert [r.file for r in src.rejected] == ["../x.png"]
+
+
+# --- ambiguities are reported, never silently resolved ----------------------------------------
+
+
+def test_duplicate_image_ids_reject_every_image_sharing_the_id(tmp_path):
+    doc = {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"},
+                      {"id": 2, "file_name": "c.jpg"}],
+           "annotations": [{"id": 9, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}],
+           "categories": [{"id": 1, "name": "car"}]}
+    src = read_coco(_coco(tmp_path, doc), tmp_path)
+    assert [(i.item_id, i.instances) for i in src.items] == [("c.jpg", [])]
+    assert sorted(r.file for r in src.rejected) == ["a.jpg", "b.jpg"]
+    assert all("image id 1" in r.reason and "a.jpg" in r.reason and "b.jpg" in r.reason
+               for r in src.rejected)
+
+
+def test_inverted_boxes_reject_their_item(tmp_path):
+    doc = {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],
+           "annotations": [{"id": 7, "image_id": 1, "category_id": 1, "bbox": [5, 5, -2, 3]},
+                           {"id": 8, "image_id": 2, "category_id": 1, "bbox": [5, 5, 2, 3]}],
+           "categories": [{"id": 1, "name": "car"}]}
+    src = read_coco(_coco(tmp_path, doc), tmp_path)
+    assert [i.item_id for i in src.items] == ["b.jpg"]
+    (rej,) = src.rejected
+    assert rej.file == "a.jpg" and "annotation 7" in rej.reason and "negative" in rej.reason
+
+    p = tmp_path / "items.jsonl"
+    p.write_text(json.dumps({"path": "a.jpg", "instances": [{"label": "car", "bbox": [9, 0, 1, 4]}]}) + "\n"
+                 + json.dumps({"path": "b.jpg", "instances": [{"label": "car", "bbox": [0, 4, 1, 0]}]}) + "\n"
+                 + json.dumps({"path": "c.jpg", "instances": [{"label": "car", "bbox": [0, 0, 1, 4]}]}) + "\n")
+    src = read_jsonl(p)
+    assert [i.item_id for i in src.items] == ["c.jpg"]
+    assert [r.file for r in src.rejected] == ["a.jpg", "b.jpg"]
+    assert all("x_min > x_max" in r.reason or "y_min > y_max" in r.reason for r in src.rejected)
+
+
+def test_annotations_without_geometry_are_kept_as_tags_with_a_warning(tmp_path):
+    doc = {"images": [{"id": 1, "file_name": "a.jpg"}],
+           "annotations": [{"id": 3, "image_id": 1, "category_id": 1},
+                           {"id": 4, "image_id": 1, "category_id": 1, "segmentation": {"counts": "x"}},
+                           {"id": 6, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}],
+           "categories": [{"id": 1, "name": "car"}]}
+    src = read_coco(_coco(tmp_path, doc), tmp_path)
+    assert [i.kind for i in src.items[0].instances] == ["tag", "tag", "box"]
+    assert any("annotation 3" in w and "no bbox" in w and "tag" in w for w in src.warnings)
+    assert any("annotation 4" in w and "no bbox" in w for w in src.warnings)
+    assert not any("annotation 6" in w for w in src.warnings)
+
+    p = tmp_path / "items.jsonl"
+    p.write_text(json.dumps({"path": "a.jpg", "instances": [
+        {"label": "car"}, {"label": "night", "kind": "tag"}]}) + "\n")
+    src = read_jsonl(p)
+    assert [i.kind for i in src.items[0].instances] == ["tag", "tag"]
+    (w,) = src.warnings
+    assert w.startswith("a.jpg: instance 0 (car)") and '"kind": "tag"' in w

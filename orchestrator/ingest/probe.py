@@ -7,8 +7,11 @@ weeks later.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import os
+import stat
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -62,14 +65,28 @@ def probe_bytes(data: bytes) -> Probe:
 
 
 def probe_file(path: str) -> Probe:
-    """Read and probe a local file; a missing or unreadable file is an error, not a raise."""
+    """Read and probe a local file; a missing or unreadable file is an error, not a raise.
+
+    ``path`` is the resolved path that ``sources`` confined to the source, so it is opened
+    without following a link (one swapped in since is refused) and without blocking (a FIFO or
+    device is refused, unread, instead of hanging the stage or streaming forever)."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return Probe(error="file not found")
-    except IsADirectoryError:
-        return Probe(error="is a directory, not a file")
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return Probe(error="is a symbolic link (it changed since the source was read)")
         return Probe(error=f"cannot read file: {exc.strerror or exc}")
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            return Probe(error="is a directory, not a file")
+        return Probe(error="not a regular file (a FIFO, socket or device); not read")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read()
+        except OSError as exc:
+            return Probe(error=f"cannot read file: {exc.strerror or exc}")
     return probe_bytes(data)
