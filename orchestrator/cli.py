@@ -139,14 +139,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _need_store(args: argparse.Namespace):
+def _need_store(args: argparse.Namespace, *, writes: bool = False):
+    """The ``--store``. A command that only reads refuses a store that does not exist (a typo is
+    not an empty store); one that ``writes`` may be the first to use a new file:// store."""
     import orchestrator
 
     if not args.store:
         raise OrchestratorError(
             "no store given", hint="pass --store file:///abs/path (or s3://bucket/prefix) or set ORCHESTRATOR_STORE"
         )
-    return orchestrator.connect(args.store)
+    return orchestrator.connect(args.store, must_exist=not writes)
 
 
 def _print_table(rows: list[dict], columns: Sequence[str]) -> None:
@@ -159,7 +161,7 @@ def _print_table(rows: list[dict], columns: Sequence[str]) -> None:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from orchestrator.ingest.pipeline import IngestRejected
 
-    store = _need_store(args)
+    store = _need_store(args, writes=True)
     try:
         report = store.ingest(
             args.dataset, coco=args.coco, images=args.images, jsonl=args.jsonl,
@@ -185,11 +187,16 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
-    names = _need_store(args).datasets()
+    """Readable datasets on stdout (as before); damaged ones as warnings on stderr, with the
+    file to restore, so a script reading the names never trips over them."""
+    store = _need_store(args)
+    names, damaged = store.datasets(), store.damaged_datasets()
     if args.json:
         emit(json.dumps(names))
     else:
-        emit("\n".join(names) if names else "(no datasets)")
+        emit("\n".join(names) if names else "(no readable datasets)" if damaged else "(no datasets)")
+    for err in damaged.values():
+        print(f"warning: {err}", file=sys.stderr)
     return 0
 
 
@@ -279,7 +286,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
-    store = _need_store(args)
+    store = _need_store(args, writes=args.policy_command == "set")
     if args.policy_command == "show":
         pv = store.policy(args.version)
         if pv is None:

@@ -52,7 +52,8 @@ import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
-from orchestrator.errors import DatasetNotFound, StoreError, VersionNotFound
+from orchestrator.errors import DatasetNotFound, OrchestratorError, StoreError, VersionNotFound
+from orchestrator.manifest_faults import diagnose_log, list_log, log_damage_error
 from orchestrator.storage_errors import storage_errors, translate
 from orchestrator.store_location import StoreLocation
 
@@ -207,32 +208,46 @@ class Manifest:
 
     # -- reading ---------------------------------------------------------------------------
     def _table(self, version: int | None = None) -> DeltaTable:
-        with storage_errors("open the manifest of dataset", repr(self.dataset)):
-            try:
-                table = DeltaTable(self.uri, storage_options=self._options)
-            except TableNotFoundError:
-                raise DatasetNotFound(
-                    f"dataset {self.dataset!r} does not exist in {self.location.uri}",
-                    hint="run `orchestrator datasets --store URI` to list the datasets",
-                ) from None
-            if version is not None:
-                latest = table.version()
-                if version < 0 or version > latest:
-                    raise VersionNotFound(
-                        f"dataset {self.dataset!r} has no version {version} "
-                        f"(versions 0..{latest} exist)",
-                        hint="run `orchestrator versions --store URI NAME` to list them",
-                    )
-                if version != latest:
-                    table.load_as_version(version)
-            return table
+        """The table at ``version`` (default: the latest). A version is opened as itself, so the
+        versions before a damaged log entry stay readable; a failure to open is explained from
+        the log itself (``_open_error``)."""
+        if version is not None and version < 0:
+            raise self._open_error(version, ValueError(f"negative version {version}"))
+        try:
+            return DeltaTable(self.uri, storage_options=self._options, version=version)
+        except Exception as exc:  # delta-rs: TableNotFoundError, DeltaError, OSError, ...
+            raise self._open_error(version, exc) from exc
+
+    def _open_error(self, version: int | None, failure: BaseException) -> OrchestratorError:
+        """Why the table did not open at ``version``, in the user's terms: no such store, no such
+        dataset, no such version, or the log entry that is damaged (with the fix)."""
+        from orchestrator.store import filesystem_for, require_store
+
+        log_dir = f"{self.path}/_delta_log"
+        listing, damage = diagnose_log(filesystem_for(self.location), log_dir, self.dataset)
+        if listing.empty:
+            require_store(self.location)
+            return DatasetNotFound(
+                f"dataset {self.dataset!r} does not exist in {self.location.uri}",
+                hint="run `orchestrator datasets --store URI` to list the datasets",
+            )
+        latest = listing.latest
+        if version is not None and not 0 <= version <= latest:  # type: ignore[operator]
+            return VersionNotFound(
+                f"dataset {self.dataset!r} has no version {version} (versions 0..{latest} exist)",
+                hint="run `orchestrator versions --store URI NAME` to list them",
+            )
+        if damage is not None and (version is None or version >= damage.version):
+            return log_damage_error(self.location, log_dir, self.dataset, listing, damage)
+        return translate(failure, "open the manifest of dataset", repr(self.dataset))
 
     def exists(self) -> bool:
-        try:
-            self._table()
-        except DatasetNotFound:
-            return False
-        return True
+        """True once a version was committed (the log has an entry), even if the log is damaged:
+        reading it then names the damage. False in a store that does not exist yet."""
+        from orchestrator.store import filesystem_for
+
+        with storage_errors("look up dataset", repr(self.dataset)):
+            return not list_log(filesystem_for(self.location), f"{self.path}/_delta_log").empty
 
     def latest_version(self) -> int:
         return self._table().version()
@@ -338,16 +353,30 @@ class Manifest:
                 return attempt()
             except (CommitFailedError, DeltaError) as exc:
                 if not isinstance(exc, CommitFailedError) and not _is_conflict(exc):
-                    raise translate(exc, action, f"dataset {self.dataset!r}") from exc
+                    raise self._write_error(exc, action) from exc
                 log.info("commit conflict on %s (attempt %d): %s", self.dataset, n + 1, exc)
             except Exception as exc:
-                raise translate(exc, action, f"dataset {self.dataset!r}") from exc
+                raise self._write_error(exc, action) from exc
             time.sleep(min(2.0, 0.05 * 2**n) * (0.5 + random.random()))
         raise StoreError(
             f"could not {action} dataset {self.dataset!r}: {_COMMIT_ATTEMPTS} attempts "
             "conflicted with concurrent writers",
             hint="retry the command; nothing was committed",
         )
+
+    def _write_error(self, exc: BaseException, action: str) -> OrchestratorError:
+        """A failed commit, named: a damaged log entry (which blocks every new version) or the
+        storage error."""
+        if isinstance(exc, OrchestratorError):
+            return exc
+        if isinstance(exc, DeltaError):
+            from orchestrator.store import filesystem_for
+
+            log_dir = f"{self.path}/_delta_log"
+            listing, damage = diagnose_log(filesystem_for(self.location), log_dir, self.dataset)
+            if damage is not None:
+                return log_damage_error(self.location, log_dir, self.dataset, listing, damage)
+        return translate(exc, action, f"dataset {self.dataset!r}")
 
     def _find_commit(self, commit_id: str, hint: int) -> int:
         """The version holding our commit: ``hint`` checked against the log itself, then a scan

@@ -21,8 +21,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from orchestrator.manifest import FileStats, Snapshot
+from orchestrator.manifest_faults import manifest_file_errors
 from orchestrator.query.compile import CompiledQuery
-from orchestrator.storage_errors import storage_errors
 
 if TYPE_CHECKING:
     from orchestrator.store import Store
@@ -32,11 +32,9 @@ def manifest_dataset(
     store: "Store", snapshot: Snapshot, files: Sequence[str] | None = None
 ) -> pads.Dataset:
     """A pyarrow dataset over the files of ``snapshot`` (or a subset), with its full schema."""
-    with storage_errors("open the manifest files of dataset", repr(snapshot.dataset)):
-        return pads.dataset(
-            list(snapshot.files if files is None else files), schema=snapshot.schema,
-            format="parquet", filesystem=store.fs,
-        )
+    paths = list(snapshot.files if files is None else files)
+    with manifest_file_errors(store, paths, snapshot.dataset):
+        return pads.dataset(paths, schema=snapshot.schema, format="parquet", filesystem=store.fs)
 
 
 @dataclass(frozen=True)
@@ -86,7 +84,7 @@ def scan(
         read_cols = sorted(set(wanted) | set(query.columns), key=snapshot.schema.names.index)
     if files:
         dataset = manifest_dataset(store, snapshot, files)
-        with storage_errors("read the manifest of dataset", repr(snapshot.dataset)):
+        with manifest_file_errors(store, files, snapshot.dataset):
             table = dataset.to_table(
                 columns=read_cols, filter=query.pushdown if query is not None else None
             )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import numbers
 import os
 import re
 import uuid
@@ -30,6 +31,7 @@ import pyarrow.fs as pafs
 
 from orchestrator.errors import ConfigError, DatasetNotFound, IngestError, ItemError, StoreError
 from orchestrator.manifest import Manifest, VersionInfo
+from orchestrator.manifest_faults import list_log, listing_damage, log_damage_error
 from orchestrator.storage_errors import storage_errors
 from orchestrator.store_location import S3Credentials, StoreLocation
 
@@ -159,7 +161,21 @@ class Store:
         return Manifest(self.location, check_dataset_name(name))
 
     def datasets(self) -> list[str]:
-        """Names of the datasets in this store, sorted."""
+        """Names of the datasets in this store that this principal may read, sorted. A dataset
+        whose manifest log visibly lacks an entry is left out: ``damaged_datasets`` names it.
+        Raises ``StoreError`` if the store does not exist (rather than listing nothing)."""
+        return sorted(name for name, damage in self._dataset_logs().items() if damage is None)
+
+    def damaged_datasets(self) -> dict[str, StoreError]:
+        """Datasets (that this principal may read) whose manifest log lacks an entry, such as
+        the first one: name -> the error reading it raises, naming the entry and the fix. Only
+        the listing is checked (one LIST per dataset); damage inside an entry shows on read."""
+        return {name: damage for name, damage in sorted(self._dataset_logs().items())
+                if damage is not None}
+
+    def _dataset_logs(self) -> dict[str, StoreError | None]:
+        """Every dataset with a committed version that this principal may read -> None, or the
+        damage its log listing shows."""
         base = self.location.join("datasets")
         with storage_errors("list datasets in", self.uri):
             try:
@@ -169,21 +185,27 @@ class Store:
                     raise
                 # The server lets this principal list its own datasets' prefixes only: name
                 # the datasets its grants name exactly (globs cannot be enumerated).
-                return self._granted_dataset_names()
-            names = []
-            for info in infos:
-                if info.type != pafs.FileType.Directory or not self.access.allows("read", info.base_name):
+                names = self._granted_dataset_names()
+            else:
+                if not infos:  # an empty store, or none at all (a typo in the URI)?
+                    require_store(self.location)
+                names = [i.base_name for i in infos if i.type == pafs.FileType.Directory]
+            out: dict[str, StoreError | None] = {}
+            for name in names:
+                if not self.access.allows("read", name):
                     continue  # a dataset the principal may not read is neither opened nor listed
-                log_dir = f"{info.path}/manifest/_delta_log"
-                sel = pafs.FileSelector(log_dir, allow_not_found=True)
-                if any(i.path.endswith(".json") for i in self.fs.get_file_info(sel)):
-                    names.append(info.base_name)
-        return sorted(names)
+                log_dir = f"{base}/{name}/manifest/_delta_log"
+                listing = list_log(self.fs, log_dir)
+                if listing.empty:
+                    continue  # no version committed (an interrupted first ingest)
+                damage = listing_damage(listing)
+                out[name] = None if damage is None else log_damage_error(
+                    self.location, log_dir, name, listing, damage)
+        return out
 
     def _granted_dataset_names(self) -> list[str]:
         grants = self.access.policy.policy.grants_for(self.access.principal or "")  # type: ignore[union-attr]
-        exact = sorted({d for g in grants for d in g.datasets if not d.endswith("*")})
-        return [n for n in exact if self.manifest(n).exists()]
+        return sorted({d for g in grants for d in g.datasets if not d.endswith("*")})
 
     def dataset(self, name: str, version: int | None = None, **options: Any) -> "Dataset":
         """Open a dataset at ``version`` (default: the latest, pinned now). ``options`` are
@@ -192,6 +214,13 @@ class Store:
         from orchestrator.stream.reader import StreamOptions
 
         check_dataset_name(name)
+        if version is not None:
+            if isinstance(version, bool) or not isinstance(version, numbers.Integral):
+                raise ConfigError(
+                    f"version must be a version number (an int) or None, got {version!r}",
+                    hint=f"e.g. store.dataset({name!r}, version=0); store.versions({name!r}) lists them",
+                )
+            version = int(version)
         view = self.access.read_view(name)  # AccessDenied unless the principal may read it
         return Dataset(self, name, version, options=StreamOptions(**options), _access=view)
 
@@ -288,11 +317,14 @@ class Store:
         )
 
 
-def connect(uri: str, *, credentials: S3Credentials | None = None) -> Store:
+def connect(uri: str, *, credentials: S3Credentials | None = None, must_exist: bool = False) -> Store:
     """Open a store by URI: ``file:///abs/path`` or ``s3://bucket/prefix``.
 
     S3 credentials and endpoint come from the standard AWS environment variables unless given.
-    The connection is checked now, so a wrong endpoint or key fails here with a clear message.
+    The connection is checked now, so a wrong endpoint or key fails here with a clear message,
+    and so does a bucket that does not exist. A ``file://`` root that does not exist is a new
+    store (the first ingest creates it) unless ``must_exist``: commands that only read pass it,
+    so a typo in the path is an error rather than an empty store.
     """
     if isinstance(uri, Path):
         uri = f"file://{uri.resolve()}"
@@ -301,8 +333,52 @@ def connect(uri: str, *, credentials: S3Credentials | None = None) -> Store:
     if location.scheme == "s3":  # a local root is created by the first write
         # A listing (not a HEAD) so that wrong keys are told apart from a missing grant; of
         # _policy/, which every principal may list when the server enforces the policy.
-        with storage_errors("open the store", location.uri):
-            store.fs.get_file_info(
-                pafs.FileSelector(location.join("_policy"), allow_not_found=True, recursive=False)
-            )
+        try:
+            with storage_errors("open the store", location.uri):
+                found = store.fs.get_file_info(
+                    pafs.FileSelector(location.join("_policy"), allow_not_found=True, recursive=False)
+                )
+        except StoreError as exc:
+            if "NoSuchBucket" in str(exc.__cause__):  # AWS S3 refuses to list a missing bucket
+                raise _no_store(location) from None
+            raise
+        if not found:  # nothing there: an empty store, or no bucket (SeaweedFS lists it as empty)
+            require_store(location)
+    elif must_exist:
+        require_store(location)
     return store
+
+
+def require_store(location: StoreLocation) -> None:
+    """Raise ``StoreError`` (a user fault) unless the store exists: its root folder for
+    ``file://``, its bucket for ``s3://``. An S3 check that fails other than by "not found"
+    (denied, say) passes: the next request reports that in its own words."""
+    fs = filesystem_for(location)
+    try:
+        info = fs.get_file_info(_store_anchor(location))
+    except Exception:
+        return
+    if info.type == pafs.FileType.NotFound or (
+        location.scheme == "file" and info.type != pafs.FileType.Directory
+    ):
+        raise _no_store(location)
+
+
+def _store_anchor(location: StoreLocation) -> str:
+    return location.root if location.scheme == "file" else location.root.split("/", 1)[0]
+
+
+def _no_store(location: StoreLocation) -> StoreError:
+    anchor = _store_anchor(location)
+    if location.scheme == "file":
+        return StoreError(
+            f"store {location.uri} does not exist (no folder {anchor})",
+            hint="check the path in the store URI; a new store is created by its first "
+            "`orchestrator ingest`",
+            user_fault=True,
+        )
+    return StoreError(
+        f"store {location.uri} does not exist (no bucket {anchor!r})",
+        hint="check the bucket name in the store URI, or create the bucket first",
+        user_fault=True,
+    )

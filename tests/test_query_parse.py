@@ -114,3 +114,28 @@ def test_very_long_and_deeply_nested_inputs_are_refused_quickly():
 def test_non_text_is_refused():
     with pytest.raises(QueryError, match="must be text"):
         parse(42)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "query, pos, needle",
+    [
+        (r"file.item_id = '\ud83d'", 16, "half of a UTF-16 surrogate pair"),  # escape, lone high
+        (r"file.item_id = '\ude00x'", 16, "half of a UTF-16 surrogate pair"),  # escape, lone low
+        (r"file.item_id = '\ud83d\u0041'", 16, "half of a UTF-16 surrogate pair"),  # not a pair
+        ("file.item_id = '\ud83d'", 16, "lone UTF-16 surrogate"),  # the character itself
+        ("labels.\"a\udcff\" > 1", 9, "U+DCFF"),  # undecodable argv bytes (surrogateescape)
+    ],
+)
+def test_lone_surrogates_are_a_query_error_with_a_caret(query, pos, needle):
+    with pytest.raises(QueryError) as err:
+        parse(query)
+    text = str(err.value)
+    assert needle in text and f"at position {pos}" in text, text
+    snippet, caret = text.splitlines()[-2:]
+    assert caret.strip() == "^" and snippet[caret.index("^")] in "\\\ufffd"
+    text.encode("utf-8")  # printable: the message itself holds no surrogate
+
+
+def test_a_surrogate_pair_written_as_two_escapes_is_one_character():
+    assert parse(r"file.item_id = '\ud83d\ude00.jpg'").value == "\U0001f600.jpg"
+    assert parse("file.item_id = '\U0001f600'").value == "\U0001f600"

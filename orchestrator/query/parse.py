@@ -36,9 +36,12 @@ class QuerySyntaxError(QueryError):
     """The text does not parse; the message shows the query with a caret."""
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def caret_message(query: str, pos: int, problem: str) -> str:
     """``problem`` followed by the (one-line) query and a caret under ``pos``."""
-    shown = query.replace("\n", " ").replace("\t", " ")
+    shown = _SURROGATE.sub("\ufffd", query.replace("\n", " ").replace("\t", " "))  # printable
     start = max(0, pos - 60)
     snippet = shown[start : start + 120]
     prefix = "…" if start else ""
@@ -194,20 +197,51 @@ def _read_string(query: str, start: int) -> tuple[str, int]:
                 i += 2
                 continue
             if e == "u":
-                digits = query[i + 2 : i + 6]
-                if len(digits) == 4 and all(d in "0123456789abcdefABCDEF" for d in digits):
-                    out.append(chr(int(digits, 16)))
-                    i += 6
-                    continue
-                raise QuerySyntaxError(
-                    caret_message(query, i, "bad escape: \\u needs 4 hex digits")
-                )
+                code, i = _read_unicode_escape(query, i)
+                out.append(chr(code))
+                continue
             raise QuerySyntaxError(
                 caret_message(query, i, f"bad escape \\{e} (use \\\\ \\' \\\" \\n \\t \\r \\0 or \\u and 4 hex digits)")
             )
         out.append(c)
         i += 1
     raise QuerySyntaxError(caret_message(query, start, f"unterminated string (missing closing {quote})"))
+
+
+def _hex4(query: str, pos: int) -> int | None:
+    digits = query[pos : pos + 4]
+    if len(digits) == 4 and all(d in "0123456789abcdefABCDEF" for d in digits):
+        return int(digits, 16)
+    return None
+
+
+def _read_unicode_escape(query: str, start: int) -> tuple[int, int]:
+    """The code point of ``\\uXXXX`` at ``start`` (a UTF-16 surrogate pair written as two
+    escapes, ``\\ud83d\\ude00``, is one character) and the position after it. A lone surrogate
+    is no character: no item id or label can contain one, and Arrow cannot encode it."""
+    code = _hex4(query, start + 2)
+    if code is None:
+        raise QuerySyntaxError(caret_message(query, start, "bad escape: \\u needs 4 hex digits"))
+    end = start + 6
+    if 0xD800 <= code <= 0xDBFF and query[end : end + 2] == "\\u":
+        low = _hex4(query, end + 2)
+        if low is not None and 0xDC00 <= low <= 0xDFFF:
+            return 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00), end + 6
+    if 0xD800 <= code <= 0xDFFF:
+        raise QuerySyntaxError(caret_message(
+            query, start, f"\\u{code:04x} is half of a UTF-16 surrogate pair, not a character "
+            "(write the character itself, or both halves: \\ud83d\\ude00)"))
+    return code, end
+
+
+def _check_unicode(query: str) -> None:
+    """Text that is not valid Unicode (a lone surrogate, e.g. from undecodable bytes) fails
+    here with a caret, rather than deep inside Arrow when the string is encoded."""
+    m = _SURROGATE.search(query)
+    if m is not None:
+        raise QuerySyntaxError(caret_message(
+            query, m.start(), f"character U+{ord(m.group()):04X} is a lone UTF-16 surrogate, "
+            "not valid Unicode (was the query decoded with the wrong encoding?)"))
 
 
 # -- parser -----------------------------------------------------------------------------------
@@ -364,4 +398,5 @@ def parse(query: str) -> Node:
         raise QuerySyntaxError(
             caret_message(query[: MAX_QUERY_CHARS + 1], MAX_QUERY_CHARS, f"query longer than {MAX_QUERY_CHARS} characters")
         )
+    _check_unicode(query)
     return _Parser(query).parse()

@@ -95,9 +95,31 @@ class Dataset:
         return redact(table, self._access)
 
     def item_ids(self) -> list[str]:
-        """Ids of the items in this slice, sorted."""
-        ids = self.manifest_rows(["item_id"]).column("item_id")
-        return sorted(ids.to_pylist())
+        """Ids of the items in this slice in position order: ``ds[i]["id"] == ds.item_ids()[i]``.
+
+        That order (manifest file path, then row; see ``ItemIndex``) is the one ``ds[i]`` and
+        unshuffled iteration use: ``scan`` reads the same files in the same order. It is stable
+        for a pinned version but not sorted; sort the list for a canonical order.
+        """
+        return self.manifest_rows(["item_id"]).column("item_id").to_pylist()
+
+    def get(self, item_id: str) -> dict:
+        """The item with this id (in this slice, under this principal's row filter), read as
+        ``ds[i]`` reads it. Only the manifest files whose statistics admit the id are scanned.
+        Raises ``DatasetNotFound`` (a ``KeyError``) if the slice has no such item."""
+        from orchestrator.errors import DatasetNotFound
+        from orchestrator.query.parse import Compare, Field, to_text
+
+        if not isinstance(item_id, str):
+            raise TypeError(f"item ids are strings, not {type(item_id).__name__}")
+        match = self.slice(to_text(Compare(Field("file", "item_id", 0), "=", item_id, 0)))
+        if len(match.stream.index) == 0:
+            where = f" matching {self.query!r}" if self.query else ""
+            raise DatasetNotFound(
+                f"dataset {self.name!r} version {self.version} has no item {item_id!r}{where}",
+                hint="list the ids with ds.item_ids() or `orchestrator slice --ids`",
+            )
+        return match.stream.item(0)
 
     def __len__(self) -> int:
         """Item count: from the Delta log for a whole version; for a slice, a scan of the

@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 from orchestrator.access.policy import ReadView
 from orchestrator.access.redact import redact
 from orchestrator.manifest import Snapshot
+from orchestrator.manifest_faults import manifest_file_errors
 from orchestrator.query.compile import CompiledQuery
 from orchestrator.scan import candidate_files, fill_label_counts, manifest_dataset
-from orchestrator.storage_errors import storage_errors
 
 if TYPE_CHECKING:
     from orchestrator.store import Store
@@ -54,7 +54,7 @@ def build_index(store: "Store", snapshot: Snapshot, query: CompiledQuery | None)
     files, file_of, row_of = [], [], []
     for f in kept:
         table = manifest_dataset(store, snapshot, [f])
-        with storage_errors("read the manifest of dataset", repr(snapshot.dataset)):
+        with manifest_file_errors(store, [f], snapshot.dataset):
             rows = fill_label_counts(table.to_table(columns=columns))
         if query is None:
             hits = np.arange(rows.num_rows, dtype=np.int64)
@@ -90,7 +90,7 @@ class RowReader:
 
     def _file(self, file_idx: int) -> pq.ParquetFile:
         path = self.index.files[file_idx]
-        with storage_errors("open manifest file", path.rsplit("/", 1)[-1]):
+        with manifest_file_errors(self.store, [path]):
             return pq.ParquetFile(self.store.fs.open_input_file(path))
 
     def locate(self, file_idx: int, row: int) -> tuple[int, int]:
@@ -111,7 +111,7 @@ class RowReader:
         if rows is not None:
             self._groups.move_to_end(key)
             return rows
-        with storage_errors("read manifest file", self.index.files[file_idx].rsplit("/", 1)[-1]):
+        with manifest_file_errors(self.store, [self.index.files[file_idx]]):
             rows = redact(self._file(file_idx).read_row_group(group, columns=ITEM_COLUMNS), self.access)
         self._groups[key] = rows
         while len(self._groups) > self.keep_groups:

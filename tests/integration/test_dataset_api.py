@@ -1,0 +1,62 @@
+"""Edges of the Dataset API, both backends: ``item_ids()`` lists ids in ``ds[i]`` order,
+``ds.get(item_id)`` reads one item by id, and ``store.dataset``'s version must be an int."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import orchestrator
+from orchestrator.errors import ConfigError, DatasetNotFound
+from tests.support.tiny_manifest import commit_items
+
+
+@pytest.fixture
+def unsorted(store_uri) -> orchestrator.Store:
+    """Rows out of id order within a file, and across three files (one per version)."""
+    store = orchestrator.connect(store_uri)
+    commit_items(store, "d", ["m", "c", "x"])
+    commit_items(store, "d", ["b", "z"])
+    commit_items(store, "d", ["a", "y"])
+    return store
+
+
+def test_item_ids_follow_the_positions_of_ds_i(unsorted):
+    ds = unsorted.dataset("d")
+    ids = ds.item_ids()
+    assert sorted(ids) == ["a", "b", "c", "m", "x", "y", "z"]
+    assert [ds[i]["id"] for i in range(len(ds))] == ids
+    assert [it["id"] for it in ds] == ids
+    for x in ("c", "y"):
+        assert ds[ids.index(x)]["id"] == x
+    sl = ds.slice("labels.car >= 1")  # the second row of each commit on
+    sl_ids = sl.item_ids()
+    assert set(sl_ids) == {"c", "x", "z", "y"} and [sl[i]["id"] for i in range(len(sl))] == sl_ids
+
+
+def test_get_reads_one_item_by_id_within_the_slice(unsorted):
+    ds = unsorted.dataset("d")
+    for x in ("m", "z", "a"):
+        item = ds.get(x)
+        assert item["id"] == x and item["image"].shape == (2, 2, 3) and item["version"] == 2
+    assert ds.slice("labels.car >= 1").get("c")["id"] == "c"
+    with pytest.raises(DatasetNotFound, match="has no item 'm' matching"):
+        ds.slice("labels.car >= 1").get("m")  # in the dataset, not in the slice
+    with pytest.raises(KeyError, match="has no item \"it's\""):
+        ds.get("it's")
+    assert unsorted.dataset("d", version=0).get("m")["version"] == 0
+    with pytest.raises(DatasetNotFound):
+        unsorted.dataset("d", version=0).get("z")  # added in version 1
+    with pytest.raises(TypeError):
+        ds.get(3)
+
+
+@pytest.mark.parametrize("version", [True, False, "0", 1.0, [0]])
+def test_dataset_version_must_be_an_int(unsorted, version):
+    with pytest.raises(ConfigError, match="version must be a version number"):
+        unsorted.dataset("d", version=version)
+
+
+def test_dataset_version_accepts_numpy_integers(unsorted):
+    assert unsorted.dataset("d", version=np.int64(1)).version == 1
+    assert unsorted.dataset("d", version=0).version == 0
