@@ -93,6 +93,17 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument("--ids", action="store_true", help="print matching item ids, one a line")
     out.add_argument("--json", action="store_true", help="count, ids and scan statistics as JSON")
 
+    p = sub.add_parser("verify", help="check every blob a dataset version reads (size and sha256); "
+                       "exit 1 if any is bad")
+    _store_arg(p)
+    p.add_argument("name")
+    p.add_argument("--version", type=int, default=None, help="version number (default: latest)")
+    p.add_argument("--repair-from", "--repair", dest="repair_from", type=Path, metavar="DIR",
+                   help="re-upload bad blobs from the files under DIR (e.g. the COCO images folder); "
+                        "items whose bytes DIR lacks are listed for re-ingest")
+    p.add_argument("--threads", type=int, default=8, help="parallel blob reads (default 8)")
+    p.add_argument("--json", action="store_true", help="print the verify report as JSON")
+
     p = sub.add_parser("train", help="run a training config on Ray Train")
     p.add_argument("config", type=Path, help="run config YAML (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -245,6 +256,20 @@ def cmd_slice(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    store = _need_store(args)
+    report = store.verify(args.name, args.version, repair_from=args.repair_from, threads=args.threads)
+    emit(json.dumps(report.as_dict(), indent=2) if args.json else report.summary())
+    if report.ok:
+        return 0
+    fix = (f"put their files in a folder and run `orchestrator verify {args.name} --repair-from DIR`"
+           if args.repair_from is None else f"{args.repair_from} does not hold their bytes: "
+           "repair from a folder that does (a re-ingest re-uploads only missing or wrong-size blobs)")
+    print(f"error: {len(report.remaining)} bad blobs remain in dataset {args.name!r} version "
+          f"{report.version}, read by {len(report.reingest)} items\n  fix: {fix}", file=sys.stderr)
+    return EXIT_SYSTEM
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from orchestrator.train.config import load_config
     from orchestrator.train.runner import plan_run, run
@@ -349,6 +374,7 @@ COMMANDS = {
     "versions": cmd_versions,
     "info": cmd_info,
     "slice": cmd_slice,
+    "verify": cmd_verify,
     "train": cmd_train,
     "runs": cmd_runs,
     "store": cmd_store,

@@ -4,6 +4,7 @@ Layout under the store root (``file:///path`` or ``s3://bucket/prefix``)::
 
     datasets/<name>/manifest/                        Delta Lake table (see orchestrator.manifest)
     datasets/<name>/blobs/sha256/<2 hex>/<sha256>    immutable media bytes, written once
+    datasets/<name>/_incoming/                       blobs being uploaded (leftovers of killed uploads)
     _policy/                                         access policy versions (orchestrator.access)
     runs/<principal>/<run_id>/                       lineage and checkpoints of training runs
 
@@ -11,13 +12,16 @@ Blobs live under their dataset so that object-storage permissions can follow dat
 reader's keys cannot fetch another dataset's media); a blob is stored once per dataset, and the
 client cache, keyed by hash, still shares it across datasets.
 
-Blob writes are atomic (a temp file renamed into place locally; a single PUT on S3), so a killed
-upload never leaves a partial blob under its final name, and a blob that exists is complete.
+Blob writes are atomic on both backends (written under ``datasets/<name>/_incoming/``, size
+checked, then renamed into place; on S3 the rename is a server-side copy), so a killed upload never
+leaves a partial blob under its final name. A blob counts as present only with the size the
+manifest records; ``orchestrator.verify`` checks sizes and hashes of every blob a version reads.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import numbers
 import os
@@ -39,11 +43,13 @@ if TYPE_CHECKING:
     from orchestrator.access.control import AccessControl
     from orchestrator.access.store_policy import PolicyVersion
     from orchestrator.stream.dataset import Dataset
+    from orchestrator.verify import VerifyReport
 
 log = logging.getLogger(__name__)
 
 _DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HASH = re.compile(r"^[0-9a-f]{64}$")
+_BLOB_METADATA = {"Content-Type": "application/octet-stream"}
 
 
 def check_dataset_name(name: str) -> str:
@@ -83,25 +89,52 @@ class BlobStore:
             raise ItemError(f"{blob!r} is not a sha256 hex digest")
         return self.location.join("datasets", self.dataset, "blobs", "sha256", blob[:2], blob)
 
-    def exists(self, blob: str) -> bool:
+    def size(self, blob: str) -> int | None:
+        """Bytes stored under the blob's name (one HEAD on S3); None if nothing is there."""
         with storage_errors("look up blob", blob[:12]):
-            return self.fs.get_file_info(self.path(blob)).type == pafs.FileType.File
+            info = self.fs.get_file_info(self.path(blob))
+        return info.size if info.type == pafs.FileType.File else None
 
-    def put(self, blob: str, data: bytes) -> bool:
-        """Store ``data`` under its hash unless present; returns True if it uploaded."""
-        if self.exists(blob):
+    def exists(self, blob: str, size: int | None = None) -> bool:
+        """True if the blob is stored, and given ``size``, stored with exactly that many bytes:
+        an empty or truncated object under the name is not the blob. (The hash is not checked
+        here: that needs the bytes; ``orchestrator.verify`` reads them.)"""
+        stored = self.size(blob)
+        return stored is not None and (size is None or stored == size)
+
+    def put(self, blob: str, data: bytes, *, replace: bool = False) -> bool:
+        """Store ``data`` under its hash unless a whole copy is there; True if it uploaded.
+
+        An object of the wrong size under the name is overwritten, and with ``replace`` so is
+        one of the right size (``verify --repair-from``: bytes that do not hash to the name).
+        The name only ever receives a whole object: the bytes go to a temporary name under
+        ``datasets/<name>/_incoming/``, whose size is checked, and are then renamed (moved:
+        S3 CopyObject, which lands whole or not at all) to the final name. Writing straight
+        to the final name on S3 is not safe: pyarrow completes the multipart upload of an
+        output stream whenever the stream is closed, so an exception (a worker's SIGTERM,
+        which Ray turns into SystemExit) between opening and writing stores 0 bytes under the
+        name, and a partial write stores a partial object. A killed upload leaves at most a
+        temporary object, never read. Raises ``ItemError`` if ``data`` does not hash to ``blob``.
+        """
+        if hashlib.sha256(data).hexdigest() != blob:
+            raise ItemError(f"refusing to store {len(data):,} bytes under blob {blob}: they do not "
+                            "hash to its name")
+        if not replace and self.exists(blob, len(data)):
             return False
         path = self.path(blob)
+        tmp = self.location.join("datasets", self.dataset, "_incoming", f"{blob}.{uuid.uuid4().hex}")
         with storage_errors("upload blob", blob[:12]):
             if self.location.scheme == "file":
+                self.fs.create_dir(tmp.rsplit("/", 1)[0], recursive=True)
                 self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-                tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-                with self.fs.open_output_stream(tmp) as out:
-                    out.write(data)
-                self.fs.move(tmp, path)
-            else:
-                with self.fs.open_output_stream(path, metadata={"Content-Type": "application/octet-stream"}) as out:
-                    out.write(data)
+            with self.fs.open_output_stream(tmp, compression=None, metadata=_BLOB_METADATA) as out:
+                out.write(data)
+            written = self.fs.get_file_info(tmp).size
+            if written != len(data):
+                self.fs.delete_file(tmp)
+                raise StoreError(f"upload of blob {blob[:12]} stored {written} of {len(data)} bytes",
+                                 hint="retry the ingest; nothing was stored under the blob's name")
+            self.fs.move(tmp, path)
         return True
 
     def get(self, blob: str) -> bytes:
@@ -228,6 +261,18 @@ class Store:
         """Every committed version of a dataset, oldest first."""
         self.access.check("read", check_dataset_name(name))
         return self.manifest(name).versions()
+
+    def verify(
+        self, name: str, version: int | None = None, *, repair_from: str | Path | None = None,
+        threads: int = 8, progress: bool | None = None,
+    ) -> "VerifyReport":
+        """Check the size and sha256 of every blob that a version (default: latest) reads;
+        with ``repair_from`` (a folder) re-upload bad blobs whose bytes a file there holds.
+        The report names each bad blob with its items; see ``orchestrator.verify``."""
+        from orchestrator.verify import verify_dataset
+
+        return verify_dataset(self, check_dataset_name(name), version, repair_from=repair_from,
+                              threads=threads, progress=progress)
 
     def ingest(
         self,

@@ -54,10 +54,13 @@ def probe_batch(batch: pa.Table) -> pa.Table:
 
 def upload_batch(batch: pa.Table, blobs: "BlobStore") -> pa.Table:
     """Ray Data stage: upload each blob the store lacks; re-hash so a file that changed since
-    it was probed is refused rather than stored under the wrong key."""
+    it was probed is refused rather than stored under the wrong key. A blob counts as present
+    only with the probed size: an empty or truncated object under its name (left by an older
+    release's killed upload, say) is uploaded again, not re-used."""
     uploaded, sizes = [], []
-    for blob, path in zip(batch.column("blob").to_pylist(), batch.column("path").to_pylist()):
-        if blobs.exists(blob):
+    columns = (batch.column(c).to_pylist() for c in ("blob", "path", "size"))
+    for blob, path, size in zip(*columns):
+        if blobs.exists(blob, size):
             uploaded.append(False)
             sizes.append(0)
             continue
@@ -68,7 +71,7 @@ def upload_batch(batch: pa.Table, blobs: "BlobStore") -> pa.Table:
                 f"{path} changed while it was being ingested",
                 hint="re-run the ingest once the files are no longer being written",
             )
-        uploaded.append(blobs.put(blob, data))
+        uploaded.append(blobs.put(blob, data, replace=True))  # absent or wrong size: looked up above
         sizes.append(len(data))
     return pa.table({"blob": batch.column("blob"), "uploaded": uploaded, "bytes": sizes})
 
@@ -91,12 +94,14 @@ def _run_probe(items: list) -> list[Probe]:
     return probes  # type: ignore[return-value]
 
 
-def _run_upload(store: "Store", dataset: str, unique: dict[str, str]) -> tuple[int, int, int]:
+def _run_upload(
+    store: "Store", dataset: str, unique: dict[str, tuple[str, int]]
+) -> tuple[int, int, int]:
     import ray.data
 
     if not unique:
         return 0, 0, 0
-    records = [{"blob": b, "path": p} for b, p in unique.items()]
+    records = [{"blob": b, "path": p, "size": n} for b, (p, n) in unique.items()]
     ds = ray.data.from_items(records, override_num_blocks=_blocks(len(records)))
     ds = ds.map_batches(
         upload_batch, batch_format="pyarrow", batch_size=16,
@@ -136,7 +141,7 @@ def ingest_source(
 
     ingested_at = now_utc()
     rows: list[dict] = []
-    unique: dict[str, str] = {}
+    unique: dict[str, tuple[str, int]] = {}  # blob -> (a path holding it, its size)
     for item, probe in zip(source.items, probes):
         if probe.error:
             report.rejected.append(Rejection(item.source_name, probe.error))
@@ -146,7 +151,7 @@ def ingest_source(
         report.instances_dropped += result.instances_dropped
         report.warnings += result.warnings
         rows.append(result.row)
-        unique.setdefault(probe.blob, item.path)
+        unique.setdefault(probe.blob, (item.path, probe.size_bytes))
 
     if strict and report.rejected:
         report.seconds = time.monotonic() - started

@@ -1,0 +1,270 @@
+"""Is every blob a dataset version reads what its name says? Check, report, and repair.
+
+A blob is named by the sha256 of its bytes and the manifest records its size, so both are
+checked against the store: each blob is read once, in ``CHUNK``-sized pieces, counted and hashed
+(a blob of 10 GB needs no more memory than one of 10 kB: at most ``threads`` chunks are held).
+The reads run on a small thread pool (the work is store round trips; hashlib releases the GIL
+while it hashes), with at most ``4 * threads`` checks queued, so a version of millions of items
+does not queue millions of futures. A store that fails to answer aborts the check with
+``StoreError`` rather than reporting a blob as bad that may be fine.
+
+Repair reads a folder the user names (the source the items were ingested from, or any folder
+holding copies): only files whose size equals a bad blob's recorded size are hashed, a file
+whose hash is a bad blob's name is uploaded over it (``BlobStore.put(replace=True)``, which
+refuses bytes that do not hash to the name and lands whole or not at all), and the blob is
+checked again. Items whose bytes the folder does not hold are reported for re-ingest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+from orchestrator.errors import ConfigError, ItemError
+from orchestrator.storage_errors import storage_errors
+
+if TYPE_CHECKING:
+    from orchestrator.store import BlobStore, Store
+
+CHUNK = 1 << 20
+DEFAULT_THREADS = 8
+MISSING, WRONG_SIZE, WRONG_CONTENT = "missing", "wrong size", "wrong content"
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class BadBlob:
+    """A blob of the version that is not what its name says, and the items that read it."""
+
+    blob: str
+    problem: str  # MISSING, WRONG_SIZE or WRONG_CONTENT
+    expected_size: int
+    actual_size: int | None  # None: missing
+    content_sha256: str | None  # what the stored bytes hash to (another blob's name, if swapped)
+    items: tuple[str, ...]
+
+    def as_dict(self) -> dict:
+        return {"blob": self.blob, "problem": self.problem, "expected_size": self.expected_size,
+                "actual_size": self.actual_size, "content_sha256": self.content_sha256,
+                "items": list(self.items)}
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify`` found in one dataset version and what ``--repair-from`` fixed."""
+
+    dataset: str
+    version: int
+    blobs_checked: int = 0
+    bytes_checked: int = 0
+    bad: list[BadBlob] = field(default_factory=list)  # as found, before any repair
+    repaired: list[str] = field(default_factory=list)  # blobs re-uploaded and checked again
+    repair_source: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def remaining(self) -> list[BadBlob]:
+        """Bad blobs that no repair fixed."""
+        fixed = set(self.repaired)
+        return [b for b in self.bad if b.blob not in fixed]
+
+    @property
+    def reingest(self) -> list[str]:
+        """Ids of the items whose bytes are still bad, sorted: they need their source again."""
+        return sorted({i for b in self.remaining for i in b.items})
+
+    @property
+    def ok(self) -> bool:
+        return not self.remaining
+
+    def as_dict(self) -> dict:
+        """The JSON the CLI prints with ``--json`` (stable keys)."""
+        return {"dataset": self.dataset, "version": self.version, "ok": self.ok,
+                "blobs_checked": self.blobs_checked, "bytes_checked": self.bytes_checked,
+                "bad": [b.as_dict() for b in self.bad], "repaired": list(self.repaired),
+                "repair_source": self.repair_source, "reingest": self.reingest,
+                "seconds": round(self.seconds, 3)}
+
+    def summary(self) -> str:
+        """A few human lines: the outcome first, then each bad blob (capped)."""
+        where = f"dataset {self.dataset!r} version {self.version}"
+        if not self.bad:
+            return (f"{where}: all {self.blobs_checked} blobs verified "
+                    f"({self.bytes_checked / 1e6:.1f} MB, {self.seconds:.1f} s)")
+        lines = [f"{where}: {len(self.bad)} of {self.blobs_checked} blobs were bad"]
+        for b in self.bad[:20]:
+            stored = "absent" if b.actual_size is None else f"{b.actual_size:,} bytes stored"
+            items = ", ".join(b.items[:3]) + (f" (+{len(b.items) - 3})" if len(b.items) > 3 else "")
+            fixed = "  [repaired]" if b.blob in self.repaired else ""
+            lines.append(f"  {b.problem:13s} {b.blob[:16]}  {b.expected_size:,} bytes expected, "
+                         f"{stored}; items: {items}{fixed}")
+        if len(self.bad) > 20:
+            lines.append(f"  ... and {len(self.bad) - 20} more (use --json for all)")
+        if self.repair_source is not None:
+            lines.append(f"repaired {len(self.repaired)} of {len(self.bad)} from {self.repair_source}")
+        if self.ok:
+            lines.append(f"all {self.blobs_checked} blobs of {where} now verify")
+        else:
+            shown = self.reingest[:10]
+            lines.append(f"items to re-ingest ({len(self.reingest)}): {', '.join(shown)}"
+                         + (" ..." if len(self.reingest) > len(shown) else ""))
+        return "\n".join(lines)
+
+
+def verify_dataset(
+    store: "Store",
+    dataset: str,
+    version: int | None = None,
+    *,
+    repair_from: str | Path | None = None,
+    threads: int = DEFAULT_THREADS,
+    progress: bool | None = None,
+) -> VerifyReport:
+    """Check every blob that ``dataset`` at ``version`` (default: latest) reads, and with
+    ``repair_from`` re-upload the bad ones from the files of that folder.
+
+    Only the items this principal may read are checked; repair needs write access. Progress
+    goes to stderr through tqdm when ``progress`` (default: when stderr is a terminal).
+    """
+    started = time.monotonic()
+    if threads < 1:
+        raise ConfigError(f"threads must be >= 1, got {threads}")
+    source = None
+    if repair_from is not None:
+        source = Path(repair_from)
+        if not source.is_dir():
+            raise ConfigError(f"repair source {str(source)!r} is not a folder",
+                              hint="give the folder holding the items' files (e.g. the COCO images folder)")
+        store.access.check("write", dataset)
+    ds = store.dataset(dataset, version)  # pins the version; AccessDenied unless readable
+    rows = ds.manifest_rows(["item_id", "blob", "size_bytes"]).to_pylist()
+    wanted: dict[str, tuple[int, list[str]]] = {}
+    for row in rows:
+        wanted.setdefault(row["blob"], (row["size_bytes"], []))[1].append(row["item_id"])
+    report = VerifyReport(dataset=dataset, version=ds.version, blobs_checked=len(wanted))
+    blobs = store.blobs(dataset)
+    show = sys.stderr.isatty() if progress is None else progress
+
+    def check(blob: str) -> tuple[BadBlob | None, int]:
+        size, items = wanted[blob]
+        return check_blob(blobs, blob, size, tuple(sorted(items)))
+
+    for bad, nbytes in _progress(_bounded_map(check, sorted(wanted), threads), len(wanted),
+                                 show, f"verify {dataset}"):
+        report.bytes_checked += nbytes
+        if bad is not None:
+            report.bad.append(bad)
+    report.bad.sort(key=lambda b: (b.items, b.blob))
+    if source is not None:
+        report.repair_source = str(source)
+        if report.bad:
+            report.repaired = repair_from_folder(blobs, report.bad, source, threads)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def check_blob(
+    blobs: "BlobStore", blob: str, expected_size: int, items: tuple[str, ...] = ()
+) -> tuple[BadBlob | None, int]:
+    """(None if the blob's stored bytes have ``expected_size`` and hash to its name, else what
+    is wrong; the bytes read). One streamed read of the object, ``CHUNK`` bytes at a time."""
+    path = blobs.path(blob)
+    digest, size = hashlib.sha256(), 0
+    with storage_errors("verify blob", f"{blob[:12]} of dataset {blobs.dataset!r}"):
+        try:
+            with blobs.fs.open_input_stream(path) as f:
+                while chunk := f.read(CHUNK):
+                    digest.update(chunk)
+                    size += len(chunk)
+        except FileNotFoundError:
+            return BadBlob(blob, MISSING, expected_size, None, None, items), 0
+    actual = digest.hexdigest()
+    if size == expected_size and actual == blob:
+        return None, size
+    problem = WRONG_SIZE if size != expected_size else WRONG_CONTENT
+    return BadBlob(blob, problem, expected_size, size, actual, items), size
+
+
+def repair_from_folder(blobs: "BlobStore", bad: list[BadBlob], folder: Path, threads: int) -> list[str]:
+    """Re-upload each bad blob whose bytes a file under ``folder`` holds; the blobs repaired
+    (uploaded and checked again), sorted. Only files of a size some bad blob has are hashed."""
+    by_blob = {b.blob: b for b in bad}
+    sizes = {b.expected_size for b in bad}
+    candidates = [p for p in _files(folder) if _size(p) in sizes]
+    found: dict[str, Path] = {}
+    for path, digest in _bounded_map(lambda p: (p, _file_sha256(p)), candidates, threads):
+        if digest in by_blob:
+            found.setdefault(digest, path)
+    repaired = []
+    for blob, path in sorted(found.items()):
+        try:
+            blobs.put(blob, path.read_bytes(), replace=True)
+        except (OSError, ItemError):
+            continue  # unreadable now, or changed since it was hashed (put refuses the bytes)
+        again, _ = check_blob(blobs, blob, by_blob[blob].expected_size)
+        if again is None:
+            repaired.append(blob)
+    return repaired
+
+
+def _files(folder: Path) -> Iterator[Path]:
+    for root, _dirs, names in os.walk(folder):  # does not descend into linked folders
+        for name in sorted(names):
+            yield Path(root, name)
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None  # a dangling link, a file removed meanwhile
+
+
+def _file_sha256(path: Path) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def _bounded_map(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Iterator[R]:
+    """``fn`` over ``items`` on ``threads`` threads, results as they finish, with at most
+    ``4 * threads`` calls queued at a time. An exception in ``fn`` is raised here."""
+    items = iter(items)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="verify") as pool:
+        pending: set[Future] = set()
+        for item in items:
+            pending.add(pool.submit(fn, item))
+            if len(pending) >= 4 * threads:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    yield fut.result()
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                yield fut.result()
+
+
+def _progress(results: Iterator[R], total: int, show: bool, desc: str) -> Iterator[R]:
+    if not show:
+        yield from results
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="blob", desc=desc, file=sys.stderr) as bar:
+        for r in results:
+            bar.update()
+            yield r
