@@ -17,6 +17,7 @@ __all__ = [
     "OrchestratorError",
     "QueryError",
     "StoreError",
+    "StoreUnavailable",
     "VersionNotFound",
 ]
 
@@ -56,6 +57,16 @@ class StoreError(OrchestratorError):
     user_fault = False
 
 
+class StoreUnavailable(StoreError):
+    """The store did not answer (down, stalled, overloaded) for longer than the retry deadline.
+
+    Never an item's fault: readers raise it instead of skipping items, and nothing is committed
+    (see ``orchestrator.retry``).
+    """
+
+    transient = True
+
+
 class DatasetNotFound(StoreError, KeyError):
     """A dataset name that the store does not hold."""
 
@@ -83,7 +94,14 @@ class IngestError(OrchestratorError):
 
 
 class ItemError(OrchestratorError):
-    """One item cannot be read (missing or corrupt blob)."""
+    """One item cannot be read: its blob is missing (the store said so), corrupt (bytes that do
+    not match the hash) or does not decode. ``reason`` is ``missing``, ``corrupt`` or
+    ``undecodable``; ``on_error="skip"`` skips these and nothing else (a store that does not
+    answer is a ``StoreUnavailable``, never an item's fault)."""
+
+    def __init__(self, message: str, *, hint: str | None = None, reason: str = "unreadable") -> None:
+        super().__init__(message, hint=hint)
+        self.reason = reason
 
 
 class ConfigError(OrchestratorError, ValueError):

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from orchestrator.errors import OrchestratorError
 
 log = logging.getLogger(__name__)
 
@@ -80,3 +85,34 @@ def anchor_data_actors() -> None:
         return
     get_or_create_stats_actor()
     get_or_create_actor_location_tracker()
+
+
+_RAISED = re.compile(r"^orchestrator\.errors\.(\w+): (.*?)(?:\n  fix: (.*))?$", re.MULTILINE)
+
+
+def orchestrator_error_in(exc: BaseException) -> "OrchestratorError | None":
+    """The orchestrator error behind a failure that crossed Ray (a task, a Ray Data stage, a
+    train worker), or None.
+
+    Ray wraps a stage's exception as ``RayTaskError(UserCodeException)`` and keeps the original
+    only as traceback text, so a ``StoreUnavailable`` in a fetch actor would reach the user as a
+    160-line Ray report. This walks the cause chain and, failing that, reads the last
+    ``orchestrator.errors.X: message`` line (and its ``fix:`` line) back into the same class.
+    """
+    from orchestrator import errors
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, errors.OrchestratorError):
+            return current
+        current = current.__cause__ or getattr(current, "cause", None)
+    matches = list(_RAISED.finditer(str(exc)))
+    for match in reversed(matches):
+        cls = getattr(errors, match.group(1), None)
+        if isinstance(cls, type) and issubclass(cls, errors.OrchestratorError):
+            found = cls.__new__(cls)
+            errors.OrchestratorError.__init__(found, match.group(2), hint=match.group(3))
+            return found
+    return None

@@ -10,9 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, TypeVar
 
 from orchestrator.errors import AccessDenied, OrchestratorError, StoreError
+from orchestrator.retry import RetryPolicy, call_with_retries, is_transient
+
+if TYPE_CHECKING:
+    from orchestrator.store_location import StoreLocation
+
+T = TypeVar("T")
 
 _CREDENTIALS = re.compile(
     r"InvalidAccessKeyId|INVALID_ACCESS_KEY_ID|SignatureDoesNotMatch|SIGNATURE_DOES_NOT_MATCH|InvalidClientTokenId|ExpiredToken|"
@@ -49,11 +56,13 @@ def translate(exc: BaseException, action: str, target: str) -> OrchestratorError
             f"cannot {action} {target}: the bucket does not exist",
             hint="create the bucket first, or fix the bucket name in the store URI",
         )
-    if _UNREACHABLE.search(text):
-        return StoreError(
-            f"cannot {action} {target}: the store is unreachable ({first_line})",
+    if _UNREACHABLE.search(text) or is_transient(exc):
+        err = StoreError(
+            f"cannot {action} {target}: the store is unreachable or not answering ({first_line})",
             hint="check AWS_ENDPOINT_URL and that the S3 server is running",
         )
+        err.transient = True  # an outer retry loop may try again (orchestrator.retry)
+        return err
     return StoreError(f"cannot {action} {target}: {first_line}")
 
 
@@ -66,3 +75,26 @@ def storage_errors(action: str, target: str) -> Iterator[None]:
         raise
     except Exception as exc:  # pyarrow, deltalake and botocore raise unrelated classes
         raise translate(exc, action, target) from exc
+
+
+def store_call(
+    fn: Callable[[], T], *, location: "StoreLocation", action: str, target: str,
+    policy: RetryPolicy | None = None,
+) -> T:
+    """``fn()`` against the store at ``location``: transient faults retried under the location's
+    retry policy (or ``policy``) then ``StoreUnavailable``; any other failure translated at once
+    (see ``orchestrator.retry``). ``fn`` must be safe to repeat."""
+    return call_with_retries(
+        fn, policy=policy or location.retry, action=action, target=target, store=location.uri,
+        translate=lambda exc: translate(exc, action, target),
+    )
+
+
+def retrying(
+    fn: Callable[[], T], *, location: "StoreLocation", action: str, target: str,
+    policy: RetryPolicy | None = None,
+) -> T:
+    """Like ``store_call`` but a non-transient failure is re-raised as it is, for callers that
+    explain it themselves (a damaged manifest file names the file)."""
+    return call_with_retries(fn, policy=policy or location.retry, action=action, target=target,
+                             store=location.uri)

@@ -36,7 +36,8 @@ import pyarrow.fs as pafs
 from orchestrator.errors import ConfigError, DatasetNotFound, IngestError, ItemError, StoreError
 from orchestrator.manifest import Manifest, VersionInfo
 from orchestrator.manifest_faults import list_log, listing_damage, log_damage_error
-from orchestrator.storage_errors import storage_errors
+from orchestrator.storage_errors import storage_errors, store_call
+from orchestrator.retry import RetryPolicy
 from orchestrator.store_location import S3Credentials, StoreLocation
 
 if TYPE_CHECKING:
@@ -83,6 +84,10 @@ class BlobStore:
     @property
     def fs(self) -> pafs.FileSystem:
         return filesystem_for(self.location)
+
+    def with_retry(self, retry: RetryPolicy) -> "BlobStore":
+        """The same blobs, read and written under another retry policy."""
+        return self if retry == self.location.retry else BlobStore(self.location.with_retry(retry), self.dataset)
 
     def path(self, blob: str) -> str:
         if not _HASH.match(blob):
@@ -137,16 +142,35 @@ class BlobStore:
             self.fs.move(tmp, path)
         return True
 
-    def get(self, blob: str) -> bytes:
+    def get(self, blob: str, *, verify: bool = True) -> bytes:
+        """The blob's bytes, checked against its name.
+
+        Only two answers make this an ``ItemError`` (an item a reader may skip): the store said
+        the object does not exist (``reason="missing"``), or its bytes do not hash to the name
+        (``reason="corrupt"``: truncated, zeroed, overwritten by another blob). A store that does
+        not answer is retried under the location's retry policy and then raises
+        ``StoreUnavailable``; access denied is raised at once. sha256 runs at ~1.5 GB/s here,
+        about 2% of decoding the same image (benchmarks/faults.py measures it).
+        """
         path = self.path(blob)
-        try:
-            with storage_errors("read blob", blob[:12]):
+
+        def read() -> bytes | None:
+            try:
                 with self.fs.open_input_stream(path) as f:
                     return f.read()
-        except StoreError as exc:
-            if isinstance(exc.__cause__, FileNotFoundError) or "not found" in str(exc).lower():
-                raise ItemError(f"blob {blob} is missing from the store {self.location.uri}") from None
-            raise
+            except FileNotFoundError:
+                return None
+
+        data = store_call(read, location=self.location, action="read blob", target=blob[:12])
+        if data is None:
+            raise ItemError(f"blob {blob} is missing from the store {self.location.uri}", reason="missing",
+                            hint="run `orchestrator verify` to list every missing blob, and re-ingest the items")
+        if verify and hashlib.sha256(data).hexdigest() != blob:
+            raise ItemError(
+                f"blob {blob} in {self.location.uri} is corrupt: its {len(data):,} bytes do not hash "
+                "to its name", reason="corrupt",
+                hint="run `orchestrator verify NAME --repair-from SOURCE` to restore it from the source files")
+        return data
 
 
 class Store:

@@ -8,13 +8,15 @@ by setting `AWS_ENDPOINT_URL` and a key pair.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 import pyarrow.fs as pafs
 
 from orchestrator.errors import StoreError
+from orchestrator.retry import RetryPolicy
 
 #: The AWS C++ SDK inside pyarrow signs uploads with trailing CRC checksums by default; S3-
 #: compatible servers such as SeaweedFS reject those parts. Checksums only where the API requires
@@ -60,17 +62,26 @@ class S3Credentials:
 
 @dataclass(frozen=True)
 class StoreLocation:
-    """A parsed store URI: ``scheme`` is ``file`` or ``s3``; ``root`` is the path inside the fs."""
+    """A parsed store URI: ``scheme`` is ``file`` or ``s3``; ``root`` is the path inside the fs;
+    ``retry`` how long to wait for the store when it does not answer (``?retry_deadline=``,
+    ``?request_timeout=``, ``?connect_timeout=`` in the URI; see ``orchestrator.retry``).
+    ``uri`` is the store's identity, without those options."""
 
     uri: str
     scheme: str
     root: str
     credentials: S3Credentials | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+    def with_retry(self, retry: RetryPolicy) -> "StoreLocation":
+        """The same store read or written under another retry policy."""
+        return dataclasses.replace(self, retry=retry)
 
     @classmethod
     def parse(cls, uri: str, credentials: S3Credentials | None = None) -> "StoreLocation":
         """Validate a store URI; relative local paths are refused so every process agrees."""
         parsed = urlparse(uri)
+        retry = RetryPolicy.from_query(parse_qs(parsed.query, keep_blank_values=True), uri)
         if parsed.scheme == "file":
             if parsed.netloc not in ("", "localhost"):
                 raise StoreError(
@@ -83,7 +94,7 @@ class StoreLocation:
                 raise StoreError(
                     f"store URI {uri!r} is not absolute", hint="use file:///abs/path", user_fault=True
                 )
-            return cls(uri=f"file://{path}", scheme="file", root=path)
+            return cls(uri=f"file://{path}", scheme="file", root=path, retry=retry)
         if parsed.scheme == "s3":
             bucket = parsed.netloc
             if not bucket:
@@ -95,6 +106,7 @@ class StoreLocation:
                 scheme="s3",
                 root=root,
                 credentials=credentials or S3Credentials.from_env(),
+                retry=retry,
             )
         raise StoreError(
             f"unsupported store URI {uri!r}",
@@ -107,7 +119,14 @@ class StoreLocation:
         if self.scheme == "file":
             return pafs.LocalFileSystem()
         creds = self.credentials or S3Credentials.from_env()
-        kwargs: dict = {"region": creds.region}
+        # Every request is bounded in time, and the SDK makes one attempt: retries, with their
+        # deadline, are orchestrator.retry's, so that one policy covers every client.
+        kwargs: dict = {
+            "region": creds.region,
+            "connect_timeout": self.retry.connect_timeout_s,
+            "request_timeout": self.retry.request_timeout_s,
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=1),
+        }
         if creds.access_key:
             kwargs.update(access_key=creds.access_key, secret_key=creds.secret_key or "")
             if creds.session_token:
@@ -129,7 +148,13 @@ class StoreLocation:
         if self.scheme == "file":
             return {}
         creds = self.credentials or S3Credentials.from_env()
-        opts = {"AWS_REGION": creds.region}
+        opts = {
+            "AWS_REGION": creds.region,
+            # object_store's own retries stop at our deadline; each request has a timeout.
+            "timeout": f"{self.retry.request_timeout_s:g}s",
+            "connect_timeout": f"{self.retry.connect_timeout_s:g}s",
+            "retry_timeout": f"{self.retry.deadline_s:g}s",
+        }
         if creds.access_key:
             opts["AWS_ACCESS_KEY_ID"] = creds.access_key
             opts["AWS_SECRET_ACCESS_KEY"] = creds.secret_key or ""

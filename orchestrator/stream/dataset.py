@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -13,9 +14,11 @@ from orchestrator.access.redact import redact
 from orchestrator.manifest import LabelMap, Snapshot, VersionInfo
 from orchestrator.query.compile import CompiledQuery, QueryContext, combine, compile_query
 from orchestrator.scan import ScanStats, scan, sum_labels
+from orchestrator.storage_errors import store_call
 from orchestrator.stream.index import ItemIndex, build_index
 from orchestrator.stream.order import epoch_order, shard
 from orchestrator.stream.reader import ItemStream, StreamOptions
+from orchestrator.stream.skips import Skips
 
 if TYPE_CHECKING:
     from orchestrator.store import Store
@@ -41,7 +44,10 @@ class Dataset:
     ) -> None:
         self.store = store
         self.name = name
-        self._snapshot: Snapshot = _snapshot or store.manifest(name).snapshot(version)
+        self.options = options or StreamOptions()
+        self._snapshot: Snapshot = _snapshot or store_call(
+            lambda: store.manifest(name).snapshot(version), location=store.location,
+            action="open dataset", target=repr(name), policy=self.options.retry_policy(store.location))
         self._queries = _queries
         self._access = _access
         labels = self._snapshot.label_map.names
@@ -55,8 +61,8 @@ class Dataset:
         )
         self._len: int | None = None if _queries else self._snapshot.rows
         self.last_scan: ScanStats | None = None
-        self.options = options or StreamOptions()
         self._stream: ItemStream | None = None
+        self._ray_ledgers: dict[str, Any] = {}  # name -> SkipLedger of this object's to_ray pipelines
 
     @property
     def version(self) -> int:
@@ -136,7 +142,8 @@ class Dataset:
     def stream(self) -> ItemStream:
         """The indexed reader (built on first use: one scan of the query's columns)."""
         if self._stream is None:
-            index: ItemIndex = build_index(self.store, self._snapshot, self._query)
+            index: ItemIndex = build_index(self.store, self._snapshot, self._query,
+                                           self.options.retry_policy(self.store.location))
             self._stream = ItemStream(self.store, self.name, index, self.label_map, self.version, self.options,
                                       access=self._access)
             self._len = len(index)
@@ -173,8 +180,33 @@ class Dataset:
 
     @property
     def skipped(self) -> int:
-        """Items skipped so far because their blob was missing or corrupt (on_error='skip')."""
-        return self._stream.skipped if self._stream is not None else 0
+        """Items skipped so far by this object's reads (iteration, ``to_tensorflow``, ``to_ray``)
+        because their blob was missing, corrupt or undecodable (on_error='skip'). A store
+        outage is never counted here: it raises ``StoreUnavailable``."""
+        return self.skips.count
+
+    @property
+    def skips(self) -> Skips:
+        """The skip ledger: counts by reason and the first messages (see ``stream.skips``)."""
+        total = Skips()
+        if self._stream is not None:
+            total.merge(self._stream.skips)
+        for ledger in self._ray_ledgers.values():
+            total.merge(ledger.read())
+        return total
+
+    def ray_skip_ledger(self) -> Any:
+        """The ledger a ``to_ray`` pipeline of this object records its skips in (counted by
+        ``skips``): the one named by ``StreamOptions.skip_ledger`` (a training run shares one
+        across its workers' pipelines), else a new one that ends with this object."""
+        from orchestrator.adapters.ray import SkipLedger
+
+        ledger = SkipLedger.new(self.options.skip_ledger)
+        if ledger.name not in self._ray_ledgers:
+            self._ray_ledgers[ledger.name] = ledger
+            if self.options.skip_ledger is None:
+                weakref.finalize(self, ledger.close)
+        return self._ray_ledgers[ledger.name]
 
     def cache_stats(self) -> dict:
         """Hits, misses and bytes fetched from the store by this process's blob cache."""

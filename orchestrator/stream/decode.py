@@ -27,7 +27,7 @@ def decode_image(data: bytes, item_id: str = "?") -> np.ndarray:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ItemError(
             f"item {item_id!r}: its blob is not a readable image ({exc})",
-            hint="re-ingest the item from its source file",
+            hint="re-ingest the item from its source file", reason="undecodable",
         ) from None
 
 

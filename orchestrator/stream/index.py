@@ -23,7 +23,9 @@ from orchestrator.access.redact import redact
 from orchestrator.manifest import Snapshot
 from orchestrator.manifest_faults import manifest_file_errors
 from orchestrator.query.compile import CompiledQuery
+from orchestrator.retry import RetryPolicy
 from orchestrator.scan import candidate_files, fill_label_counts, manifest_dataset
+from orchestrator.storage_errors import retrying
 
 if TYPE_CHECKING:
     from orchestrator.store import Store
@@ -47,15 +49,19 @@ class ItemIndex:
         return len(self.file_of)
 
 
-def build_index(store: "Store", snapshot: Snapshot, query: CompiledQuery | None) -> ItemIndex:
-    """Scan the slice once (only the query's columns) and record every match's location."""
+def build_index(store: "Store", snapshot: Snapshot, query: CompiledQuery | None,
+                retry: RetryPolicy | None = None) -> ItemIndex:
+    """Scan the slice once (only the query's columns) and record every match's location.
+    Transient store faults are retried under ``retry`` (default: the store's policy)."""
     kept = [f for f, _ in candidate_files(snapshot, query)]
     columns = query.columns if query is not None else ["item_id"]
     files, file_of, row_of = [], [], []
     for f in kept:
         table = manifest_dataset(store, snapshot, [f])
         with manifest_file_errors(store, [f], snapshot.dataset):
-            rows = fill_label_counts(table.to_table(columns=columns))
+            rows = fill_label_counts(retrying(
+                lambda: table.to_table(columns=columns), location=store.location,
+                action="read the manifest of dataset", target=repr(snapshot.dataset), policy=retry))
         if query is None:
             hits = np.arange(rows.num_rows, dtype=np.int64)
         else:
@@ -73,17 +79,18 @@ class RowReader:
     """Reads manifest rows by (file, row) through a small LRU of decoded row groups."""
 
     def __init__(self, store: "Store", index: ItemIndex, keep_groups: int = 4,
-                 access: "ReadView | None" = None) -> None:
+                 access: "ReadView | None" = None, retry: RetryPolicy | None = None) -> None:
         self.store = store
         self.index = index
         self.keep_groups = keep_groups
         self.access = access
+        self.retry = retry
         self._bounds: dict[int, np.ndarray] = {}  # file -> cumulative row-group starts
         self._groups: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
 
     def __getstate__(self) -> dict:
         return {"store": self.store, "index": self.index, "keep_groups": self.keep_groups,
-                "access": self.access}
+                "access": self.access, "retry": self.retry}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)  # type: ignore[misc]
@@ -91,7 +98,9 @@ class RowReader:
     def _file(self, file_idx: int) -> pq.ParquetFile:
         path = self.index.files[file_idx]
         with manifest_file_errors(self.store, [path]):
-            return pq.ParquetFile(self.store.fs.open_input_file(path))
+            return retrying(lambda: pq.ParquetFile(self.store.fs.open_input_file(path)),
+                            location=self.store.location, action="open manifest file",
+                            target=path.rsplit("/", 1)[-1], policy=self.retry)
 
     def locate(self, file_idx: int, row: int) -> tuple[int, int]:
         """(row group, row within it) for a row of a file."""
@@ -111,8 +120,11 @@ class RowReader:
         if rows is not None:
             self._groups.move_to_end(key)
             return rows
-        with manifest_file_errors(self.store, [self.index.files[file_idx]]):
-            rows = redact(self._file(file_idx).read_row_group(group, columns=ITEM_COLUMNS), self.access)
+        path = self.index.files[file_idx]
+        with manifest_file_errors(self.store, [path]):
+            rows = redact(retrying(lambda: self._file(file_idx).read_row_group(group, columns=ITEM_COLUMNS),
+                                   location=self.store.location, action="read manifest file",
+                                   target=path.rsplit("/", 1)[-1], policy=self.retry), self.access)
         self._groups[key] = rows
         while len(self._groups) > self.keep_groups:
             self._groups.popitem(last=False)

@@ -17,15 +17,18 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from orchestrator.errors import ConfigError, ItemError, OrchestratorError
+from orchestrator.errors import ConfigError, ItemError
 from orchestrator.manifest import LabelMap
+from orchestrator.retry import RetryPolicy
 from orchestrator.stream.cache import BlobCache, node_cache
 from orchestrator.stream.decode import decode_image, make_item
 from orchestrator.stream.index import ItemIndex, RowReader
+from orchestrator.stream.skips import Skips
 
 if TYPE_CHECKING:
     from orchestrator.access.policy import ReadView
     from orchestrator.store import BlobStore, Store
+    from orchestrator.store_location import StoreLocation
 
 log = logging.getLogger(__name__)
 OnError = Literal["skip", "raise"]
@@ -34,9 +37,12 @@ OnError = Literal["skip", "raise"]
 @dataclass
 class StreamOptions:
     """How items are read. ``prefetch``: items fetched ahead of the consumer; ``threads``: fetch
-    and decode workers; ``on_error``: ``skip`` a missing or corrupt blob with a warning (and count
-    it in ``skipped``) or ``raise`` ``ItemError``; ``cache``: the blob cache (default: this
-    process's node cache)."""
+    and decode workers; ``on_error``: ``skip`` a missing, corrupt or undecodable blob (counted in
+    ``skipped``, one summary warning per pass) or ``raise`` ``ItemError``; ``cache``: the blob
+    cache (default: this process's node cache); ``retry_deadline``: seconds to wait for a store
+    that does not answer before raising ``StoreUnavailable`` (default: the store URI's, 120);
+    ``skip_ledger``: the name of a shared ledger (a Ray actor) in which ``to_ray`` pipelines record
+    skipped items, so that all the pipelines of one training run count into one total."""
 
     prefetch: int = 16
     threads: int = 8
@@ -44,12 +50,22 @@ class StreamOptions:
     decode: bool = True
     shuffle_window: int = 4
     cache: BlobCache | None = field(default=None, repr=False)
+    retry_deadline: float | None = None
+    skip_ledger: str | None = None
 
     def __post_init__(self) -> None:
         if self.on_error not in ("skip", "raise"):
             raise ConfigError(f"on_error must be 'skip' or 'raise', got {self.on_error!r}")
         if self.prefetch < 1 or self.threads < 1:
             raise ConfigError("prefetch and threads must be >= 1")
+        if self.retry_deadline is not None and (
+                isinstance(self.retry_deadline, bool) or not isinstance(self.retry_deadline, (int, float))
+                or self.retry_deadline < 0):
+            raise ConfigError(f"retry_deadline must be a number of seconds >= 0, got {self.retry_deadline!r}")
+
+    def retry_policy(self, location: "StoreLocation") -> RetryPolicy:
+        """The store's retry policy with this reader's deadline, if it sets one."""
+        return location.retry.with_deadline(self.retry_deadline)
 
     @property
     def blob_cache(self) -> BlobCache:
@@ -64,13 +80,16 @@ def fetch_blob(blobs: "BlobStore", cache: BlobCache, blob: str) -> bytes:
 def load_item(
     blobs: "BlobStore", cache: BlobCache, row: dict, label_map: LabelMap, version: int, decode: bool = True
 ) -> dict:
-    """Fetch and decode one manifest row into an item dict; errors name the item."""
+    """Fetch and decode one manifest row into an item dict.
+
+    ``ItemError`` (naming the item) only for a missing, corrupt or undecodable blob; a store
+    that does not answer raises ``StoreUnavailable`` after the retry deadline, and every other
+    store error (access denied) as it is: those are never the item's fault.
+    """
     try:
         data = fetch_blob(blobs, cache, row["blob"])
     except ItemError as exc:
-        raise ItemError(f"item {row['item_id']!r}: {exc.message}", hint=exc.hint) from None
-    except OrchestratorError as exc:
-        raise ItemError(f"item {row['item_id']!r}: cannot fetch its blob: {exc.message}") from exc
+        raise ItemError(f"item {row['item_id']!r}: {exc.message}", hint=exc.hint, reason=exc.reason) from None
     image = decode_image(data, row["item_id"]) if decode else None
     return make_item(row, image, label_map, version)
 
@@ -81,14 +100,20 @@ class ItemStream:
     def __init__(self, store: "Store", dataset: str, index: ItemIndex, label_map: LabelMap,
                  version: int, options: StreamOptions, access: "ReadView | None" = None) -> None:
         self.store = store
-        self.blobs = store.blobs(dataset)
+        retry = options.retry_policy(store.location)
+        self.blobs = store.blobs(dataset).with_retry(retry)
         self.index = index
         self.label_map = label_map
         self.version = version
         self.options = options
         self.rows = RowReader(store, index, keep_groups=max(4, options.shuffle_window * 2),
-                              access=access)
-        self.skipped = 0
+                              access=access, retry=retry)
+        self.skips = Skips()
+        self.what = f"dataset {dataset!r} version {version}"
+
+    @property
+    def skipped(self) -> int:
+        return self.skips.count
 
     def item(self, position: int) -> dict:
         """One item; always raises on a bad blob (a caller asked for this exact item)."""
@@ -108,35 +133,47 @@ class ItemStream:
         return keys
 
     def iterate(self, positions: np.ndarray) -> Iterator[dict]:
-        """Items at ``positions`` in that order, fetched ahead on a thread pool."""
+        """Items at ``positions`` in that order, fetched ahead on a thread pool.
+
+        Exactly once or not at all: an item is yielded, or skipped as an ``ItemError`` under
+        ``on_error="skip"`` (counted in ``skips``, one summary warning when the pass ends), or
+        the pass stops with the error. A store outage past the retry deadline always stops it.
+        """
         opts = self.options
         cache = opts.blob_cache
         blobs = self.blobs
         pending: deque[tuple[int, Future]] = deque()
-        with ThreadPoolExecutor(max_workers=opts.threads, thread_name_prefix="orchestrator-fetch") as pool:
-            it = iter(positions)
-            exhausted = False
-            while True:
-                while not exhausted and len(pending) < opts.prefetch:
-                    try:
-                        pos = int(next(it))
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    row = self.rows.row(pos)
-                    pending.append((pos, pool.submit(load_item, blobs, cache, row, self.label_map,
-                                                     self.version, opts.decode)))
-                if not pending:
-                    return
-                _, fut = pending.popleft()
+        skipped_here = Skips()
+        try:
+            with ThreadPoolExecutor(max_workers=opts.threads, thread_name_prefix="orchestrator-fetch") as pool:
                 try:
-                    item = fut.result()
-                except ItemError as exc:
-                    if opts.on_error == "raise":
-                        for _, f in pending:
-                            f.cancel()
-                        raise
-                    self.skipped += 1
-                    warnings.warn(f"skipped: {exc.message}", stacklevel=2)
-                    continue
-                yield item
+                    it = iter(positions)
+                    exhausted = False
+                    while True:
+                        while not exhausted and len(pending) < opts.prefetch:
+                            try:
+                                pos = int(next(it))
+                            except StopIteration:
+                                exhausted = True
+                                break
+                            row = self.rows.row(pos)
+                            pending.append((pos, pool.submit(load_item, blobs, cache, row, self.label_map,
+                                                             self.version, opts.decode)))
+                        if not pending:
+                            return
+                        _, fut = pending.popleft()
+                        try:
+                            item = fut.result()
+                        except ItemError as exc:
+                            if opts.on_error == "raise":
+                                raise
+                            skipped_here.add(exc)
+                            self.skips.add(exc)
+                            continue
+                        yield item
+                finally:  # an error or an abandoned pass: do not wait for fetches nobody reads
+                    for _, f in pending:
+                        f.cancel()
+        finally:
+            if skipped_here.count:
+                warnings.warn(skipped_here.summary(self.what), stacklevel=2)

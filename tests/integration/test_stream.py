@@ -168,17 +168,24 @@ def test_missing_and_corrupt_blobs_skip_with_warning_or_raise(store_uri, demo_sm
     with fs.open_output_stream(store.blobs("street").path(corrupt_blob)) as out:
         out.write(b"\xff\xd8 not really a jpeg")
 
-    with pytest.warns(UserWarning, match="skipped"):
+    with pytest.warns(UserWarning, match="skipped") as caught:
         ids = [it["id"] for it in ds]
     assert len(ids) == 58 and missing_id not in ids and corrupt_id not in ids
     assert ds.skipped == 2
+    # One summary per pass, not one warning per item: counts by reason and the first example.
+    summaries = [str(w.message) for w in caught if "skipped" in str(w.message)]
+    assert len(summaries) == 1, summaries
+    assert "skipped 2 item(s)" in summaries[0] and "1 corrupt" in summaries[0] and "1 missing" in summaries[0]
+    assert ds.skips.by_reason == {"missing": 1, "corrupt": 1}
 
     strict = store.dataset("street", cache=BlobCache(memory_budget=1), on_error="raise")
     with pytest.raises(ItemError, match=missing_id.replace(".", r"\.")):
         list(strict)
     position = strict.item_ids().index(corrupt_id)
-    with pytest.raises(ItemError, match="not a readable image"):
+    # The bytes are caught by the hash check before anyone tries to decode them.
+    with pytest.raises(ItemError, match="is corrupt: its .* bytes do not hash to its name") as bad:
         strict[position]
+    assert bad.value.reason == "corrupt"
 
 
 def test_reader_holds_a_few_row_groups_not_the_manifest(store_uri, demo_small, monkeypatch):

@@ -1,0 +1,189 @@
+"""A store outage is never a bad item: every read path either delivers every item exactly once
+or raises ``StoreUnavailable``; it never finishes with fewer items and no error.
+
+Against a real SeaweedFS of this module's own, killed -9 and restarted, or SIGSTOPped, while
+items are read through ``ds[i]``, iteration, a 2-worker DataLoader, ``to_tensorflow`` and
+``to_ray`` (training goes through ``to_ray``; ingest is in test_ingest_faults.py).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import orchestrator
+from orchestrator.errors import StoreUnavailable
+from orchestrator.retry import retry_stats
+from orchestrator.store_location import S3Credentials
+from orchestrator.stream.cache import BlobCache
+from tests.support.faulty_server import KEY, SECRET, FaultyServer
+
+pytestmark = [pytest.mark.s3, pytest.mark.slow]
+
+RESTART_AFTER_S = 3.0
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory: pytest.TempPathFactory):
+    server = FaultyServer(tmp_path_factory.mktemp("faulty-seaweed")).start()
+    yield server
+    server.stop()
+
+
+def _store(faulty: FaultyServer, prefix: str, **options: float) -> orchestrator.Store:
+    creds = S3Credentials(access_key=KEY, secret_key=SECRET, endpoint_url=faulty.server.endpoint_url)
+    return orchestrator.connect(faulty.uri(prefix, **options), credentials=creds)
+
+
+@pytest.fixture(scope="module")
+def street(faulty, demo_small: Path, ray_cluster) -> tuple[str, list[str]]:
+    """60 demo items ingested into the faulty server once: (prefix, item ids)."""
+    prefix = uuid.uuid4().hex[:10]
+    store = _store(faulty, prefix)
+    store.ingest("street", coco=demo_small / "annotations.json", images=demo_small / "images")
+    return prefix, sorted(store.dataset("street").item_ids())
+
+
+def _fresh(faulty, street, **uri_options) -> orchestrator.Dataset:
+    """The dataset with no cache, so that every item is fetched from the server."""
+    prefix, _ = street
+    return _store(faulty, prefix, **uri_options).dataset(
+        "street", cache=BlobCache(memory_budget=1), prefetch=2, threads=2)
+
+
+def _assert_exactly_once(seen: list[str], expected: list[str]) -> None:
+    assert len(seen) == len(set(seen)), "an item was delivered twice"
+    assert sorted(seen) == expected, f"{len(expected) - len(set(seen))} items lost"
+
+
+def test_iteration_rides_out_a_killed_and_restarted_server(faulty, street):
+    ds = _fresh(faulty, street)
+    before = retry_stats().as_dict()
+    seen = []
+    started = time.monotonic()
+    for i, item in enumerate(ds):
+        seen.append(item["id"])
+        if i == 10:
+            faulty.kill_and_restart_after(RESTART_AFTER_S)
+    faulty.wait_idle()
+    _assert_exactly_once(seen, street[1])
+    assert ds.skipped == 0
+    after = retry_stats().as_dict()
+    assert after["retries"] > before["retries"] and after["recovered"] > before["recovered"]
+    assert time.monotonic() - started >= RESTART_AFTER_S  # the outage was waited out, not skipped
+
+
+def test_random_access_waits_for_the_server(faulty, street):
+    ds = _fresh(faulty, street)
+    expected = ds[7]["id"]
+    ds = _fresh(faulty, street)
+    faulty.kill_and_restart_after(RESTART_AFTER_S)
+    assert ds[7]["id"] == expected
+    faulty.wait_idle()
+
+
+def test_dataloader_with_two_workers_rides_out_a_killed_server(faulty, street):
+    from torch.utils.data import DataLoader
+
+    ds = _fresh(faulty, street)
+    loader = DataLoader(ds.to_pytorch(), batch_size=1, num_workers=2, prefetch_factor=1,
+                        collate_fn=lambda batch: batch[0])
+    seen = []
+    started = time.monotonic()
+    for i, item in enumerate(loader):
+        seen.append(item["id"])
+        if i == 3:
+            faulty.kill_and_restart_after(RESTART_AFTER_S)
+    faulty.wait_idle()
+    _assert_exactly_once(seen, street[1])
+    assert time.monotonic() - started >= RESTART_AFTER_S
+
+
+def test_ray_pipeline_started_during_an_outage_delivers_everything(faulty, street):
+    ds = _fresh(faulty, street)
+    rds = ds.to_ray()
+    faulty.kill_and_restart_after(RESTART_AFTER_S)  # down before the first manifest read
+    seen = [row["id"] for row in rds.iter_rows()]
+    faulty.wait_idle()
+    _assert_exactly_once(seen, street[1])
+    assert ds.skipped == 0
+
+
+def test_a_short_stall_is_waited_out(faulty, street):
+    ds = _fresh(faulty, street, request_timeout=1, connect_timeout=1)
+    seen = []
+    for i, item in enumerate(ds):
+        seen.append(item["id"])
+        if i == 5:
+            faulty.stall_for(3)
+    faulty.wait_idle()
+    _assert_exactly_once(seen, street[1])
+    assert ds.skipped == 0
+
+
+def test_a_stall_longer_than_the_deadline_raises_instead_of_hanging(faulty, street):
+    ds = _fresh(faulty, street, retry_deadline=3, request_timeout=1, connect_timeout=1)
+    seen = []
+    with pytest.raises(StoreUnavailable, match=r"(?s)did not answer for \d+ s .*retry_deadline") as err:
+        for i, item in enumerate(ds):
+            seen.append(item["id"])
+            if i == 5:
+                stalled_at = time.monotonic()
+                faulty.stall_for(12)
+    waited = time.monotonic() - stalled_at
+    faulty.wait_idle()
+    assert 3 <= waited < 12, f"gave up after {waited:.1f} s with a 3 s deadline"
+    assert ds.skipped == 0 and len(seen) < len(street[1])
+    assert "check that the S3 server is running" in str(err.value)
+
+
+def test_a_dead_server_raises_on_every_read_path(faulty, street):
+    """Past the deadline each path raises the store error (none returns a shorter epoch)."""
+    from torch.utils.data import DataLoader
+
+    paths = {
+        "getitem": lambda ds: [ds[i]["id"] for i in range(len(street[1]))],
+        "iteration": lambda ds: [it["id"] for it in ds],
+        "dataloader": lambda ds: [it["id"] for it in DataLoader(
+            ds.to_pytorch(), batch_size=1, num_workers=2, collate_fn=lambda b: b[0])],
+        "ray": lambda ds: [row["id"] for row in ds.to_ray().iter_rows()],
+    }
+    datasets = {name: _fresh(faulty, street, retry_deadline=2, request_timeout=1, connect_timeout=1)
+                for name in paths}
+    for ds in datasets.values():
+        len(ds.stream.index)  # manifest indexed while the server is up: only blob reads remain
+    faulty.kill()
+    try:
+        for name, read in paths.items():
+            with pytest.raises(Exception) as caught:
+                read(datasets[name])
+            assert _is_store_unavailable(caught.value), f"{name}: {caught.value!r}"
+            assert datasets[name].skipped == 0, name
+    finally:
+        faulty.restart_after(0)
+        faulty.wait_idle()
+
+
+def test_tensorflow_path_raises_the_store_error(faulty, street):
+    ds = _fresh(faulty, street, retry_deadline=2, request_timeout=1, connect_timeout=1)
+    tfds = ds.to_tensorflow()
+    len(ds.stream.index)
+    faulty.kill()
+    try:
+        with pytest.raises(Exception, match="StoreUnavailable|did not answer for"):
+            for _ in tfds:
+                pass
+        assert ds.skipped == 0
+    finally:
+        faulty.restart_after(0)
+        faulty.wait_idle()
+
+
+def _is_store_unavailable(exc: BaseException) -> bool:
+    """The error itself, or (through Ray's and the DataLoader's wrappers) the error behind it."""
+    from orchestrator.ray_runtime import orchestrator_error_in
+
+    return isinstance(orchestrator_error_in(exc), StoreUnavailable)
