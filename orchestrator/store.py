@@ -402,11 +402,14 @@ def connect(uri: str, *, credentials: S3Credentials | None = None, must_exist: b
     if location.scheme == "s3":  # a local root is created by the first write
         # A listing (not a HEAD) so that wrong keys are told apart from a missing grant; of
         # _policy/, which every principal may list when the server enforces the policy.
-        try:
+        def probe() -> list:
             with storage_errors("open the store", location.uri):
-                found = store.fs.get_file_info(
+                return store.fs.get_file_info(
                     pafs.FileSelector(location.join("_policy"), allow_not_found=True, recursive=False)
                 )
+
+        try:  # a store that does not answer is waited for, like every other read
+            found = store_call(probe, location=location, action="open the store", target=location.uri)
         except StoreError as exc:
             if "NoSuchBucket" in str(exc.__cause__):  # AWS S3 refuses to list a missing bucket
                 raise _no_store(location) from None

@@ -52,6 +52,17 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def faulty_seaweed(tmp_path_factory: pytest.TempPathFactory):
+    """A SeaweedFS server of its own that fault tests kill -9, restart and SIGSTOP (see
+    tests/support/faulty_server.py); the session's ``seaweed`` server is never touched."""
+    from tests.support.faulty_server import FaultyServer
+
+    server = FaultyServer(tmp_path_factory.mktemp("faulty-seaweed")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
     """One local Ray cluster for the session, started in this process with a dashboard (for
     `ray job submit`); CLI subprocesses attach to it through RAY_ADDRESS instead of starting their

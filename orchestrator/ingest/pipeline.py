@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from orchestrator.errors import IngestError
+from orchestrator.errors import IngestError, StoreError
 from orchestrator.ingest.probe import Probe, probe_file, sha256_hex
 from orchestrator.ingest.records import build_row
 from orchestrator.ingest.report import IngestReport
 from orchestrator.ingest.sources import Rejection, Source
 from orchestrator.manifest import conform, label_field, now_utc
-from orchestrator.ray_runtime import ensure_ray
+from orchestrator.ray_runtime import ensure_ray, orchestrator_error_in
+from orchestrator.storage_errors import store_call
 
 if TYPE_CHECKING:
     from orchestrator.store import BlobStore, Store
@@ -60,20 +61,27 @@ def upload_batch(batch: pa.Table, blobs: "BlobStore") -> pa.Table:
     uploaded, sizes = [], []
     columns = (batch.column(c).to_pylist() for c in ("blob", "path", "size"))
     for blob, path, size in zip(*columns):
-        if blobs.exists(blob, size):
-            uploaded.append(False)
-            sizes.append(0)
-            continue
-        with open(path, "rb") as f:
-            data = f.read()
-        if sha256_hex(data) != blob:
-            raise IngestError(
-                f"{path} changed while it was being ingested",
-                hint="re-run the ingest once the files are no longer being written",
-            )
-        uploaded.append(blobs.put(blob, data, replace=True))  # absent or wrong size: looked up above
-        sizes.append(len(data))
+        # Look-up and upload are repeated as a whole while the store does not answer (up to
+        # the store's retry deadline, then StoreUnavailable ends the ingest, nothing committed).
+        flag, nbytes = store_call(lambda: _upload_one(blobs, blob, path, size), location=blobs.location,
+                                  action="upload blob", target=f"{blob[:12]} ({path})")
+        uploaded.append(flag)
+        sizes.append(nbytes)
     return pa.table({"blob": batch.column("blob"), "uploaded": uploaded, "bytes": sizes})
+
+
+def _upload_one(blobs: "BlobStore", blob: str, path: str, size: int) -> tuple[bool, int]:
+    """(uploaded?, bytes) for one blob; safe to repeat (a whole object lands once)."""
+    if blobs.exists(blob, size):
+        return False, 0
+    with open(path, "rb") as f:
+        data = f.read()
+    if sha256_hex(data) != blob:
+        raise IngestError(
+            f"{path} changed while it was being ingested",
+            hint="re-run the ingest once the files are no longer being written",
+        )
+    return blobs.put(blob, data, replace=True), len(data)  # absent or wrong size: looked up above
 
 
 def _run_probe(items: list) -> list[Probe]:
@@ -108,12 +116,26 @@ def _run_upload(
         fn_kwargs={"blobs": store.blobs(dataset)}, num_cpus=0.5,
     )
     uploaded = reused = nbytes = 0
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        for flag, size in zip(batch.column("uploaded").to_pylist(), batch.column("bytes").to_pylist()):
-            uploaded += bool(flag)
-            reused += not flag
-            nbytes += size
+    try:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for flag, size in zip(batch.column("uploaded").to_pylist(), batch.column("bytes").to_pylist()):
+                uploaded += bool(flag)
+                reused += not flag
+                nbytes += size
+    except Exception as exc:  # a stage's error arrives wrapped in Ray's report: raise ours
+        raise _from_stage(exc) from None
     return uploaded, reused, nbytes
+
+
+def _from_stage(exc: Exception) -> Exception:
+    """The orchestrator error a Ray stage raised (one clear line for the CLI), else ``exc``."""
+    found = orchestrator_error_in(exc)
+    if found is None:
+        return exc
+    if isinstance(found, StoreError):
+        found.message = f"{found.message}; the ingest stopped and nothing was committed"
+        found.args = (f"{found.message}\n  fix: {found.hint}" if found.hint else found.message,)
+    return found
 
 
 def ingest_source(
@@ -127,7 +149,9 @@ def ingest_source(
     started = time.monotonic()
     report = IngestReport(dataset=dataset, rejected=list(source.rejected), warnings=list(source.warnings))
     manifest = store.manifest(dataset)
-    existing = manifest.snapshot().label_map.names if manifest.exists() else ()
+    existing = store_call(
+        lambda: manifest.snapshot().label_map.names if manifest.exists() else (),
+        location=store.location, action="read the labels of dataset", target=repr(dataset))
     labels = list(existing) + [l for l in source.labels if l not in existing]
     for item in source.items:  # labels used by instances but absent from the vocabulary
         for inst in item.instances:

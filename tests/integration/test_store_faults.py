@@ -17,9 +17,8 @@ import pytest
 import orchestrator
 from orchestrator.errors import StoreUnavailable
 from orchestrator.retry import retry_stats
-from orchestrator.store_location import S3Credentials
 from orchestrator.stream.cache import BlobCache
-from tests.support.faulty_server import KEY, SECRET, FaultyServer
+from tests.support.faulty_server import FaultyServer
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
@@ -27,15 +26,12 @@ RESTART_AFTER_S = 3.0
 
 
 @pytest.fixture(scope="module")
-def faulty(tmp_path_factory: pytest.TempPathFactory):
-    server = FaultyServer(tmp_path_factory.mktemp("faulty-seaweed")).start()
-    yield server
-    server.stop()
+def faulty(faulty_seaweed):
+    return faulty_seaweed
 
 
 def _store(faulty: FaultyServer, prefix: str, **options: float) -> orchestrator.Store:
-    creds = S3Credentials(access_key=KEY, secret_key=SECRET, endpoint_url=faulty.server.endpoint_url)
-    return orchestrator.connect(faulty.uri(prefix, **options), credentials=creds)
+    return orchestrator.connect(faulty.uri(prefix, **options), credentials=faulty.credentials())
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from orchestrator.seaweed import SeaweedServer
+from orchestrator.store_location import S3Credentials
 
 BUCKET = "faults"
 KEY, SECRET = "fault-key", "fault-secret"
@@ -61,6 +62,9 @@ class FaultyServer:
 
     def env(self) -> dict[str, str]:
         return self.server.env(KEY, SECRET)
+
+    def credentials(self) -> S3Credentials:
+        return S3Credentials(access_key=KEY, secret_key=SECRET, endpoint_url=self.server.endpoint_url)
 
     def uri(self, prefix: str, **options: float) -> str:
         query = "&".join(f"{k}={v}" for k, v in options.items())
