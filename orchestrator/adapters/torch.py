@@ -7,6 +7,7 @@ DistributedSampler. ``collate_items`` batches items with different numbers of bo
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,15 @@ class TorchItems(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        # Skips made in DataLoader worker processes, summed where the caller can read them
+        # (shared memory, handed to workers when they start).
+        self._skipped = multiprocessing.Value("q", 0)
+
+    @property
+    def skipped(self) -> int:
+        """Items skipped (missing, corrupt or undecodable blob) by every process that iterated
+        this dataset, DataLoader workers included; each worker also warns once per epoch."""
+        return int(self._skipped.value)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -53,10 +63,17 @@ class TorchItems(IterableDataset):
 
     def __iter__(self) -> Iterator[Any]:
         shard_id, num_shards = self.shard()
-        for item in self.dataset.iter_items(shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
-                                            shard_id=shard_id, num_shards=num_shards):
-            item = to_tensors(item)
-            yield self.transform(item) if self.transform is not None else item
+        before = self.dataset.skipped
+        try:
+            for item in self.dataset.iter_items(shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
+                                                shard_id=shard_id, num_shards=num_shards):
+                item = to_tensors(item)
+                yield self.transform(item) if self.transform is not None else item
+        finally:
+            skipped = self.dataset.skipped - before
+            if skipped:
+                with self._skipped.get_lock():
+                    self._skipped.value += skipped
 
     def __len__(self) -> int:
         """Items this rank's workers yield together per epoch."""

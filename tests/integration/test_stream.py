@@ -3,6 +3,8 @@ Keras on tf.data, Ray Data stages, the cache across epochs, and missing or corru
 
 from __future__ import annotations
 
+import warnings
+
 import json
 import os
 from pathlib import Path
@@ -157,7 +159,7 @@ def test_second_epoch_fetches_nothing_and_a_small_cache_stays_in_budget(street):
     assert small.stats.evictions > 0 and small.stats.bytes_fetched > budget
 
 
-def test_missing_and_corrupt_blobs_skip_with_warning_or_raise(store_uri, demo_small):
+def test_missing_and_corrupt_blobs_skip_with_warning_or_raise(store_uri, demo_small, ray_cluster):
     store = orchestrator.connect(store_uri)
     store.ingest("street", coco=demo_small / "annotations.json", images=demo_small / "images")
     ds = store.dataset("street", cache=BlobCache(memory_budget=1))
@@ -177,6 +179,19 @@ def test_missing_and_corrupt_blobs_skip_with_warning_or_raise(store_uri, demo_sm
     assert len(summaries) == 1, summaries
     assert "skipped 2 item(s)" in summaries[0] and "1 corrupt" in summaries[0] and "1 missing" in summaries[0]
     assert ds.skips.by_reason == {"missing": 1, "corrupt": 1}
+
+    # The same skips, counted the same way, through DataLoader workers and through Ray stages.
+    from torch.utils.data import DataLoader
+
+    torch_ds = store.dataset("street", cache=BlobCache(memory_budget=1)).to_pytorch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # each worker warns with its own summary
+        loaded = [it["id"] for it in DataLoader(torch_ds, batch_size=None, num_workers=2)]
+    assert len(loaded) == 58 and torch_ds.skipped == 2
+    ray_ds = store.dataset("street", cache=BlobCache(memory_budget=1))
+    rows = [row["id"] for row in ray_ds.to_ray().iter_rows()]
+    assert sorted(rows) == sorted(ids)
+    assert ray_ds.skipped == 2 and ray_ds.skips.by_reason == {"missing": 1, "corrupt": 1}
 
     strict = store.dataset("street", cache=BlobCache(memory_budget=1), on_error="raise")
     with pytest.raises(ItemError, match=missing_id.replace(".", r"\.")):
