@@ -3,10 +3,9 @@ Keras on tf.data, Ray Data stages, the cache across epochs, and missing or corru
 
 from __future__ import annotations
 
-import warnings
-
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
