@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from orchestrator.errors import ConfigError, ItemError
-from orchestrator.storage_errors import storage_errors
+from orchestrator.storage_errors import store_call
 
 if TYPE_CHECKING:
     from orchestrator.store import BlobStore, Store
@@ -178,16 +178,23 @@ def check_blob(
     """(None if the blob's stored bytes have ``expected_size`` and hash to its name, else what
     is wrong; the bytes read). One streamed read of the object, ``CHUNK`` bytes at a time."""
     path = blobs.path(blob)
-    digest, size = hashlib.sha256(), 0
-    with storage_errors("verify blob", f"{blob[:12]} of dataset {blobs.dataset!r}"):
+
+    def read() -> tuple[str, int] | None:  # repeated whole while the store does not answer
+        digest, size = hashlib.sha256(), 0
         try:
             with blobs.fs.open_input_stream(path) as f:
                 while chunk := f.read(CHUNK):
                     digest.update(chunk)
                     size += len(chunk)
         except FileNotFoundError:
-            return BadBlob(blob, MISSING, expected_size, None, None, items), 0
-    actual = digest.hexdigest()
+            return None
+        return digest.hexdigest(), size
+
+    read_back = store_call(read, location=blobs.location, action="verify blob",
+                           target=f"{blob[:12]} of dataset {blobs.dataset!r}")
+    if read_back is None:
+        return BadBlob(blob, MISSING, expected_size, None, None, items), 0
+    actual, size = read_back
     if size == expected_size and actual == blob:
         return None, size
     problem = WRONG_SIZE if size != expected_size else WRONG_CONTENT
