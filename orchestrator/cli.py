@@ -272,6 +272,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from orchestrator.train.config import load_config
+    from orchestrator.train.lineage import lineage_uri
     from orchestrator.train.runner import plan_run, run
 
     settings = load_config(args.config, args.overrides)
@@ -281,26 +282,42 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"version {plan.lineage.version} ({plan.lineage.items['train']} train / "
           f"{plan.lineage.items['validation']} validation items), "
           f"{settings.scaling.num_workers} workers", flush=True)
-    lineage = run(plan)
+    try:
+        lineage = run(plan)
+    except (KeyboardInterrupt, SystemExit) as stop:  # run() has stopped the workers and recorded it
+        done = len(plan.lineage.metrics)
+        print(f"error: run {plan.run_id} interrupted after {done} finished epoch{'s' if done != 1 else ''}; "
+              f"lineage (status interrupted): {lineage_uri(plan.store, plan.run_id)}", file=sys.stderr)
+        if isinstance(stop, KeyboardInterrupt):
+            return 130  # 128 + SIGINT, as shells report it
+        code = stop.code  # Ray's SIGTERM handler exits with the signal number
+        return 128 + code if isinstance(code, int) and code > 0 else EXIT_SYSTEM
     if args.json:
         emit(json.dumps(lineage.as_dict(), indent=2, default=str))
     else:
         for m in lineage.metrics:
             emit("  " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                    for k, v in m.items()))
-        emit(f"finished; lineage: {plan.store.uri}/runs/{plan.run_id}/lineage.json")
+        emit(f"finished; lineage: {lineage_uri(plan.store, plan.run_id)}")
     return 0
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from orchestrator.train.lineage import list_runs
+    """Recorded runs; a ``running`` record whose driver is gone shows as ``lost`` (in ``--json``
+    too, with the written status kept as ``recorded_status``)."""
+    from orchestrator.train.lineage import list_runs, observed_status
 
     runs = list_runs(_need_store(args))
-    rows = [{"run_id": r.run_id, "status": r.status, "dataset": r.dataset, "version": r.version,
+    shown = [observed_status(r) for r in runs]
+    rows = [{"run_id": r.run_id, "status": status, "dataset": r.dataset, "version": r.version,
              "train": r.items.get("train"), "validation": r.items.get("validation"),
-             "principal": r.principal, "last": (r.metrics[-1] if r.metrics else {})} for r in runs]
+             "principal": r.principal, "last": (r.metrics[-1] if r.metrics else {})}
+            for r, status in zip(runs, shown)]
     if args.json:
-        emit(json.dumps([r.as_dict() for r in runs], indent=2, default=str))
+        docs = [{**r.as_dict(), "status": status}
+                | ({"recorded_status": r.status} if status != r.status else {})
+                for r, status in zip(runs, shown)]
+        emit(json.dumps(docs, indent=2, default=str))
     else:
         for row in rows:
             row["last"] = " ".join(f"{k}={v:.3f}" for k, v in row["last"].items()

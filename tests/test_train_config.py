@@ -61,3 +61,12 @@ def test_bad_yaml_and_bad_override(tmp_path):
         load_config(REPO / "configs" / "street_torch.yaml", ["train.epochs"])
     with pytest.raises(ConfigError, match="train.epochs: Input should be a valid integer"):
         load_config(REPO / "configs" / "street_torch.yaml", ["train.epochs=many"])
+
+
+def test_schedule_timeout_has_a_default_and_must_be_positive():
+    base = {"store": "file:///s", "dataset": "x"}
+    assert load_config(doc=base).scaling.schedule_timeout_s > 0
+    assert load_config(doc={**base, "scaling": {"schedule_timeout_s": 30}}).scaling.schedule_timeout_s == 30
+    for bad in (0, -5, "soon"):
+        with pytest.raises(ConfigError, match="scaling.schedule_timeout_s"):
+            load_config(doc={**base, "scaling": {"schedule_timeout_s": bad}})

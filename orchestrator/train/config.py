@@ -49,6 +49,11 @@ class ScalingSettings(_Strict):
     use_gpu: bool = False
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="how Ray places the workers' resource bundles on nodes")
+    schedule_timeout_s: float = Field(
+        900.0, gt=0, le=7 * 24 * 3600,
+        description="seconds the worker group may wait to be placed and started (at the start "
+                    "and after a restart) before the run fails, naming what it asked for and "
+                    "what the cluster has; long enough for an autoscaler's cold start")
 
 
 class DataConfig(_Strict):

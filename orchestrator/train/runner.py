@@ -5,26 +5,44 @@ checked before Ray starts. The data reach the workers as Ray Data pipelines (man
 the slice and split pushed down → blob fetch through the node cache → decode → resize/pad): each
 worker gets its own shard of ``train``, produced on its own node (train/data.py), and rank 0
 scores ``validation``.
+
+A run ends honestly. ``trainer.fit()`` runs in a thread while this (main) thread watches it
+(train/progress.py): it appends each epoch's metrics to the lineage as the epoch reports,
+refreshes the driver's heartbeat, and fails the run when the worker group has waited longer than
+``scaling.schedule_timeout_s`` to be placed (a run nothing in the cluster or its autoscaler can
+hold fails before fitting). Ctrl-C (or SIGTERM) reaches this thread, not Ray's handler (Ray Train
+registers one only when ``fit`` runs in the main thread): the controller is aborted, which shuts
+the workers down and removes their placement group, and the lineage records ``interrupted``
+with the epochs that finished before the exception goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orchestrator
 from orchestrator.errors import ConfigError, OrchestratorError
-from orchestrator.ray_runtime import anchor_data_actors, ensure_ray
+from orchestrator.ray_runtime import anchor_data_actors, ensure_ray, running_cluster_address
 from orchestrator.stream.split import HashSplit, validation_mask
 from orchestrator.train.config import RunSettings
+from orchestrator.train.placement import (
+    ResourceRequest, autoscaler_node_types, cluster_nodes, free_resources, placeable,
+    unschedulable_message,
+)
 from orchestrator.train.storage import checkpoint_filesystem
 from orchestrator.train.lineage import (
-    Lineage, code_revision, ids_digest, new_run_id, now, read_lineage, runs_dir, write_lineage,
+    Lineage, code_revision, driver_identity, ids_digest, new_run_id, now, read_lineage, runs_dir,
+    write_lineage,
 )
 
 if TYPE_CHECKING:
     from orchestrator.train.data import RunData
+    from orchestrator.train.progress import RunWatch
 
 log = logging.getLogger(__name__)
 
@@ -127,17 +145,93 @@ def train_datasets(plan: Plan) -> tuple[dict[str, Any], Any]:
     return datasets, NodeLocalDataConfig(run_data)
 
 
+POLL_S = 1.0  # how often the driver reads the fit's progress
+
+
 def run(plan: Plan) -> Lineage:
-    """Fit on Ray Train; the lineage record is written at start, per epoch by the driver's
-    result, and at the end (``status``: finished or failed)."""
+    """Fit on Ray Train; the lineage record is written at start, after every epoch, every
+    ``HEARTBEAT_S`` while the driver lives, and at the end: ``finished``, ``failed`` (the error
+    is raised as an ``OrchestratorError``) or ``interrupted`` (``KeyboardInterrupt`` /
+    ``SystemExit`` is re-raised once the workers are gone)."""
+    lineage = plan.lineage
+    lineage.status, lineage.driver, lineage.heartbeat_at = "running", driver_identity(), now()
+    watch: "RunWatch | None" = None
+    try:
+        write_lineage(plan.store, lineage)
+        import ray
+
+        may_grow = ray.is_initialized() or running_cluster_address()[0] is not None
+        ensure_ray()  # without a cluster to attach to, a local one: it never grows
+        anchor_data_actors()
+        request = ResourceRequest.from_settings(plan.settings.scaling)
+        _refuse_unplaceable(request, may_grow=may_grow)
+        trainer, watch = _trainer(plan)
+        result = _fit_watched(plan, trainer, watch, request)
+    except (KeyboardInterrupt, SystemExit) as stop:
+        with _sigint_ignored():
+            _wind_down(watch)
+            lineage.status, lineage.finished_at = "interrupted", now()
+            lineage.error = (f"interrupted by {_describe(stop)} after {len(lineage.metrics)} "
+                             f"finished epoch{'s' if len(lineage.metrics) != 1 else ''}")
+            write_lineage(plan.store, lineage)
+        raise
+    except Exception as exc:
+        _wind_down(watch)  # e.g. the store failed under the watch: nothing is left running
+        lineage.status, lineage.finished_at, lineage.error = "failed", now(), str(exc)[:2000]
+        write_lineage(plan.store, lineage)
+        if isinstance(exc, OrchestratorError):
+            raise
+        raise OrchestratorError(f"training run {plan.run_id} failed: {str(exc).splitlines()[0][:500]}",
+                                user_fault=False) from exc
+    finally:
+        if watch is not None:
+            watch.close()
+    if result.checkpoint is not None:  # the full history travels in the last checkpoint
+        from orchestrator.train.loops import _load_history
+
+        with result.checkpoint.as_directory() as d:
+            lineage.metrics = [{k: _plain(v) for k, v in m.items()} for m in _load_history(d)]
+    lineage.checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    lineage.status, lineage.finished_at = "finished", now()
+    write_lineage(plan.store, lineage)
+    return lineage
+
+
+def _wind_down(watch: "RunWatch | None") -> None:
+    """Stop a fit that is still going and take its last reports in; never raises, so the run's
+    end is recorded whatever Ray answers."""
+    if watch is None:
+        return
+    try:
+        watch.stop(graceful=True)
+        watch.poll(write=False)
+    except Exception:  # noqa: BLE001 - recording the end matters more
+        log.warning("run %s: stopping the fit failed", watch.lineage.run_id, exc_info=True)
+
+
+def _refuse_unplaceable(request: ResourceRequest, *, may_grow: bool) -> None:
+    """Fail now when neither the cluster's nodes nor those its autoscaler could add can ever
+    hold the request (a cluster whose node types are unknown and that may grow gets the
+    benefit of the doubt: the watch bounds the wait)."""
+    nodes, types = cluster_nodes(), autoscaler_node_types()
+    if placeable(request, nodes, types, may_grow=may_grow) == "never":
+        raise ConfigError("the run cannot be placed on this cluster: "
+                          + unschedulable_message(request, nodes, free_resources(), types, None),
+                          hint=_UNPLACEABLE_HINT)
+
+
+_UNPLACEABLE_HINT = ("lower scaling.num_workers or scaling.cpus_per_worker, or give the cluster more "
+                     "nodes; if they are on their way, raise scaling.schedule_timeout_s")
+
+
+def _trainer(plan: Plan) -> tuple[Any, "RunWatch"]:
+    """The Ray Train trainer for a plan, reporting its progress to a new ``RunWatch``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
-    s = plan.settings
-    write_lineage(plan.store, plan.lineage)
-    ensure_ray()
-    anchor_data_actors()
     from orchestrator.train import loops
+    from orchestrator.train.progress import RunProgressCallback, RunWatch, open_mailbox
 
+    s = plan.settings
     loop_config = {
         "model": s.model.model_dump(), "train": s.train.model_dump(), "data": s.data.model_dump(),
         "num_classes": len(plan.dataset.label_map), "checkpoint_every": s.checkpoint.every_epochs,
@@ -149,6 +243,7 @@ def run(plan: Plan) -> Lineage:
         resources_per_worker={"CPU": s.scaling.cpus_per_worker},
         placement_strategy=s.scaling.placement_strategy,
     )
+    mailbox = open_mailbox()
     storage_path = s.checkpoint.path or runs_dir(plan.store)
     run_config = RunConfig(
         name=plan.run_id,
@@ -156,6 +251,7 @@ def run(plan: Plan) -> Lineage:
         storage_filesystem=checkpoint_filesystem(plan.store.fs) if s.checkpoint.path is None else None,
         failure_config=FailureConfig(max_failures=s.checkpoint.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=s.checkpoint.keep),
+        callbacks=[RunProgressCallback(mailbox)],
     )
     datasets, data_config = train_datasets(plan)
     if s.framework == "torch":
@@ -168,25 +264,62 @@ def run(plan: Plan) -> Lineage:
 
         trainer = TensorflowTrainer(loops.tf_loop, train_loop_config=loop_config, scaling_config=scaling,
                                     run_config=run_config, datasets=datasets, dataset_config=data_config)
-    lineage = plan.lineage
-    try:
-        result = trainer.fit()
-    except Exception as exc:
-        lineage.status, lineage.finished_at, lineage.error = "failed", now(), str(exc)[:2000]
-        write_lineage(plan.store, lineage)
-        if isinstance(exc, OrchestratorError):
-            raise
-        raise OrchestratorError(f"training run {plan.run_id} failed: {str(exc).splitlines()[0][:500]}",
-                                user_fault=False) from exc
-    if result.checkpoint is not None:  # the full history travels in the last checkpoint
-        from orchestrator.train.loops import _load_history
+    return trainer, RunWatch(plan.store, plan.lineage, mailbox)
 
-        with result.checkpoint.as_directory() as d:
-            lineage.metrics = [{k: _plain(v) for k, v in m.items()} for m in _load_history(d)]
-    lineage.checkpoint = result.checkpoint.path if result.checkpoint is not None else None
-    lineage.status, lineage.finished_at = "finished", now()
-    write_lineage(plan.store, lineage)
-    return lineage
+
+def _fit_watched(plan: Plan, trainer: Any, watch: "RunWatch", request: ResourceRequest) -> Any:
+    """``trainer.fit()`` in a thread, watched from this one (see the module doc). A fit whose
+    workers wait too long to be placed is killed here; anything else that ends the watch early
+    (Ctrl-C) is stopped by ``run`` before it records the run."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - handed to the watching thread
+            outcome["error"] = exc
+        finally:
+            watch.fit_done.set()
+
+    watch.waiting_since = watch.clock()
+    watch.fit_running = True
+    threading.Thread(target=fit, name=f"fit {plan.run_id}", daemon=True).start()
+    while not watch.fit_done.wait(POLL_S):
+        watch.poll()
+        waited = watch.waited_for_placement()
+        if waited is not None and waited > plan.settings.scaling.schedule_timeout_s:
+            # Killed, not aborted: a controller waiting on its placement group answers nothing.
+            watch.stop(graceful=False)
+            raise ConfigError(
+                f"the workers of run {plan.run_id} were not placed and started in time: "
+                + unschedulable_message(request, cluster_nodes(), free_resources(),
+                                        autoscaler_node_types(), waited),
+                hint=_UNPLACEABLE_HINT)
+    watch.poll(write=False)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """While a stopped run winds down and records itself, a second Ctrl-C would leave both
+    half done: ignore it for that bounded time (main thread only; elsewhere signals are not ours)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _describe(stop: BaseException) -> str:
+    if isinstance(stop, KeyboardInterrupt):
+        return "SIGINT (Ctrl-C)"
+    code = getattr(stop, "code", None)
+    return f"SIGTERM (exit {code})" if code == signal.SIGTERM else f"SystemExit({code!r})"
 
 
 def _plain(v: Any) -> Any:

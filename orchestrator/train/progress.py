@@ -1,0 +1,238 @@
+"""How a fit reports back to its driver while it runs: epoch metrics, controller states, and the
+controller itself (to stop it).
+
+Ray Train V2 runs its controller in an actor, and its callbacks run there, not in the driver.
+:class:`RunProgressCallback` forwards what the controller sees to a :class:`RunMailbox`, a small
+actor on the driver's node (no CPU), and the driver reads it every second (:class:`RunWatch`).
+The driver stays the only writer of a run's lineage, for three reasons:
+
+* no two processes race on one ``lineage.json`` (S3 has no locks; the last writer wins);
+* a record stops changing exactly when its driver dies, which is how a reader tells ``lost``
+  (the driver also refreshes ``heartbeat_at``);
+* it sees what Ray Train has accepted: ``after_report`` fires once all workers have reported
+  an epoch and its checkpoint is persisted. A rank-0 worker writing the record itself would
+  write before that, and again after every restart, with credentials it should not need.
+
+Ray internals used (checked against Ray 2.60): ``ControllerCallback`` / ``ReportCallback`` (a
+``RunConfig`` callback that is not a ``UserCallback`` is registered for every hook it has) and
+the controller's ``abort`` method, which is what Ray's own Ctrl-C handler calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from ray.train.v2._internal.execution.callback import ControllerCallback, ReportCallback
+
+from orchestrator.errors import OrchestratorError
+from orchestrator.train.lineage import HEARTBEAT_S, Lineage, merge_epoch_metrics, now, write_lineage
+
+if TYPE_CHECKING:
+    from orchestrator.store import Store
+
+log = logging.getLogger(__name__)
+
+# Controller states in which the worker group is not (yet, or no longer) placed and started.
+WAITING_STATES = frozenset({"InitializingState", "SchedulingState", "ReschedulingState",
+                            "RestartingState", "ResizingState"})
+ABORT_TIMEOUT_S = 20.0  # a controller busy waiting on a placement group cannot answer abort
+STOP_WAIT_S = 60.0  # how long a stopped fit may take to wind down
+
+
+class RunMailbox:
+    """Messages from the controller to the driver, kept in order; ``read(since)`` is idempotent,
+    so a read interrupted by Ctrl-C loses nothing."""
+
+    def __init__(self) -> None:
+        self._messages: list[tuple[str, Any]] = []
+
+    def post(self, kind: str, payload: Any) -> None:
+        self._messages.append((kind, payload))
+
+    def read(self, since: int) -> list[tuple[str, Any]]:
+        return self._messages[since:]
+
+
+def open_mailbox():
+    """A mailbox actor on this driver's node, owned by it (it dies with the driver)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return ray.remote(num_cpus=0, max_restarts=0)(RunMailbox).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+
+
+class RunProgressCallback(ControllerCallback, ReportCallback):
+    """Runs in the controller: posts the controller's handle, each state it enters and rank 0's
+    metrics of each epoch (fire and forget: the controller never waits on the driver)."""
+
+    def __init__(self, mailbox: Any) -> None:
+        self._mailbox = mailbox
+
+    def after_controller_start(self, train_run_context: Any) -> None:
+        import ray
+
+        context = ray.get_runtime_context()
+        self._mailbox.post.remote("controller", (context.current_actor, context.get_actor_id()))
+
+    def after_controller_state_update(self, previous_state: Any, current_state: Any) -> None:
+        self._mailbox.post.remote("state", type(current_state).__name__)
+
+    def after_report(self, training_report: Any, metrics: list[dict[str, Any]]) -> None:
+        if metrics:
+            self._mailbox.post.remote("report", {k: _plain(v) for k, v in metrics[0].items()})
+
+
+class RunWatch:
+    """The driver's side: applies the mailbox to the lineage (metrics appended per epoch, a
+    heartbeat every ``HEARTBEAT_S``), tracks how long the worker group has waited to be placed,
+    and stops the controller. ``apply`` is pure given ``at``; the rest talks to Ray and the store."""
+
+    def __init__(self, store: "Store", lineage: Lineage, mailbox: Any = None, *,
+                 clock=time.monotonic) -> None:
+        self.store, self.lineage, self.mailbox, self.clock = store, lineage, mailbox, clock
+        self.controller: Any = None
+        self.controller_id: str | None = None
+        # Set by the thread running trainer.fit() when it ends. Not Thread.join/is_alive: on
+        # Python 3.11 a join interrupted by Ctrl-C can mark a live thread as stopped.
+        self.fit_running = False
+        self.fit_done = threading.Event()
+        self.waiting_since: float | None = clock()  # the fit starts by placing its workers
+        self._read = 0
+        self._written_at = clock()
+
+    def apply(self, messages: list[tuple[str, Any]], at: float) -> bool:
+        """Take messages in; True when the lineage changed."""
+        changed = False
+        for kind, payload in messages:
+            if kind == "controller":
+                self.controller, self.controller_id = payload
+            elif kind == "state":
+                if payload == "RunningState":
+                    self.waiting_since = None
+                elif payload in WAITING_STATES and self.waiting_since is None:
+                    self.waiting_since = at
+            elif kind == "report":
+                self.lineage.metrics = merge_epoch_metrics(self.lineage.metrics, payload)
+                changed = True
+        return changed
+
+    def waited_for_placement(self) -> float | None:
+        """Seconds the worker group has been waiting to be placed and started, or None."""
+        return None if self.waiting_since is None else self.clock() - self.waiting_since
+
+    def poll(self, *, write: bool = True) -> None:
+        """Read new messages; write the lineage when an epoch arrived or the heartbeat is due.
+        Store trouble is logged, not raised: the run goes on and the next poll writes again."""
+        import ray
+
+        if self.mailbox is not None:
+            try:
+                messages = ray.get(self.mailbox.read.remote(self._read), timeout=30)
+            except ray.exceptions.GetTimeoutError:
+                messages = []
+            except ray.exceptions.RayError as exc:  # the mailbox is gone or never started
+                log.warning("run %s: no progress reports (%s): the epochs are recorded at the end, "
+                            "and the schedule timeout is off", self.lineage.run_id, type(exc).__name__)
+                self.mailbox, messages, self.waiting_since = None, [], None
+            self._read += len(messages)
+            changed = self.apply(messages, self.clock())
+        else:
+            changed = False
+        if write and (changed or self.clock() - self._written_at >= HEARTBEAT_S):
+            self.write()
+
+    def write(self) -> None:
+        self.lineage.heartbeat_at = now()
+        try:
+            write_lineage(self.store, self.lineage)
+            self._written_at = self.clock()
+        except OrchestratorError:
+            log.warning("cannot record the progress of run %s", self.lineage.run_id, exc_info=True)
+
+    def await_controller(self, timeout: float) -> Any:
+        """The controller's handle, waiting up to ``timeout`` for it to be posted."""
+        deadline = self.clock() + timeout
+        while self.controller is None and self.clock() < deadline:
+            self.poll(write=False)
+            if self.controller is None:
+                time.sleep(0.2)
+        return self.controller
+
+    def stop(self, *, graceful: bool) -> None:
+        """End a fit that is still going and wait (bounded) until it has wound down: ``abort``
+        the controller (workers shut down, their placement group removed, as Ray's own Ctrl-C
+        handler does), or ``ray.kill`` it when ``graceful`` is off or abort gets no answer (its
+        workers are owned by it and die with it; its placement groups are removed here)."""
+        if not self.fit_running or self.fit_done.is_set():
+            return
+        self._end_controller(graceful)
+        if self.controller_id:  # abort removes them too, unless it came mid-start; a kill never does
+            _remove_placement_groups_of(self.controller_id)
+        if not self.fit_done.wait(STOP_WAIT_S):
+            log.warning("run %s: the fit did not wind down within %.0f s", self.lineage.run_id, STOP_WAIT_S)
+
+    def _end_controller(self, graceful: bool) -> None:
+        import ray
+
+        controller = self.await_controller(10.0)
+        if controller is None:
+            log.warning("run %s: no controller to stop", self.lineage.run_id)
+            return
+        if graceful:
+            log.info("run %s: aborting the controller", self.lineage.run_id)
+            try:
+                ray.get(controller.abort.remote(), timeout=ABORT_TIMEOUT_S)
+                log.info("run %s: abort returned", self.lineage.run_id)
+                return
+            except ray.exceptions.GetTimeoutError:
+                log.info("run %s: the controller did not answer abort; killing it", self.lineage.run_id)
+            except ray.exceptions.RayError as exc:  # abort ends the actor: the expected answer
+                log.info("run %s: abort ended the controller (%s)", self.lineage.run_id, type(exc).__name__)
+                return
+        try:
+            ray.kill(controller, no_restart=True)
+        except ValueError:  # already gone
+            pass
+
+    def close(self) -> None:
+        import ray
+
+        if self.mailbox is not None:
+            try:
+                ray.kill(self.mailbox, no_restart=True)
+            except Exception:  # noqa: BLE001 - the driver may be disconnecting
+                pass
+            self.mailbox = None
+
+
+def _remove_placement_groups_of(actor_id: str) -> None:
+    """Remove the placement groups a killed actor created. Ray ties a placement group's life to
+    its creator's job, not to the creating actor: the worker group's group (pending, when the
+    run could not be placed) would outlive a killed controller for as long as the driver lives.
+    Reads the GCS table (the state API needs a dashboard, which a local cluster lacks)."""
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    try:
+        table = [gcs_pb2.PlacementGroupTableData.FromString(raw)
+                 for raw in state._connect_and_get_accessor().get_placement_group_table()]
+        for pg in table:
+            if pg.creator_actor_id.hex() == actor_id and pg.state != gcs_pb2.PlacementGroupTableData.REMOVED:
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+                log.info("removed placement group %s of the stopped controller", pg.placement_group_id.hex())
+    except Exception:  # noqa: BLE001 - best effort; Ray removes it when the driver's job ends
+        log.warning("cannot remove the placement groups of controller %s", actor_id, exc_info=True)
+
+
+def _plain(v: Any) -> Any:
+    try:
+        return v.item()  # numpy scalar
+    except AttributeError:
+        return v
