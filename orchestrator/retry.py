@@ -173,6 +173,31 @@ class RetryStats:
 _STATS = RetryStats()
 
 
+class _Outages:
+    """When each store started failing, shared by every call in this process.
+
+    A deadline counts from the start of the store's outage, not from each call's own first
+    failure: otherwise a reader with N fetches in flight (or a fetch that starts after another
+    gave up) would wait up to N deadlines in a row before the error reaches the user. Any
+    success ends the store's outage."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._since: dict[str, float] = {}
+
+    def failed(self, store: str, now: float) -> float:
+        """Record a failure; returns when this store's current outage began."""
+        with self._lock:
+            return self._since.setdefault(store, now)
+
+    def answered(self, store: str) -> None:
+        with self._lock:
+            self._since.pop(store, None)
+
+
+_OUTAGES = _Outages()
+
+
 def retry_stats() -> RetryStats:
     """This process's retry counters."""
     return _STATS
@@ -211,7 +236,8 @@ def call_with_retries(
             if first_failure is None:
                 first_failure = now
             attempt += 1
-            waited = now - first_failure
+            outage_began = _OUTAGES.failed(store, now) if clock is time.monotonic else first_failure
+            waited = now - min(first_failure, outage_began)
             if waited >= policy.deadline_s:
                 _STATS.record(retries=attempt - 1, outage_s=waited, recovered=False)
                 raise _unavailable(exc, policy, action, target, store, attempt, waited) from exc
@@ -226,6 +252,8 @@ def call_with_retries(
             outage = clock() - first_failure
             _STATS.record(retries=attempt, outage_s=outage, recovered=True)
             log.info("store %s answered again after %.1f s (%d retries)", store, outage, attempt)
+        if clock is time.monotonic:
+            _OUTAGES.answered(store)
         return result
 
 

@@ -144,36 +144,38 @@ class ItemStream:
         blobs = self.blobs
         pending: deque[tuple[int, Future]] = deque()
         skipped_here = Skips()
+        pool = ThreadPoolExecutor(max_workers=opts.threads, thread_name_prefix="orchestrator-fetch")
+        finished = False
         try:
-            with ThreadPoolExecutor(max_workers=opts.threads, thread_name_prefix="orchestrator-fetch") as pool:
+            it = iter(positions)
+            exhausted = False
+            while True:
+                while not exhausted and len(pending) < opts.prefetch:
+                    try:
+                        pos = int(next(it))
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    row = self.rows.row(pos)
+                    pending.append((pos, pool.submit(load_item, blobs, cache, row, self.label_map,
+                                                     self.version, opts.decode)))
+                if not pending:
+                    finished = True
+                    return
+                _, fut = pending.popleft()
                 try:
-                    it = iter(positions)
-                    exhausted = False
-                    while True:
-                        while not exhausted and len(pending) < opts.prefetch:
-                            try:
-                                pos = int(next(it))
-                            except StopIteration:
-                                exhausted = True
-                                break
-                            row = self.rows.row(pos)
-                            pending.append((pos, pool.submit(load_item, blobs, cache, row, self.label_map,
-                                                             self.version, opts.decode)))
-                        if not pending:
-                            return
-                        _, fut = pending.popleft()
-                        try:
-                            item = fut.result()
-                        except ItemError as exc:
-                            if opts.on_error == "raise":
-                                raise
-                            skipped_here.add(exc)
-                            self.skips.add(exc)
-                            continue
-                        yield item
-                finally:  # an error or an abandoned pass: do not wait for fetches nobody reads
-                    for _, f in pending:
-                        f.cancel()
+                    item = fut.result()
+                except ItemError as exc:
+                    if opts.on_error == "raise":
+                        raise
+                    skipped_here.add(exc)
+                    self.skips.add(exc)
+                    continue
+                yield item
         finally:
+            # On an error or an abandoned pass, queued fetches are cancelled and running ones
+            # are not waited for (they end on their own within the store's outage deadline),
+            # so the error reaches the caller now, not after every in-flight fetch gave up too.
+            pool.shutdown(wait=finished, cancel_futures=True)
             if skipped_here.count:
                 warnings.warn(skipped_here.summary(self.what), stacklevel=2)

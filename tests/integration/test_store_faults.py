@@ -131,7 +131,8 @@ def test_a_stall_longer_than_the_deadline_raises_instead_of_hanging(faulty, stre
                 faulty.stall_for(12)
     waited = time.monotonic() - stalled_at
     faulty.wait_idle()
-    assert 3 <= waited < 12, f"gave up after {waited:.1f} s with a 3 s deadline"
+    # deadline + about two request timeouts, not one deadline per fetch in flight
+    assert 3 <= waited < 7, f"gave up after {waited:.1f} s with a 3 s deadline"
     assert ds.skipped == 0 and len(seen) < len(street[1])
     assert "check that the S3 server is running" in str(err.value)
 
