@@ -9,6 +9,7 @@ test_access_server.py.
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
 from pathlib import Path
 
@@ -53,11 +54,15 @@ def visible(i: int) -> bool:
 
 
 def write_jsonl(demo: Path, out: Path) -> Path:
+    """``out/items.jsonl`` over copies of the first N demo images in ``out/images`` (ingest reads
+    only paths relative to, and inside, the JSONL file's folder)."""
     images = sorted((demo / "images").iterdir())[:N]
+    (out / "images").mkdir(exist_ok=True)
     lines = []
     for i, img in enumerate(images):
+        shutil.copyfile(img, out / "images" / img.name)
         lines.append(json.dumps({
-            "item_id": f"item-{i:02d}", "path": str(img),
+            "item_id": f"item-{i:02d}", "path": f"images/{img.name}",
             "attributes": {"consent": "yes" if i % 3 else "no", "gps": f"{i}.0,{i}.5", "city": "oslo"},
             "tags": ["restricted"] if i % 5 == 0 else ["ok"],
             "instances": [{"label": "car", "bbox": [1, 1, 20, 20],
