@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 
-from orchestrator.storage_errors import storage_errors
+from orchestrator.storage_errors import storage_errors, store_call
 
 if TYPE_CHECKING:
     from orchestrator.store import Store
@@ -85,6 +85,10 @@ class Lineage:
     policy_version: int | None = None  # the store's access policy version in force (None: none)
     driver: dict[str, Any] | None = None  # {host, pid, process_start}: see driver_identity()
     heartbeat_at: str | None = None  # refreshed by the live driver every HEARTBEAT_S
+    # Items left out because their blob was missing, corrupt or undecodable (the run's
+    # on_error="skip"), summed over every worker's pipeline and epoch: count, by_reason, examples.
+    skipped_items: int = 0
+    skipped: dict[str, Any] | None = None
 
     # New fields go above with a default, so records written before them still load.
 
@@ -196,16 +200,20 @@ def write_lineage(store: "Store", lineage: Lineage) -> str:
     path = f"{runs_dir(store)}/{lineage.run_id}/lineage.json"
     fs = store.fs
     data = json.dumps(lineage.as_dict(), indent=2, default=str).encode()
-    with storage_errors("write the lineage of run", lineage.run_id):
-        if store.location.scheme == "file":
-            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-            aside = f"{path}.{os.getpid()}.tmp"
-            with fs.open_output_stream(aside) as out:
-                out.write(data)
-            fs.move(aside, path)
-        else:
-            with fs.open_output_stream(path) as out:
-                out.write(data)
+
+    def write() -> None:  # repeated whole while the store does not answer (orchestrator.retry)
+        with storage_errors("write the lineage of run", lineage.run_id):
+            if store.location.scheme == "file":
+                fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+                aside = f"{path}.{os.getpid()}.tmp"
+                with fs.open_output_stream(aside) as out:
+                    out.write(data)
+                fs.move(aside, path)
+            else:
+                with fs.open_output_stream(path) as out:
+                    out.write(data)
+
+    store_call(write, location=store.location, action="write the lineage of run", target=lineage.run_id)
     return path
 
 

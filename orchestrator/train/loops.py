@@ -51,6 +51,37 @@ def _evaluate(predict_fn, spec, val_shard, batch_size: int, num_classes: int) ->
     return {"val_count_mae": float(np.concatenate(errors).mean()) if errors else 0.0}
 
 
+def _in_step(batches):
+    """The batches of this worker's shard for as long as every worker still has one.
+
+    DDP needs every worker to take the same number of steps (each backward is a collective):
+    shards are equal in size, but an item skipped for a missing or corrupt blob makes one
+    shorter, and a worker that stopped a step early would leave the others waiting forever in
+    an all-reduce. One tiny all-reduce per step agrees on whether all have a batch; a batch a
+    worker holds beyond the shortest shard is left out of this epoch.
+    """
+    import torch.distributed as dist
+
+    together = dist.is_available() and dist.is_initialized()
+    for batch in _with_end(batches):
+        if together:
+            import torch
+
+            have = torch.tensor([0 if batch is None else 1], dtype=torch.int32)
+            dist.all_reduce(have, op=dist.ReduceOp.MIN)
+            if not have.item():
+                return
+        if batch is None:
+            return
+        yield batch
+
+
+def _with_end(batches):
+    yield from batches
+    while True:  # then "no batch" for as long as the others still ask
+        yield None
+
+
 def torch_loop(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
@@ -85,8 +116,9 @@ def torch_loop(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, t["epochs"]):
         model.train()
         loss_sum, seen = 0.0, 0
-        for batch in train_shard.iter_batches(batch_size=t["batch_size"], batch_format="numpy",
-                                              prefetch_batches=config["data"]["prefetch_batches"]):
+        batches = train_shard.iter_batches(batch_size=t["batch_size"], batch_format="numpy",
+                                           prefetch_batches=config["data"]["prefetch_batches"])
+        for batch in _in_step(batches):
             loss = spec.loss(model(spec.inputs(batch)), batch)
             optimizer.zero_grad()
             loss.backward()
@@ -171,8 +203,17 @@ def tf_loop(config: dict[str, Any]) -> None:
             prefetch_batches=config["data"]["prefetch_batches"]))
 
         def first_steps():
-            for _ in range(steps):
-                batch = next(shard_batches)
+            # A shard that came up short (items skipped for a missing or corrupt blob) repeats
+            # its own batches: every worker must take exactly ``steps`` steps.
+            taken: list = []
+            for step in range(steps):
+                batch = next(shard_batches, None)
+                if batch is None:
+                    if not taken:
+                        raise ValueError(f"worker {rank} received no full batch this epoch")
+                    batch = taken[step % len(taken)]
+                else:
+                    taken.append(batch)
                 yield spec.inputs(batch).astype(np.float32), spec.targets(batch, model).astype(np.float32)
 
         data = (tf.data.Dataset.from_generator(first_steps, output_signature=signature)

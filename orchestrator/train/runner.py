@@ -27,7 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 import orchestrator
 from orchestrator.errors import ConfigError, OrchestratorError
-from orchestrator.ray_runtime import anchor_data_actors, ensure_ray, running_cluster_address
+from orchestrator.ray_runtime import (
+    anchor_data_actors,
+    ensure_ray,
+    orchestrator_error_in,
+    running_cluster_address,
+)
 from orchestrator.stream.split import HashSplit, validation_mask
 from orchestrator.train.config import RunSettings
 from orchestrator.train.placement import (
@@ -127,11 +132,36 @@ def _run_data(plan: Plan) -> "RunData":
                       disk_dir=default_disk_dir() if s.data.disk_cache_mb else None,
                       disk_budget=(s.data.disk_cache_mb << 20) or None)
     return RunData(
-        dataset=plan.dataset.with_options(threads=s.data.decode_concurrency, cache=cache),
+        dataset=plan.dataset.with_options(threads=s.data.decode_concurrency, cache=cache,
+                                          retry_deadline=s.data.retry_deadline_s,
+                                          skip_ledger=skip_ledger_name(plan.run_id)),
         train_ids=plan.train_ids,
         split=HashSplit(s.split.validation_fraction, s.split.seed, validation=True),
         shard_seed=s.split.seed, image_size=s.model.image_size, max_boxes=s.model.max_boxes,
     )
+
+
+def skip_ledger_name(run_id: str) -> str:
+    """The Ray actor in which every worker pipeline of a run records its skipped items."""
+    return f"orchestrator-skips-{run_id}"
+
+
+def _record_skips(lineage: Lineage) -> None:
+    """Copy the run's skip ledger into its lineage and end the ledger; never raises (the run's
+    own outcome is what must be recorded)."""
+    try:
+        from orchestrator.adapters.ray import SkipLedger
+
+        ledger = SkipLedger(skip_ledger_name(lineage.run_id), None)
+        skips = ledger.read()
+        ledger.close()
+    except Exception:  # noqa: BLE001 - Ray gone, ledger never created
+        log.warning("run %s: could not read its skipped-item ledger", lineage.run_id, exc_info=True)
+        return
+    lineage.skipped_items = skips.count
+    lineage.skipped = skips.as_dict() if skips.count else None
+    if skips.count:
+        log.warning("run %s: %s", lineage.run_id, skips.summary(f"dataset {lineage.dataset!r}"))
 
 
 def train_datasets(plan: Plan) -> tuple[dict[str, Any], Any]:
@@ -170,6 +200,7 @@ def run(plan: Plan) -> Lineage:
     except (KeyboardInterrupt, SystemExit) as stop:
         with _sigint_ignored():
             _wind_down(watch)
+            _record_skips(lineage)
             lineage.status, lineage.finished_at = "interrupted", now()
             lineage.error = (f"interrupted by {_describe(stop)} after {len(lineage.metrics)} "
                              f"finished epoch{'s' if len(lineage.metrics) != 1 else ''}")
@@ -177,10 +208,16 @@ def run(plan: Plan) -> Lineage:
         raise
     except Exception as exc:
         _wind_down(watch)  # e.g. the store failed under the watch: nothing is left running
-        lineage.status, lineage.finished_at, lineage.error = "failed", now(), str(exc)[:2000]
+        _record_skips(lineage)
+        # A store outage in a worker's fetch stage arrives wrapped in Ray's report: name it.
+        cause = exc if isinstance(exc, OrchestratorError) else orchestrator_error_in(exc)
+        lineage.status, lineage.finished_at = "failed", now()
+        lineage.error = (str(cause) if cause is not None else str(exc))[:2000]
         write_lineage(plan.store, lineage)
-        if isinstance(exc, OrchestratorError):
+        if cause is exc:
             raise
+        if cause is not None:
+            raise cause from None
         raise OrchestratorError(f"training run {plan.run_id} failed: {str(exc).splitlines()[0][:500]}",
                                 user_fault=False) from exc
     finally:
@@ -192,6 +229,7 @@ def run(plan: Plan) -> Lineage:
         with result.checkpoint.as_directory() as d:
             lineage.metrics = [{k: _plain(v) for k, v in m.items()} for m in _load_history(d)]
     lineage.checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    _record_skips(lineage)
     lineage.status, lineage.finished_at = "finished", now()
     write_lineage(plan.store, lineage)
     return lineage

@@ -192,3 +192,29 @@ def test_ray_job_submit_runs_jobs_train_py(ray_cluster, tmp_path, demo_small):
     assert "succeeded" in (r.stdout + r.stderr).lower()
     runs = list_runs(orchestrator.connect(uri))
     assert len(runs) == 1 and runs[0].status == "finished" and runs[0].run_id.startswith("street_torch-")
+
+
+def test_a_skipped_item_is_counted_in_lineage_and_workers_stay_in_step(demo_small, tmp_path):
+    """A missing blob in one worker's shard: the run finishes (no DDP worker left waiting in an
+    all-reduce for a step the other never takes) and its lineage counts the skip by reason."""
+    uri = f"file://{tmp_path / 'store'}"
+    store = orchestrator.connect(uri)
+    store.ingest("street", coco=demo_small / "annotations.json", images=demo_small / "images")
+    first = plan_run(_settings("street_torch.yaml", uri))
+    shard = len(first.train_ids) // 2
+    # One batch short of two per worker: the full shard takes 2 steps, the one missing an item 1.
+    plan = plan_run(_settings("street_torch.yaml", uri, "train.epochs=1", f"train.batch_size={shard - 1}"))
+    victim = plan.train_ids[0]
+    blob = {r["item_id"]: r["blob"] for r in
+            store.dataset("street").manifest_rows(["item_id", "blob"]).to_pylist()}[victim]
+    store.fs.delete_file(store.blobs("street").path(blob))
+
+    lineage = run(plan)
+    assert lineage.status == "finished"
+    assert lineage.skipped_items == 1 and lineage.skipped["by_reason"] == {"missing": 1}
+    assert victim in lineage.skipped["examples"][0]
+    # Each worker stopped at the shortest shard's step count (without that, the full shard's
+    # extra step leaves its peer waiting in DDP's all-reduce: the run hangs).
+    assert 0 < lineage.metrics[0]["train_items"] <= 2 * (shard - 1), json.dumps(lineage.metrics)
+    recorded = {r.run_id: r for r in list_runs(store)}[plan.run_id]
+    assert recorded.skipped_items == 1
