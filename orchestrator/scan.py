@@ -23,6 +23,7 @@ import pyarrow.dataset as pads
 from orchestrator.manifest import FileStats, Snapshot
 from orchestrator.manifest_faults import manifest_file_errors
 from orchestrator.query.compile import CompiledQuery
+from orchestrator.storage_errors import retrying
 
 if TYPE_CHECKING:
     from orchestrator.store import Store
@@ -85,9 +86,11 @@ def scan(
     if files:
         dataset = manifest_dataset(store, snapshot, files)
         with manifest_file_errors(store, files, snapshot.dataset):
-            table = dataset.to_table(
-                columns=read_cols, filter=query.pushdown if query is not None else None
-            )
+            table = retrying(
+                lambda: dataset.to_table(
+                    columns=read_cols, filter=query.pushdown if query is not None else None),
+                location=store.location, action="read the manifest of dataset",
+                target=repr(snapshot.dataset))
         table = fill_label_counts(table)
     else:
         table = snapshot.schema.empty_table().select(read_cols)

@@ -221,7 +221,9 @@ class Store:
         """Names of the datasets in this store that this principal may read, sorted. A dataset
         whose manifest log visibly lacks an entry is left out: ``damaged_datasets`` names it.
         Raises ``StoreError`` if the store does not exist (rather than listing nothing)."""
-        return sorted(name for name, damage in self._dataset_logs().items() if damage is None)
+        logs = store_call(self._dataset_logs, location=self.location, action="list datasets in",
+                          target=self.uri)
+        return sorted(name for name, damage in logs.items() if damage is None)
 
     def damaged_datasets(self) -> dict[str, StoreError]:
         """Datasets (that this principal may read) whose manifest log lacks an entry, such as
@@ -284,7 +286,9 @@ class Store:
     def versions(self, name: str) -> list[VersionInfo]:
         """Every committed version of a dataset, oldest first."""
         self.access.check("read", check_dataset_name(name))
-        return self.manifest(name).versions()
+        manifest = self.manifest(name)
+        return store_call(manifest.versions, location=self.location, action="list the versions of",
+                          target=repr(name))
 
     def verify(
         self, name: str, version: int | None = None, *, repair_from: str | Path | None = None,
