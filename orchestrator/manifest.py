@@ -249,9 +249,6 @@ class Manifest:
         with storage_errors("look up dataset", repr(self.dataset)):
             return not list_log(filesystem_for(self.location), f"{self.path}/_delta_log").empty
 
-    def latest_version(self) -> int:
-        return self._table().version()
-
     def snapshot(self, version: int | None = None) -> Snapshot:
         """Pin a version: schema plus file list, read from the Delta log only (no data)."""
         table = self._table(version)

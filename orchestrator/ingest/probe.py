@@ -13,7 +13,7 @@ import io
 import os
 import stat
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
@@ -30,9 +30,6 @@ class Probe:
     height: int = 0
     media_type: str | None = None
     error: str | None = None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def sha256_hex(data: bytes) -> str:

@@ -27,7 +27,6 @@ from orchestrator.errors import QueryError
 
 MAX_QUERY_CHARS = 10_000
 MAX_DEPTH = 64
-COMPARISONS = ("=", "==", "!=", ">", ">=", "<", "<=")
 NAMESPACES = ("labels", "file", "attributes")
 Literal = Union[int, float, str, bool]
 
@@ -65,7 +64,7 @@ class Field:
 @dataclass(frozen=True)
 class Compare:
     field: Field
-    op: str  # one of COMPARISONS, "==" normalised to "="
+    op: str  # one of = != > >= < <= ("==" normalised to "=")
     value: Literal
     pos: int
 

@@ -185,8 +185,9 @@ def tf_loop(config: dict[str, Any]) -> None:
 
     # MultiWorkerMirroredStrategy needs every worker to take the same number of steps, and
     # Keras must know that number up front (an unknown-size dataset can leave one worker waiting
-    # in a collective at the end of an epoch). streaming_split(equal=True) gives each worker
-    # train_items // world rows; we feed the full batches and drain the rest of the shard.
+    # in a collective at the end of an epoch). Each worker's node-local shard
+    # (train/data.py, stream.split.balanced_shards) holds train_items // world items; we feed
+    # the full batches and drain the rest of the shard.
     world = ray.train.get_context().get_world_size()
     steps = (config["train_items"] // world) // t["batch_size"]
     if steps < 1:

@@ -32,6 +32,8 @@ A keras step (or ``fit`` on a ``tf.data`` of ``(inputs, targets)`` pairs)::
 
     model.compile(optimizer, loss=spec.loss); model.train_on_batch(spec.inputs(batch), spec.targets(batch, model))
 
+The models live in ``torch_detector`` and ``keras_detector`` (one CenterNet-style detector,
+box encoding shared through ``centernet``) and ``counting`` (both frameworks in one module).
 Frameworks are imported lazily: asking for a torch model never imports TensorFlow, and the other
 way round. The keras models set ``TF_USE_LEGACY_KERAS=1`` (``setdefault``) before importing TF.
 """
