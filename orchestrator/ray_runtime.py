@@ -62,6 +62,11 @@ def ensure_ray() -> None:
                     hint="start it (`ray start --head`) or unset RAY_ADDRESS to run locally",
                 ) from None
             log.info("the Ray cluster recorded at %s is gone; starting a local one", address)
+    # The raylet lets only "cores" worker processes start at once and warns on the driver's
+    # terminal ("N PYTHON worker processes have been started ... 4x the maximum expected startup
+    # concurrency") whenever a run's actors outnumber them, which a training run with its data
+    # stages always does on a laptop; the local cluster's logical CPU count is the honest bound.
+    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(local_cpus()))
     ray.init(num_cpus=local_cpus(), include_dashboard=False, log_to_driver=False,
              runtime_env=runtime_env)
     log.info("started a local Ray cluster with %d logical CPUs", local_cpus())
