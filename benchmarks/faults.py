@@ -508,7 +508,8 @@ def fmt(value: Any, spec: str = "") -> str:
 def print_table(results: list[Outcome]) -> None:
     cols = [("scenario", 18), ("fault", 16), ("expect", 6), ("delivered", 11), ("dup", 4),
             ("skip", 4), ("retries", 7), ("recov", 5), ("gave up", 7), ("in outage", 9),
-            ("back→next s", 11), ("fault→raise s", 13), ("wall s", 7), ("exception", 28), ("zero lost", 9), ("as expected", 11)]
+            ("back→next s", 11), ("fault→raise s", 13), ("wall s", 7), ("exception", 28), ("zero lost", 9),
+            ("as expected", 11)]
     header = " ".join(f"{c:<{w}}" for c, w in cols)
     print(header)
     print("-" * len(header))

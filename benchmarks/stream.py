@@ -405,7 +405,8 @@ def report(results: list[dict], sizes: list[int], data_bytes: dict[int, int], ar
             print(f"{s['backend']:<8} {s['size']:>7,} {s['method']:<6} {cache:>9} {e['epoch']:>5} "
                   f"{e['items_per_s']:>8.0f} {e['first_item_s']:>12.3f} {fmt_mb(e['bytes_fetched']):>10} "
                   f"{e['hits']:>7,} {e['misses']:>7,} {r['base_rss_mb']:>11.0f} {e['peak_rss_mb']:>11.0f}")
-    print("\n(peak RSS per row = VmHWM of that run's process at the end of that epoch; base = VmHWM after imports + connect)")
+    print("\n(peak RSS per row = VmHWM of that run's process at the end of that epoch; "
+          "base = VmHWM after imports + connect)")
 
     print("\nwhat the reader held after epoch 1 (ours):")
     for r in results:

@@ -478,7 +478,8 @@ def main() -> None:
 
         (po, pt), (to, tt) = cores(pr), cores(tr)
         print(f"What bounds each here ({os.cpu_count()} cores): the pipeline alone is CPU work (fetch, JPEG decode, "
-              f"resize; {cpu_ms(pr):.1f} ms of our CPU per sample in Ray Train, {cpu_ms(stage('pipeline, driver')):.1f} "
+              f"resize; {cpu_ms(pr):.1f} ms of our CPU per sample in Ray Train, "
+              f"{cpu_ms(stage('pipeline, driver')):.1f} "
               f"in the driver) run with almost no overlap: {n_files} manifest file(s) make {n_files} scan "
               f"block(s) per pass, so a worker's first batch comes after {first_share:.0%} of its epoch; it got "
               f"{po:.2f} cores while other people's processes kept {pt:.2f} busy. Training spends "

@@ -44,7 +44,7 @@ class OrchestratorError(Exception):
         return (_rebuild, (type(self), self.message, self.hint, dict(self.__dict__)))
 
 
-def _rebuild(cls: type, message: str, hint: str | None, state: dict) -> OrchestratorError:
+def _rebuild(cls: type[OrchestratorError], message: str, hint: str | None, state: dict) -> OrchestratorError:
     err = cls.__new__(cls)
     OrchestratorError.__init__(err, message, hint=hint)
     err.__dict__.update(state)

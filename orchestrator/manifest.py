@@ -44,7 +44,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
 
@@ -126,7 +126,7 @@ class LabelMap:
     names: tuple[str, ...]
 
     @classmethod
-    def from_schema(cls, schema: pa.Schema) -> "LabelMap":
+    def from_schema(cls, schema: pa.Schema) -> LabelMap:
         if "labels" not in schema.names:
             return cls(())
         struct = schema.field("labels").type
@@ -280,7 +280,7 @@ class Manifest:
                 out.append(
                     VersionInfo(
                         version=v,
-                        timestamp=datetime.fromtimestamp(entry["timestamp"] / 1000, timezone.utc),
+                        timestamp=datetime.fromtimestamp(entry["timestamp"] / 1000, UTC),
                         operation=entry.get(_META + "operation", entry.get("operation", "")),
                         items=items,
                         message=entry.get(_META + "message", ""),
@@ -435,4 +435,4 @@ def conform(rows: Iterable[dict], labels: Sequence[str]) -> pa.Table:
 
 
 def now_utc() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)

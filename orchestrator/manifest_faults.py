@@ -51,7 +51,7 @@ class LogListing:
     checkpoints: frozenset[int]
 
     @classmethod
-    def from_names(cls, names: Iterable[str]) -> "LogListing":
+    def from_names(cls, names: Iterable[str]) -> LogListing:
         commits, checkpoints = set(), set()
         for name in names:
             if m := _COMMIT.match(name):
@@ -192,7 +192,7 @@ def data_file_problem(fs: pafs.FileSystem, path: str) -> str | None:
 
 @contextlib.contextmanager
 def manifest_file_errors(
-    store: "Store", files: Sequence[str], dataset: str | None = None
+    store: Store, files: Sequence[str], dataset: str | None = None
 ) -> Iterator[None]:
     """Around a read of manifest data files: a failure that one of ``files`` explains (missing,
     not Parquet, undecodable) becomes a ``StoreError`` naming the dataset, that file and the fix;
@@ -213,7 +213,7 @@ def _dataset_of(location: StoreLocation, path: str) -> str:
 
 
 def damaged_file_error(
-    store: "Store", dataset: str, files: Sequence[str], exc: BaseException
+    store: Store, dataset: str, files: Sequence[str], exc: BaseException
 ) -> OrchestratorError:
     """The first of ``files`` that is damaged, as an error; else ``exc`` translated."""
     for path in files:

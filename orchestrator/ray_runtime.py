@@ -95,7 +95,7 @@ def anchor_data_actors() -> None:
 _RAISED = re.compile(r"^orchestrator\.errors\.(\w+): (.*?)(?:\n  fix: (.*))?$", re.MULTILINE)
 
 
-def orchestrator_error_in(exc: BaseException) -> "OrchestratorError | None":
+def orchestrator_error_in(exc: BaseException) -> OrchestratorError | None:
     """The orchestrator error behind a failure that crossed Ray (a task, a Ray Data stage, a
     train worker), or None.
 

@@ -116,7 +116,7 @@ class RetryPolicy:
     }
 
     @classmethod
-    def from_query(cls, query: dict[str, list[str]], uri: str) -> "RetryPolicy":
+    def from_query(cls, query: dict[str, list[str]], uri: str) -> RetryPolicy:
         """The policy named by a store URI's query string; unknown keys are an error."""
         changes: dict[str, float] = {}
         for key, values in query.items():
@@ -132,7 +132,7 @@ class RetryPolicy:
                 raise ConfigError(f"store URI option {key}={values[-1]!r} is not a number of seconds") from None
         return cls(**changes)
 
-    def with_deadline(self, deadline_s: float | None) -> "RetryPolicy":
+    def with_deadline(self, deadline_s: float | None) -> RetryPolicy:
         """This policy with another deadline (None keeps it)."""
         return self if deadline_s is None else replace(self, deadline_s=float(deadline_s))
 

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 
 def manifest_dataset(
-    store: "Store", snapshot: Snapshot, files: Sequence[str] | None = None
+    store: Store, snapshot: Snapshot, files: Sequence[str] | None = None
 ) -> pads.Dataset:
     """A pyarrow dataset over the files of ``snapshot`` (or a subset), with its full schema."""
     paths = list(snapshot.files if files is None else files)
@@ -65,7 +65,7 @@ def candidate_files(snapshot: Snapshot, query: CompiledQuery | None) -> list[tup
 
 
 def scan(
-    store: "Store",
+    store: Store,
     snapshot: Snapshot,
     query: CompiledQuery | None = None,
     columns: Sequence[str] | None = None,
@@ -117,12 +117,12 @@ def fill_label_counts(table: pa.Table) -> pa.Table:
     return table.set_column(table.column_names.index("labels"), "labels", filled)
 
 
-def read_table(store: "Store", snapshot: Snapshot, columns: Sequence[str] | None = None) -> pa.Table:
+def read_table(store: Store, snapshot: Snapshot, columns: Sequence[str] | None = None) -> pa.Table:
     """Every row of a version (optionally only some columns) in memory."""
     return scan(store, snapshot, None, columns)[0]
 
 
-def existing_item_ids(store: "Store", dataset: str, item_ids: Sequence[str]) -> set[str]:
+def existing_item_ids(store: Store, dataset: str, item_ids: Sequence[str]) -> set[str]:
     """Which of ``item_ids`` are in the latest version (reads only the item_id column).
 
     The membership test runs after the read: delta-rs rewrites files with ``string_view``
@@ -143,7 +143,7 @@ def sum_labels(table: pa.Table, names: Sequence[str]) -> dict[str, int]:
     return {name: int(pc.sum(col.field(i)).as_py() or 0) for i, name in enumerate(names)}
 
 
-def label_totals(store: "Store", snapshot: Snapshot) -> dict[str, int]:
+def label_totals(store: Store, snapshot: Snapshot) -> dict[str, int]:
     """Instances per label over a whole version (reads one column)."""
     names = snapshot.label_map.names
     return sum_labels(read_table(store, snapshot, ["labels"]) if names else pa.table({}), names)

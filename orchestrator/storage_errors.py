@@ -78,7 +78,7 @@ def storage_errors(action: str, target: str) -> Iterator[None]:
 
 
 def store_call(
-    fn: Callable[[], T], *, location: "StoreLocation", action: str, target: str,
+    fn: Callable[[], T], *, location: StoreLocation, action: str, target: str,
     policy: RetryPolicy | None = None,
 ) -> T:
     """``fn()`` against the store at ``location``: transient faults retried under the location's
@@ -91,7 +91,7 @@ def store_call(
 
 
 def retrying(
-    fn: Callable[[], T], *, location: "StoreLocation", action: str, target: str,
+    fn: Callable[[], T], *, location: StoreLocation, action: str, target: str,
     policy: RetryPolicy | None = None,
 ) -> T:
     """Like ``store_call`` but a non-transient failure is re-raised as it is, for callers that

@@ -36,8 +36,8 @@ import pyarrow.fs as pafs
 from orchestrator.errors import ConfigError, DatasetNotFound, IngestError, ItemError, StoreError
 from orchestrator.manifest import Manifest, VersionInfo
 from orchestrator.manifest_faults import list_log, listing_damage, log_damage_error
-from orchestrator.storage_errors import storage_errors, store_call
 from orchestrator.retry import RetryPolicy
+from orchestrator.storage_errors import storage_errors, store_call
 from orchestrator.store_location import S3Credentials, StoreLocation
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ class BlobStore:
     def fs(self) -> pafs.FileSystem:
         return filesystem_for(self.location)
 
-    def with_retry(self, retry: RetryPolicy) -> "BlobStore":
+    def with_retry(self, retry: RetryPolicy) -> BlobStore:
         """The same blobs, read and written under another retry policy."""
         return self if retry == self.location.retry else BlobStore(self.location.with_retry(retry), self.dataset)
 
@@ -181,7 +181,7 @@ class Store:
         self._access: AccessControl | None = None
 
     @property
-    def access(self) -> "AccessControl":
+    def access(self) -> AccessControl:
         """The policy in force and the principal behind this store's credentials (read once;
         ``refresh_access()`` re-reads)."""
         if self._access is None:
@@ -266,7 +266,7 @@ class Store:
         grants = self.access.policy.policy.grants_for(self.access.principal or "")  # type: ignore[union-attr]
         return sorted({d for g in grants for d in g.datasets if not d.endswith("*")})
 
-    def dataset(self, name: str, version: int | None = None, **options: Any) -> "Dataset":
+    def dataset(self, name: str, version: int | None = None, **options: Any) -> Dataset:
         """Open a dataset at ``version`` (default: the latest, pinned now). ``options`` are
         ``StreamOptions``: prefetch, threads, on_error ('skip' or 'raise'), cache."""
         from orchestrator.stream.dataset import Dataset
@@ -293,7 +293,7 @@ class Store:
     def verify(
         self, name: str, version: int | None = None, *, repair_from: str | Path | None = None,
         threads: int = 8, progress: bool | None = None,
-    ) -> "VerifyReport":
+    ) -> VerifyReport:
         """Check the size and sha256 of every blob that a version (default: latest) reads;
         with ``repair_from`` (a folder) re-upload bad blobs whose bytes a file there holds.
         The report names each bad blob with its items; see ``orchestrator.verify``."""
@@ -333,6 +333,7 @@ class Store:
             source = read_coco(Path(coco), Path(images), allowed_roots=allow_roots)
             label = f"COCO {Path(coco).name}"
         else:
+            assert jsonl is not None  # exactly one source, checked above
             base = None if images is None else Path(images)
             source = read_jsonl(Path(jsonl), base=base, allowed_roots=allow_roots)
             label = f"JSONL {Path(jsonl).name}"
@@ -340,7 +341,7 @@ class Store:
             self, dataset, source, message=message or f"ingest {label}", strict=strict
         )
 
-    def policy(self, version: int | None = None) -> "PolicyVersion | None":
+    def policy(self, version: int | None = None) -> PolicyVersion | None:
         """The access policy in force (or an earlier version); None if the store has none."""
         from orchestrator.access.store_policy import read_policy
 

@@ -49,7 +49,7 @@ class S3Credentials:
     endpoint_url: str | None = None
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> "S3Credentials":
+    def from_env(cls, env: dict[str, str] | None = None) -> S3Credentials:
         env = dict(os.environ if env is None else env)
         return cls(
             access_key=env.get("AWS_ACCESS_KEY_ID") or None,
@@ -73,12 +73,12 @@ class StoreLocation:
     credentials: S3Credentials | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
-    def with_retry(self, retry: RetryPolicy) -> "StoreLocation":
+    def with_retry(self, retry: RetryPolicy) -> StoreLocation:
         """The same store read or written under another retry policy."""
         return dataclasses.replace(self, retry=retry)
 
     @classmethod
-    def parse(cls, uri: str, credentials: S3Credentials | None = None) -> "StoreLocation":
+    def parse(cls, uri: str, credentials: S3Credentials | None = None) -> StoreLocation:
         """Validate a store URI; relative local paths are refused so every process agrees."""
         parsed = urlparse(uri)
         retry = RetryPolicy.from_query(parse_qs(parsed.query, keep_blank_values=True), uri)

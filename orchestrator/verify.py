@@ -121,7 +121,7 @@ class VerifyReport:
 
 
 def verify_dataset(
-    store: "Store",
+    store: Store,
     dataset: str,
     version: int | None = None,
     *,
@@ -173,7 +173,7 @@ def verify_dataset(
 
 
 def check_blob(
-    blobs: "BlobStore", blob: str, expected_size: int, items: tuple[str, ...] = ()
+    blobs: BlobStore, blob: str, expected_size: int, items: tuple[str, ...] = ()
 ) -> tuple[BadBlob | None, int]:
     """(None if the blob's stored bytes have ``expected_size`` and hash to its name, else what
     is wrong; the bytes read). One streamed read of the object, ``CHUNK`` bytes at a time."""
@@ -201,7 +201,7 @@ def check_blob(
     return BadBlob(blob, problem, expected_size, size, actual, items), size
 
 
-def repair_from_folder(blobs: "BlobStore", bad: list[BadBlob], folder: Path, threads: int) -> list[str]:
+def repair_from_folder(blobs: BlobStore, bad: list[BadBlob], folder: Path, threads: int) -> list[str]:
     """Re-upload each bad blob whose bytes a file under ``folder`` holds; the blobs repaired
     (uploaded and checked again), sorted. Only files of a size some bad blob has are hashed."""
     by_blob = {b.blob: b for b in bad}

@@ -7,7 +7,7 @@ row dicts one at a time with ordinary Python comparisons.
 from __future__ import annotations
 
 import operator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from hypothesis import strategies as st
 
@@ -19,7 +19,7 @@ ATTR_KEYS = ("weather", "time of day", "camera")
 ATTR_VALUES = ("rain", "sun", "night", "day", "true", "it's")
 TAGS = ("night", "blurry", "review", "o'clock")
 MEDIA = ("image/jpeg", "image/png")
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 TIMES = tuple((T0 + timedelta(days=d)).isoformat() for d in range(0, 5))
 NUM_FILE_FIELDS = ("width", "height", "size_bytes")
 OPS = ("=", "!=", ">", ">=", "<", "<=")

@@ -43,7 +43,7 @@ def test_same_seed_gives_identical_bytes_and_json(tmp_path: Path) -> None:
     assert a.read_bytes() == b.read_bytes()
     fa, fb = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert len(fa) == 25 and fa == fb
-    c = make_demo_data(tmp_path / "c", 25, seed=8)
+    make_demo_data(tmp_path / "c", 25, seed=8)
     assert _files(tmp_path / "c") != fa
 
 

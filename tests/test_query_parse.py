@@ -9,7 +9,17 @@ from hypothesis import given
 
 from orchestrator.errors import QueryError
 from orchestrator.query.parse import (
-    MAX_DEPTH, MAX_QUERY_CHARS, And, Compare, Field, HasTag, InList, Not, Or, parse, to_text,
+    MAX_DEPTH,
+    MAX_QUERY_CHARS,
+    And,
+    Compare,
+    Field,
+    HasTag,
+    InList,
+    Not,
+    Or,
+    parse,
+    to_text,
 )
 from tests.query_strategies import queries
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -11,7 +11,7 @@ from orchestrator.ingest.probe import Probe
 from orchestrator.ingest.records import build_row, clip_box
 from orchestrator.ingest.sources import SourceInstance, SourceItem
 
-NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def test_clip_inside_is_untouched():

@@ -18,7 +18,8 @@ TRANSIENT = [
     OSError("AWS Error NETWORK_CONNECTION during HeadObject operation: curlCode: 28, Timeout was reached"),
     OSError("When reading information for key 'x' in bucket 'b': AWS Error UNKNOWN (HTTP status 500) during "
             "HeadObject operation: No response body."),
-    OSError("AWS Error INTERNAL_FAILURE during GetObject operation: We encountered an internal error, please try again."),
+    OSError("AWS Error INTERNAL_FAILURE during GetObject operation: We encountered an internal error, "
+            "please try again."),
     OSError("Generic S3 error: Error after 10 retries in 2.9s, max_retries:10, retry_timeout:180s, "
             "source:error sending request for url (http://127.0.0.1:1/b/k)"),
     OSError("AWS Error SLOW_DOWN during PutObject operation: SlowDown: Please reduce your request rate."),

@@ -167,6 +167,7 @@ def test_make_item_aligns_boxes_labels_and_polygons():
 
 def test_collate_pads_varying_box_counts():
     import torch
+
     from orchestrator.adapters.torch import collate_items
 
     a = {"id": "a", "image": np.zeros((4, 5, 3), np.uint8), "boxes": np.ones((2, 4), np.float32),

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import os
 import subprocess
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from orchestrator.train.lineage import (
-    Lineage, driver_identity, merge_epoch_metrics, observed_status, process_alive,
+    Lineage,
+    driver_identity,
+    merge_epoch_metrics,
+    observed_status,
+    process_alive,
 )
 
-NOW = datetime(2026, 1, 2, 12, 0, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 1, 2, 12, 0, 0, tzinfo=UTC)
 
 
 def _record(**kw) -> Lineage:

@@ -11,8 +11,14 @@ import yaml
 
 from orchestrator.train.config import ScalingSettings
 from orchestrator.train.placement import (
-    DATA_CPUS_PER_WORKER, NodeType, ResourceRequest, node_types_from_cluster_yaml,
-    node_types_that_fit, placeable, unschedulable_message, workers_that_fit,
+    DATA_CPUS_PER_WORKER,
+    NodeType,
+    ResourceRequest,
+    node_types_from_cluster_yaml,
+    node_types_that_fit,
+    placeable,
+    unschedulable_message,
+    workers_that_fit,
 )
 
 REPO = Path(__file__).resolve().parent.parent

@@ -129,7 +129,7 @@ class Policy(_Strict):
     roles: dict[str, Role] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _references(self) -> "Policy":
+    def _references(self) -> Policy:
         for name, p in self.principals.items():
             if not _NAME.match(name):
                 raise ValueError(f"principal name {name!r}: use lowercase letters, digits, '.', '_', '-'")

@@ -96,7 +96,7 @@ def aws_iam_policies(policy: Policy, bucket: str, prefix: str) -> dict[str, dict
     return docs
 
 
-def compile_rules(store: "Store", target: str, secrets_path: Path | None) -> str:
+def compile_rules(store: Store, target: str, secrets_path: Path | None) -> str:
     """The policy in force on ``store`` as JSON for ``target`` (seaweedfs | aws)."""
     pv = store.policy()
     if pv is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -41,12 +41,12 @@ class PolicyVersion:
     set_at: datetime
 
 
-def _paths(store: "Store") -> tuple[str, str, str]:
+def _paths(store: Store) -> tuple[str, str, str]:
     table = store.location.join("_policy", "versions")
     return table, store.location.table_uri(table), store.location.join("_policy", "policy.yaml")
 
 
-def read_policy(store: "Store", version: int | None = None) -> PolicyVersion | None:
+def read_policy(store: Store, version: int | None = None) -> PolicyVersion | None:
     """The policy in force (or an earlier ``version``); None when the store has none yet."""
     path, uri, _ = _paths(store)
     with storage_errors("read the access policy of", store.uri):
@@ -69,13 +69,13 @@ def read_policy(store: "Store", version: int | None = None) -> PolicyVersion | N
                          row["text"], row["principal"], row["message"], row["set_at"])
 
 
-def write_policy(store: "Store", text: str, *, principal: str, message: str = "") -> int:
+def write_policy(store: Store, text: str, *, principal: str, message: str = "") -> int:
     """Validate and commit ``text`` as the next policy version; returns the version."""
     parse_policy(text, "the new policy")  # nothing is written unless it is valid
     path, uri, mirror = _paths(store)
     row = pa.table({
         "text": [text], "sha256": [hashlib.sha256(text.encode()).hexdigest()], "principal": [principal],
-        "message": [message or "policy set"], "set_at": [datetime.now(timezone.utc)],
+        "message": [message or "policy set"], "set_at": [datetime.now(UTC)],
     }, schema=SCHEMA)
     with storage_errors("write the access policy of", store.uri):
         write_deltalake(uri, row, mode="overwrite", storage_options=store.location.delta_storage_options(),

@@ -25,10 +25,10 @@ from orchestrator.manifest_faults import manifest_file_errors
 from orchestrator.query.compile import CompiledQuery
 from orchestrator.retry import RetryPolicy
 from orchestrator.scan import candidate_files, fill_label_counts, manifest_dataset
+from orchestrator.storage_errors import retrying
 from orchestrator.stream.cache import BlobCache, node_cache
 from orchestrator.stream.decode import decode_image, make_item
 from orchestrator.stream.index import ITEM_COLUMNS
-from orchestrator.storage_errors import retrying
 from orchestrator.stream.reader import fetch_blob
 from orchestrator.stream.skips import Skips
 from orchestrator.stream.split import HashSplit
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from orchestrator.stream.dataset import Dataset
 
 
-def scan_manifest_files(batch: pa.Table, store: "Store", snapshot: Snapshot,
+def scan_manifest_files(batch: pa.Table, store: Store, snapshot: Snapshot,
                         query: CompiledQuery | None, split: HashSplit | None = None,
                         item_ids: frozenset[str] | None = None,
                         access: ReadView | None = None, retry: RetryPolicy | None = None) -> pa.Table:
@@ -114,7 +114,7 @@ class SkipLedger:
             ray.kill(actor)
 
     @classmethod
-    def new(cls, name: str | None = None) -> "SkipLedger":
+    def new(cls, name: str | None = None) -> SkipLedger:
         """A ledger homed on this process's node (``name`` shares one across pipelines)."""
         import ray
 
@@ -140,7 +140,7 @@ class FetchDecode:
     (recorded in the ``ledger``) or raised; a store outage past the retry deadline always
     raises ``StoreUnavailable``, which fails the pipeline instead of thinning it."""
 
-    def __init__(self, blobs: "BlobStore", label_map: LabelMap, version: int,
+    def __init__(self, blobs: BlobStore, label_map: LabelMap, version: int,
                  cache: BlobCache | None, on_error: str, ledger: SkipLedger | None = None) -> None:
         self.blobs = blobs
         self.label_map = label_map
@@ -185,9 +185,9 @@ class FetchDecode:
 ROWS_PER_BLOCK = 32
 
 
-def to_ray_dataset(ds: "Dataset", split: HashSplit | None = None, *,
+def to_ray_dataset(ds: Dataset, split: HashSplit | None = None, *,
                    item_ids: frozenset[str] | None = None,
-                   node_id: str | None = None) -> "ray.data.Dataset":
+                   node_id: str | None = None) -> ray.data.Dataset:
     """Items of ``ds`` as a lazy Ray Data pipeline (order not preserved; list-like fields of
     variable structure travel as JSON text: label_names, polygons, tags, attributes; each item
     also carries ``fetch_node``, the Ray node that fetched its blob).

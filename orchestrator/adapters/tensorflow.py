@@ -39,7 +39,7 @@ def element_spec() -> dict:
     }
 
 
-def to_tf_dataset(dataset: "Dataset", *, shuffle: bool = False, seed: int = 0) -> "tf.data.Dataset":
+def to_tf_dataset(dataset: Dataset, *, shuffle: bool = False, seed: int = 0) -> tf.data.Dataset:
     """Items of ``dataset`` as a tf.data pipeline; each pass over it is one epoch, and with
     ``shuffle`` successive passes use epochs 0, 1, 2, ... of the deterministic shuffle."""
     epochs = {"next": 0}

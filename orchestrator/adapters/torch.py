@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 class TorchItems(IterableDataset):
     """Items of a dataset slice as torch-friendly dicts (image stays HWC uint8, as a tensor)."""
 
-    def __init__(self, dataset: "Dataset", *, shuffle: bool = False, seed: int = 0,
+    def __init__(self, dataset: Dataset, *, shuffle: bool = False, seed: int = 0,
                  transform: Callable[[dict], Any] | None = None,
                  rank: int | None = None, world_size: int | None = None) -> None:
         super().__init__()

@@ -53,7 +53,7 @@ def probe_batch(batch: pa.Table) -> pa.Table:
     return pa.table(cols)
 
 
-def upload_batch(batch: pa.Table, blobs: "BlobStore") -> pa.Table:
+def upload_batch(batch: pa.Table, blobs: BlobStore) -> pa.Table:
     """Ray Data stage: upload each blob the store lacks; re-hash so a file that changed since
     it was probed is refused rather than stored under the wrong key. A blob counts as present
     only with the probed size: an empty or truncated object under its name (left by an older
@@ -63,14 +63,15 @@ def upload_batch(batch: pa.Table, blobs: "BlobStore") -> pa.Table:
     for blob, path, size in zip(*columns):
         # Look-up and upload are repeated as a whole while the store does not answer (up to
         # the store's retry deadline, then StoreUnavailable ends the ingest, nothing committed).
-        flag, nbytes = store_call(lambda: _upload_one(blobs, blob, path, size), location=blobs.location,
-                                  action="upload blob", target=f"{blob[:12]} ({path})")
+        # The lambda is called (and retried) within this iteration, so it sees this item.
+        flag, nbytes = store_call(lambda: _upload_one(blobs, blob, path, size),  # noqa: B023
+                                  location=blobs.location, action="upload blob", target=f"{blob[:12]} ({path})")
         uploaded.append(flag)
         sizes.append(nbytes)
     return pa.table({"blob": batch.column("blob"), "uploaded": uploaded, "bytes": sizes})
 
 
-def _upload_one(blobs: "BlobStore", blob: str, path: str, size: int) -> tuple[bool, int]:
+def _upload_one(blobs: BlobStore, blob: str, path: str, size: int) -> tuple[bool, int]:
     """(uploaded?, bytes) for one blob; safe to repeat (a whole object lands once)."""
     if blobs.exists(blob, size):
         return False, 0
@@ -103,7 +104,7 @@ def _run_probe(items: list) -> list[Probe]:
 
 
 def _run_upload(
-    store: "Store", dataset: str, unique: dict[str, tuple[str, int]]
+    store: Store, dataset: str, unique: dict[str, tuple[str, int]]
 ) -> tuple[int, int, int]:
     import ray.data
 
@@ -139,7 +140,7 @@ def _from_stage(exc: Exception) -> Exception:
 
 
 def ingest_source(
-    store: "Store", dataset: str, source: Source, *, message: str, strict: bool
+    store: Store, dataset: str, source: Source, *, message: str, strict: bool
 ) -> IngestReport:
     """Probe, upload and commit ``source`` into ``dataset`` as exactly one new version.
 

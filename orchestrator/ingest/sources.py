@@ -86,7 +86,7 @@ class SourceRoots:
     allowed: tuple[Path, ...] = ()  # resolved; named explicitly by the user
 
     @classmethod
-    def of(cls, folder: Path, what: str, allowed: Iterable[str | Path] = ()) -> "SourceRoots":
+    def of(cls, folder: Path, what: str, allowed: Iterable[str | Path] = ()) -> SourceRoots:
         roots = []
         for root in allowed:
             resolved = Path(root).expanduser().resolve()

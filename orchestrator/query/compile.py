@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import difflib
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable
+from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +31,17 @@ import pyarrow.dataset as pads
 from orchestrator.errors import QueryError
 from orchestrator.manifest import FileStats, label_field
 from orchestrator.query.parse import (
-    And, Compare, Field, HasTag, InList, Literal, Node, Not, Or, caret_message, parse,
+    And,
+    Compare,
+    Field,
+    HasTag,
+    InList,
+    Literal,
+    Node,
+    Not,
+    Or,
+    caret_message,
+    parse,
 )
 
 #: ``file.<name>`` fields and their query types.
@@ -182,7 +193,7 @@ def _check(leaf: Node, text: str, context: QueryContext) -> None:
 
 def _as_time(value: str) -> datetime:
     t = datetime.fromisoformat(value)
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def _coerce(field: Field, value: Literal) -> Any:

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Union
 
 from orchestrator.errors import QueryError
 
 MAX_QUERY_CHARS = 10_000
 MAX_DEPTH = 64
 NAMESPACES = ("labels", "file", "attributes")
-Literal = Union[int, float, str, bool]
+Literal = int | float | str | bool
 
 
 class QuerySyntaxError(QueryError):
@@ -86,23 +85,23 @@ class HasTag:
 
 @dataclass(frozen=True)
 class Not:
-    operand: "Node"
+    operand: Node
     pos: int
 
 
 @dataclass(frozen=True)
 class And:
-    operands: tuple["Node", ...]
+    operands: tuple[Node, ...]
     pos: int
 
 
 @dataclass(frozen=True)
 class Or:
-    operands: tuple["Node", ...]
+    operands: tuple[Node, ...]
     pos: int
 
 
-Node = Union[Compare, InList, HasTag, Not, And, Or]
+Node = Compare | InList | HasTag | Not | And | Or
 
 
 def _quote(text: str) -> str:
@@ -395,7 +394,8 @@ def parse(query: str) -> Node:
         raise QuerySyntaxError(f"a query must be text, got {type(query).__name__}")
     if len(query) > MAX_QUERY_CHARS:
         raise QuerySyntaxError(
-            caret_message(query[: MAX_QUERY_CHARS + 1], MAX_QUERY_CHARS, f"query longer than {MAX_QUERY_CHARS} characters")
+            caret_message(query[: MAX_QUERY_CHARS + 1], MAX_QUERY_CHARS,
+                          f"query longer than {MAX_QUERY_CHARS} characters")
         )
     _check_unicode(query)
     return _Parser(query).parse()

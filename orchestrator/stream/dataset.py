@@ -37,7 +37,7 @@ class Dataset:
     """
 
     def __init__(
-        self, store: "Store", name: str, version: int | None = None, *,
+        self, store: Store, name: str, version: int | None = None, *,
         options: StreamOptions | None = None,
         _snapshot: Snapshot | None = None, _queries: tuple[str, ...] = (),
         _access: ReadView | None = None,
@@ -78,7 +78,7 @@ class Dataset:
         """Stable label ids: the same name has the same id in every version."""
         return self._snapshot.label_map
 
-    def slice(self, query: str) -> "Dataset":
+    def slice(self, query: str) -> Dataset:
         """Items of this dataset (and of any earlier slice) that match ``query``.
 
         ``ds.slice(a).slice(b)`` means both. Raises ``QueryError`` with a caret at once.
@@ -88,7 +88,7 @@ class Dataset:
             _queries=(*self._queries, query), _access=self._access,
         )
 
-    def with_options(self, **changes: Any) -> "Dataset":
+    def with_options(self, **changes: Any) -> Dataset:
         """The same slice read with other ``StreamOptions`` (prefetch, threads, on_error, cache)."""
         opts = StreamOptions(**{**self.options.__dict__, **changes})
         return Dataset(self.store, self.name, options=opts, _snapshot=self._snapshot,

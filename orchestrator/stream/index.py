@@ -49,7 +49,7 @@ class ItemIndex:
         return len(self.file_of)
 
 
-def build_index(store: "Store", snapshot: Snapshot, query: CompiledQuery | None,
+def build_index(store: Store, snapshot: Snapshot, query: CompiledQuery | None,
                 retry: RetryPolicy | None = None) -> ItemIndex:
     """Scan the slice once (only the query's columns) and record every match's location.
     Transient store faults are retried under ``retry`` (default: the store's policy)."""
@@ -60,7 +60,8 @@ def build_index(store: "Store", snapshot: Snapshot, query: CompiledQuery | None,
         table = manifest_dataset(store, snapshot, [f])
         with manifest_file_errors(store, [f], snapshot.dataset):
             rows = fill_label_counts(retrying(
-                lambda: table.to_table(columns=columns), location=store.location,
+                lambda: table.to_table(columns=columns),  # noqa: B023 (called within this iteration)
+                location=store.location,
                 action="read the manifest of dataset", target=repr(snapshot.dataset), policy=retry))
         if query is None:
             hits = np.arange(rows.num_rows, dtype=np.int64)
@@ -78,8 +79,8 @@ def build_index(store: "Store", snapshot: Snapshot, query: CompiledQuery | None,
 class RowReader:
     """Reads manifest rows by (file, row) through a small LRU of decoded row groups."""
 
-    def __init__(self, store: "Store", index: ItemIndex, keep_groups: int = 4,
-                 access: "ReadView | None" = None, retry: RetryPolicy | None = None) -> None:
+    def __init__(self, store: Store, index: ItemIndex, keep_groups: int = 4,
+                 access: ReadView | None = None, retry: RetryPolicy | None = None) -> None:
         self.store = store
         self.index = index
         self.keep_groups = keep_groups

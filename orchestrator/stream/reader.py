@@ -63,7 +63,7 @@ class StreamOptions:
                 or self.retry_deadline < 0):
             raise ConfigError(f"retry_deadline must be a number of seconds >= 0, got {self.retry_deadline!r}")
 
-    def retry_policy(self, location: "StoreLocation") -> RetryPolicy:
+    def retry_policy(self, location: StoreLocation) -> RetryPolicy:
         """The store's retry policy with this reader's deadline, if it sets one."""
         return location.retry.with_deadline(self.retry_deadline)
 
@@ -72,13 +72,13 @@ class StreamOptions:
         return self.cache if self.cache is not None else node_cache()
 
 
-def fetch_blob(blobs: "BlobStore", cache: BlobCache, blob: str) -> bytes:
+def fetch_blob(blobs: BlobStore, cache: BlobCache, blob: str) -> bytes:
     """The blob's bytes from the node cache, else from the store (then cached)."""
     return cache.get_or_fetch(blob, lambda: blobs.get(blob))
 
 
 def load_item(
-    blobs: "BlobStore", cache: BlobCache, row: dict, label_map: LabelMap, version: int, decode: bool = True
+    blobs: BlobStore, cache: BlobCache, row: dict, label_map: LabelMap, version: int, decode: bool = True
 ) -> dict:
     """Fetch and decode one manifest row into an item dict.
 
@@ -97,8 +97,8 @@ def load_item(
 class ItemStream:
     """Reads items of one pinned, indexed slice."""
 
-    def __init__(self, store: "Store", dataset: str, index: ItemIndex, label_map: LabelMap,
-                 version: int, options: StreamOptions, access: "ReadView | None" = None) -> None:
+    def __init__(self, store: Store, dataset: str, index: ItemIndex, label_map: LabelMap,
+                 version: int, options: StreamOptions, access: ReadView | None = None) -> None:
         self.store = store
         retry = options.retry_policy(store.location)
         self.blobs = store.blobs(dataset).with_retry(retry)

@@ -39,7 +39,7 @@ class Skips:
             if len(self.examples) < _EXAMPLES:
                 self.examples.append(exc.message)
 
-    def merge(self, other: "Skips | dict[str, Any]") -> None:
+    def merge(self, other: Skips | dict[str, Any]) -> None:
         """Add another ledger (or its ``as_dict``) into this one."""
         data = other.as_dict() if isinstance(other, Skips) else other
         with self._lock:

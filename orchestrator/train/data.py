@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 class RunData:
     """What a run reads: the dataset (version and slice fixed), its train ids and the split."""
 
-    dataset: "Dataset"
+    dataset: Dataset
     train_ids: list[str]
     split: HashSplit  # validation side; the train side is ``train_ids``
     shard_seed: int
@@ -38,7 +38,7 @@ class RunData:
     max_boxes: int
 
     def pipeline(self, name: str, rank: int, world_size: int, node_id: str | None,
-                 shards: list[list[str]] | None = None) -> "ray.data.Dataset":
+                 shards: list[list[str]] | None = None) -> ray.data.Dataset:
         """``train``: rank's shard; ``validation``: the whole validation side (read by rank 0)."""
         if name == "train":
             shards = shards or balanced_shards(self.train_ids, world_size, self.shard_seed)

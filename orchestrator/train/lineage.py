@@ -26,7 +26,7 @@ import subprocess
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 
 def new_run_id(config_name: str) -> str:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     return f"{config_name}-{stamp}-{uuid.uuid4().hex[:6]}"
 
 
@@ -96,7 +96,7 @@ class Lineage:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> "Lineage":
+    def from_dict(cls, doc: dict[str, Any]) -> Lineage:
         """A record as read from ``lineage.json``; keys this code does not know (written by a
         newer version) are ignored rather than refused."""
         known = {f.name for f in fields(cls)}
@@ -165,7 +165,7 @@ def observed_status(lineage: Lineage, *, now: datetime | None = None, host: str 
     last = _parse_time(lineage.heartbeat_at or lineage.started_at)
     if last is None:
         return "running"
-    age = ((now or datetime.now(timezone.utc)) - last).total_seconds()
+    age = ((now or datetime.now(UTC)) - last).total_seconds()
     return "lost" if age > stale_after_s else "running"
 
 
@@ -175,26 +175,26 @@ def _parse_time(text: str | None) -> datetime | None:
     except ValueError:
         return None
     if t is not None and t.tzinfo is None:
-        t = t.replace(tzinfo=timezone.utc)
+        t = t.replace(tzinfo=UTC)
     return t
 
 
-def _principal_dir(store: "Store") -> str:
+def _principal_dir(store: Store) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", store.principal)
 
 
-def runs_dir(store: "Store") -> str:
+def runs_dir(store: Store) -> str:
     """``runs/<principal>/``: each principal's runs (lineage, checkpoints) under its own prefix,
     so storage permissions can let it write there and nowhere else."""
     return store.location.join("runs", _principal_dir(store))
 
 
-def lineage_uri(store: "Store", run_id: str) -> str:
+def lineage_uri(store: Store, run_id: str) -> str:
     """Where a run's record is, as a URI to show people."""
     return f"{store.uri.rstrip('/')}/runs/{_principal_dir(store)}/{run_id}/lineage.json"
 
 
-def write_lineage(store: "Store", lineage: Lineage) -> str:
+def write_lineage(store: Store, lineage: Lineage) -> str:
     """Replace the record in one piece: readers (``orchestrator runs``, a watcher) never see a
     half-written file. An S3 PUT is atomic; a local file is written aside and renamed."""
     path = f"{runs_dir(store)}/{lineage.run_id}/lineage.json"
@@ -217,14 +217,14 @@ def write_lineage(store: "Store", lineage: Lineage) -> str:
     return path
 
 
-def read_lineage(store: "Store", run_id: str) -> Lineage:
+def read_lineage(store: Store, run_id: str) -> Lineage:
     path = f"{runs_dir(store)}/{run_id}/lineage.json"
     with storage_errors("read the lineage of run", run_id):
         with store.fs.open_input_stream(path) as f:
             return Lineage.from_dict(json.loads(f.read()))
 
 
-def list_runs(store: "Store") -> list[Lineage]:
+def list_runs(store: Store) -> list[Lineage]:
     """Every recorded run in the store, oldest first."""
     fs = store.fs
     with storage_errors("list the runs in", store.uri):
@@ -240,4 +240,4 @@ def list_runs(store: "Store") -> list[Lineage]:
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")

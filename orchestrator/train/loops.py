@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-
 HISTORY = "history.json"
 
 
@@ -83,11 +82,10 @@ def _with_end(batches):
 
 
 def torch_loop(config: dict[str, Any]) -> None:
-    import torch
-    import torch.distributed as dist
-
     import ray.train
     import ray.train.torch
+    import torch
+    import torch.distributed as dist
     from ray.train import Checkpoint
 
     from orchestrator.train.models import get_model
@@ -151,10 +149,9 @@ def torch_loop(config: dict[str, Any]) -> None:
 
 def tf_loop(config: dict[str, Any]) -> None:
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    import ray.train
     import tensorflow as tf
     import tf_keras as keras
-
-    import ray.train
     from ray.train import Checkpoint
 
     from orchestrator.train.models import get_model
@@ -208,7 +205,7 @@ def tf_loop(config: dict[str, Any]) -> None:
             # its own batches: every worker must take exactly ``steps`` steps.
             taken: list = []
             for step in range(steps):
-                batch = next(shard_batches, None)
+                batch = next(shard_batches, None)  # noqa: B023 (fit consumes this within the epoch)
                 if batch is None:
                     if not taken:
                         raise ValueError(f"worker {rank} received no full batch this epoch")
@@ -234,7 +231,8 @@ def tf_loop(config: dict[str, Any]) -> None:
             if rank == 0:
                 local = spec.build(config["num_classes"], **params)  # outside the strategy
                 local.set_weights(weights)
-                metrics.update(_evaluate(lambda b: local(spec.inputs(b), training=False), spec,
+                # The lambda is used by _evaluate within this iteration only.
+                metrics.update(_evaluate(lambda b: local(spec.inputs(b), training=False), spec,  # noqa: B023
                                          val_shard, t["batch_size"], config["num_classes"]))
                 history.append(dict(metrics))
                 if (epoch + 1) % config["checkpoint_every"] == 0 or last:

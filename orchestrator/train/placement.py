@@ -49,7 +49,7 @@ class ResourceRequest:
     data_cpus_per_worker: float = DATA_CPUS_PER_WORKER
 
     @classmethod
-    def from_settings(cls, scaling: "ScalingSettings") -> "ResourceRequest":
+    def from_settings(cls, scaling: ScalingSettings) -> ResourceRequest:
         """The request the runner's ``ScalingConfig`` makes (Ray Train adds ``GPU: 1`` per
         worker with ``use_gpu``)."""
         bundle = {"CPU": float(scaling.cpus_per_worker)}

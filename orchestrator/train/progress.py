@@ -92,7 +92,7 @@ class RunWatch:
     heartbeat every ``HEARTBEAT_S``), tracks how long the worker group has waited to be placed,
     and stops the controller. ``apply`` is pure given ``at``; the rest talks to Ray and the store."""
 
-    def __init__(self, store: "Store", lineage: Lineage, mailbox: Any = None, *,
+    def __init__(self, store: Store, lineage: Lineage, mailbox: Any = None, *,
                  clock=time.monotonic) -> None:
         self.store, self.lineage, self.mailbox, self.clock = store, lineage, mailbox, clock
         self.controller: Any = None

@@ -35,15 +35,26 @@ from orchestrator.ray_runtime import (
 )
 from orchestrator.stream.split import HashSplit, validation_mask
 from orchestrator.train.config import RunSettings
+from orchestrator.train.lineage import (
+    Lineage,
+    code_revision,
+    driver_identity,
+    ids_digest,
+    new_run_id,
+    now,
+    read_lineage,
+    runs_dir,
+    write_lineage,
+)
 from orchestrator.train.placement import (
-    ResourceRequest, autoscaler_node_types, cluster_nodes, free_resources, placeable,
+    ResourceRequest,
+    autoscaler_node_types,
+    cluster_nodes,
+    free_resources,
+    placeable,
     unschedulable_message,
 )
 from orchestrator.train.storage import checkpoint_filesystem
-from orchestrator.train.lineage import (
-    Lineage, code_revision, driver_identity, ids_digest, new_run_id, now, read_lineage, runs_dir,
-    write_lineage,
-)
 
 if TYPE_CHECKING:
     from orchestrator.train.data import RunData
@@ -121,7 +132,7 @@ def plan_run(settings: RunSettings, *, config_name: str = "run", resume: str | b
     return Plan(settings, store, ds, run_id, lineage, train_ids)
 
 
-def _run_data(plan: Plan) -> "RunData":
+def _run_data(plan: Plan) -> RunData:
     from orchestrator.stream.cache import BlobCache, default_disk_dir
     from orchestrator.train.data import RunData
 
@@ -185,7 +196,7 @@ def run(plan: Plan) -> Lineage:
     ``SystemExit`` is re-raised once the workers are gone)."""
     lineage = plan.lineage
     lineage.status, lineage.driver, lineage.heartbeat_at = "running", driver_identity(), now()
-    watch: "RunWatch | None" = None
+    watch: RunWatch | None = None
     try:
         write_lineage(plan.store, lineage)
         import ray
@@ -235,7 +246,7 @@ def run(plan: Plan) -> Lineage:
     return lineage
 
 
-def _wind_down(watch: "RunWatch | None") -> None:
+def _wind_down(watch: RunWatch | None) -> None:
     """Stop a fit that is still going and take its last reports in; never raises, so the run's
     end is recorded whatever Ray answers."""
     if watch is None:
@@ -262,7 +273,7 @@ _UNPLACEABLE_HINT = ("lower scaling.num_workers or scaling.cpus_per_worker, or g
                      "nodes; if they are on their way, raise scaling.schedule_timeout_s")
 
 
-def _trainer(plan: Plan) -> tuple[Any, "RunWatch"]:
+def _trainer(plan: Plan) -> tuple[Any, RunWatch]:
     """The Ray Train trainer for a plan, reporting its progress to a new ``RunWatch``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
@@ -305,7 +316,7 @@ def _trainer(plan: Plan) -> tuple[Any, "RunWatch"]:
     return trainer, RunWatch(plan.store, plan.lineage, mailbox)
 
 
-def _fit_watched(plan: Plan, trainer: Any, watch: "RunWatch", request: ResourceRequest) -> Any:
+def _fit_watched(plan: Plan, trainer: Any, watch: RunWatch, request: ResourceRequest) -> Any:
     """``trainer.fit()`` in a thread, watched from this one (see the module doc). A fit whose
     workers wait too long to be placed is killed here; anything else that ends the watch early
     (Ctrl-C) is stopped by ``run`` before it records the run."""

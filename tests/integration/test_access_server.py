@@ -24,7 +24,12 @@ from orchestrator.errors import AccessDenied
 from orchestrator.store_location import S3Credentials
 from tests.conftest import run_cli
 from tests.integration.test_access import (
-    N, check_framework_paths, check_sdk_paths, expected_ids, policy_text, write_jsonl,
+    N,
+    check_framework_paths,
+    check_sdk_paths,
+    expected_ids,
+    policy_text,
+    write_jsonl,
 )
 
 pytestmark = [pytest.mark.s3]
@@ -55,9 +60,10 @@ def wait_until_enforced(server, deadline_s: float = 30.0) -> None:
         wrong = server.client("probe-key", "not-the-secret")
         unknown = server.client("nobody-key", "whatever")
         probe = server.client("probe-key", KEYS["probe-key"])
-        last = (_code(lambda: wrong.get_object(Bucket=BUCKET, Key="team/x")),
-                _code(lambda: unknown.get_object(Bucket=BUCKET, Key="team/x")),
-                _code(lambda: probe.get_object(Bucket=BUCKET, Key="team/x")))
+        # Each lambda is called at once, in this iteration (noqa: B023).
+        last = (_code(lambda: wrong.get_object(Bucket=BUCKET, Key="team/x")),  # noqa: B023
+                _code(lambda: unknown.get_object(Bucket=BUCKET, Key="team/x")),  # noqa: B023
+                _code(lambda: probe.get_object(Bucket=BUCKET, Key="team/x")))  # noqa: B023
         if last == ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied"):
             return
         time.sleep(0.2)

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 def _rows(prefix: str, n: int) -> list[dict]:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return [
         {"item_id": f"{prefix}-{i}", "blob": f"{i:064x}", "media_type": "image/jpeg", "width": 1,
          "height": 1, "size_bytes": 1, "source_name": f"{prefix}-{i}.jpg", "instances": [],
@@ -92,7 +92,7 @@ def test_two_concurrent_cli_ingests_on_s3(seaweed, demo_small, tmp_path):
         for p in (a, b)
     ]
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]
     reports = [json.loads(out) for out, _ in outs]
     assert sorted(r["version"] for r in reports) == [0, 1]

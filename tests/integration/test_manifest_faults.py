@@ -5,7 +5,6 @@ as damaged; a store that does not exist fails every reading command (not "(no da
 
 from __future__ import annotations
 
-import pyarrow.fs as pafs
 import pytest
 
 import orchestrator

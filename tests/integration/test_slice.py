@@ -4,7 +4,7 @@ laziness (no blob is read), chaining, versions and the CLI."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import duckdb
 import pyarrow as pa
@@ -27,7 +27,7 @@ def _many_file_manifest(store: orchestrator.Store, files: int = 120, rows_per_fi
     """A manifest of ``files`` data files: every row of file k has k cars (k % 12) and k % 3
     pedestrians, so file statistics decide which files can match."""
     manifest = store.manifest("many")
-    now = datetime(2026, 5, 1, tzinfo=timezone.utc)
+    now = datetime(2026, 5, 1, tzinfo=UTC)
     for k in range(files):
         rows = [
             {"item_id": f"f{k:03d}-{i}", "blob": f"{k:060x}{i:04x}", "media_type": "image/jpeg",

@@ -177,7 +177,7 @@ def test_ray_job_submit_runs_jobs_train_py(ray_cluster, tmp_path, demo_small):
                                      images=demo_small / "images")
     env = {**os.environ}
     dashboard = ray_cluster.dashboard
-    for attempt in range(6):  # the dashboard's job agent may still be starting
+    for _attempt in range(6):  # the dashboard's job agent may still be starting
         r = subprocess.run(
             [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", dashboard,
              "--working-dir", str(REPO), "--", sys.executable, "jobs/train.py", "--config",

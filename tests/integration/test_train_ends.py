@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -156,7 +156,7 @@ def test_runs_shows_a_running_record_whose_driver_is_gone_as_lost(tmp_path):
 
     uri = f"file://{tmp_path / 'store'}"
     store = orchestrator.connect(uri)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     gone = subprocess.Popen(["true"])
     gone.wait()
 

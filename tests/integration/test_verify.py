@@ -13,6 +13,7 @@ import orchestrator
 from orchestrator.stream.cache import BlobCache
 from tests.conftest import run_cli
 
+
 def _ingest(store_uri, demo_small) -> tuple[orchestrator.Store, dict[str, str]]:
     store = orchestrator.connect(store_uri)
     store.ingest("street", coco=demo_small / "annotations.json", images=demo_small / "images")

@@ -52,7 +52,7 @@ class FaultyServer:
         if wait:
             done.wait()
 
-    def start(self) -> "FaultyServer":
+    def start(self) -> FaultyServer:
         self._thread.start()
         self._run(self.server.start, wait=True)
         if self.errors:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pyarrow as pa
 from PIL import Image
@@ -28,7 +28,7 @@ def commit_items(store: orchestrator.Store, dataset: str, item_ids: list[str]) -
     """Upsert ``item_ids`` (in this row order, one file) as one new version; returns it."""
     blob, data = png_blob()
     store.blobs(dataset).put(blob, data)
-    now = datetime(2026, 5, 1, tzinfo=timezone.utc)
+    now = datetime(2026, 5, 1, tzinfo=UTC)
     rows = [{"item_id": i, "blob": blob, "media_type": "image/png", "width": 2, "height": 2,
              "size_bytes": len(data), "source_name": i, "instances": [],
              "labels": {"car": n}, "attributes": {}, "tags": [], "ingested_at": now}
