@@ -214,7 +214,7 @@ def _hex4(query: str, pos: int) -> int | None:
 
 
 def _read_unicode_escape(query: str, start: int) -> tuple[int, int]:
-    """The code point of ``\\uXXXX`` at ``start`` (a UTF-16 surrogate pair written as two
+    """The code point of a ``\\u`` escape (four hex digits) at ``start`` (a UTF-16 surrogate pair written as two
     escapes, ``\\ud83d\\ude00``, is one character) and the position after it. A lone surrogate
     is no character: no item id or label can contain one, and Arrow cannot encode it."""
     code = _hex4(query, start + 2)

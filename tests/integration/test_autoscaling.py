@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.simulated_cluster import autoscaling_cluster
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -46,16 +47,6 @@ def _read_watch(path: Path) -> list[dict]:
         except json.JSONDecodeError:  # a line being written
             pass
     return [r for r in rows if "workers" in r]
-
-
-def _wait_for(pred, timeout: float, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(interval)
-    return pred()
 
 
 def _ingest(store: str, demo: Path, tmp_dir: Path) -> None:
@@ -87,7 +78,7 @@ def test_a_run_needing_more_cpus_than_the_head_adds_worker_nodes_that_leave_when
         try:
             # Negative control: with the autoscaler running (it has printed a status, i.e. it
             # has the head's load) and nothing to do, min_workers=0 means no worker node.
-            assert _wait_for(lambda: "Autoscaler status" in cluster.monitor_log(), 90), \
+            assert wait_for(lambda: "Autoscaler status" in cluster.monitor_log(), 90), \
                 cluster.monitor_log()[-3000:]
             control_from = time.time()
             time.sleep(6)
@@ -131,7 +122,7 @@ def test_a_run_needing_more_cpus_than_the_head_adds_worker_nodes_that_leave_when
                 zero = [r["t"] for r in after if r["workers"] == 0]
                 return (zero[0] - finished) if zero else None
 
-            took = _wait_for(gone, limit + 10)
+            took = wait_for(gone, limit + 10)
             if took is None or took > limit:
                 left = {n["node_id"] for n in cluster.nodes() if not n["is_head"]}
                 holders = [a for a in cluster.actors() if a["node_id"] in left]

@@ -26,6 +26,7 @@ from orchestrator.train.config import load_config
 from orchestrator.train.lineage import Lineage, read_lineage, runs_dir, write_lineage
 from orchestrator.train.runner import plan_run, run
 from tests.conftest import REPO, run_cli
+from tests.support.waiting import wait_for
 
 CLI = str(Path(sys.executable).parent / "orchestrator")
 SMALL = ["train.batch_size=8", "model.image_size=64", "scaling.num_workers=1"]
@@ -40,16 +41,6 @@ def street_file(ray_cluster, demo_small, tmp_path_factory) -> str:
     orchestrator.connect(uri).ingest("street", coco=demo_small / "annotations.json",
                                      images=demo_small / "images")
     return uri
-
-
-def _wait_for(pred, timeout: float, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(interval)
-    return pred()
 
 
 def _lineage_files(uri: str, prefix: str) -> list[Path]:
@@ -89,7 +80,7 @@ def test_sigint_records_interrupted_with_the_finished_epochs_and_leaves_nothing_
                     return doc
             return None
 
-        recorded = _wait_for(lambda: proc.poll() is not None or first_epoch_recorded(), 240)
+        recorded = wait_for(lambda: proc.poll() is not None or first_epoch_recorded(), 240)
         assert proc.poll() is None, f"the run ended before it was interrupted: {proc.communicate()}"
         assert recorded, "no epoch's metrics reached the lineage while the run was going"
         assert recorded["status"] == "running" and recorded["metrics"][0]["epoch"] == 0
@@ -117,7 +108,7 @@ def test_sigint_records_interrupted_with_the_finished_epochs_and_leaves_nothing_
     assert "train_loss" in lineage["metrics"][0] and "val_map50" in lineage["metrics"][0]
     assert "interrupt" in (lineage["error"] or "")
 
-    _wait_for(lambda: _leftovers(job_id) == ([], []), 10)  # the state API may lag a moment
+    wait_for(lambda: _leftovers(job_id) == ([], []), 10)  # the state API may lag a moment
     actors, groups = _leftovers(job_id)
     assert (actors, groups) == ([], []), f"left on the cluster by the interrupted run: {actors} {groups} {err[-4000:]}"
 
@@ -147,7 +138,7 @@ def test_a_run_the_cluster_cannot_place_fails_within_its_schedule_timeout(street
     assert "8 CPU" in message and "scaling.schedule_timeout_s" in message, message
     recorded = read_lineage(plan.store, plan.run_id)
     assert recorded.status == "failed" and "40 workers" in (recorded.error or "")
-    left = _wait_for(lambda: not (unremoved() - before), 10)
+    left = wait_for(lambda: not (unremoved() - before), 10)
     assert left, f"placement groups left behind: {unremoved() - before}"
 
 
