@@ -396,7 +396,7 @@ class _KillWhenUploaded(threading.Thread):
     def run(self) -> None:
         import pyarrow.fs as pafs
 
-        from orchestrator.store import filesystem_for
+        from orchestrator.store_location import filesystem_for
 
         fs = filesystem_for(self.store.location)
         folder = self.store.location.join("datasets", self.name, "blobs")

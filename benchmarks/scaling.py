@@ -68,11 +68,12 @@ def open_dataset(args: argparse.Namespace, work: Path):
 def per_core(ds, n: int, size: int, max_boxes: int) -> dict:
     """Single-threaded CPU seconds per item for fetch (fresh cache), decode and prepare_item."""
     from orchestrator.stream.cache import BlobCache
-    from orchestrator.stream.decode import decode_image, make_item
+    from orchestrator.stream.decode import decode_image
+    from orchestrator.stream.item import make_item
     from orchestrator.stream.reader import fetch_blob
     from orchestrator.train.batches import prepare_item
 
-    rows, blobs = ds.stream.rows, ds.stream.blobs
+    rows, blobs = ds.stream.rows, ds.plan.blobs
     cache = BlobCache(memory_budget=1 << 30)
     n = min(n, len(ds) - 1)
     cpu = {"fetch": 0.0, "decode": 0.0, "prepare": 0.0}

@@ -7,9 +7,9 @@
 """
 
 from orchestrator import errors
+from orchestrator.dataset import Dataset
 from orchestrator.ingest.report import IngestReport
 from orchestrator.manifest import LabelMap, VersionInfo
 from orchestrator.store import Store, connect
-from orchestrator.stream.dataset import Dataset
 
 __all__ = ["Dataset", "IngestReport", "LabelMap", "Store", "VersionInfo", "connect", "errors"]

@@ -52,9 +52,11 @@ def _rebuild(cls: type[OrchestratorError], message: str, hint: str | None, state
 
 
 class StoreError(OrchestratorError):
-    """The store could not be reached, read or written (bad URI, network, credentials)."""
+    """The store could not be reached, read or written (bad URI, network, credentials).
+    ``transient``: the store did not answer (a retry loop may try again)."""
 
     user_fault = False
+    transient = False
 
 
 class StoreUnavailable(StoreError):

@@ -55,7 +55,7 @@ from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundErr
 from orchestrator.errors import DatasetNotFound, OrchestratorError, StoreError, VersionNotFound
 from orchestrator.manifest_faults import diagnose_log, list_log, log_damage_error
 from orchestrator.storage_errors import storage_errors, translate
-from orchestrator.store_location import StoreLocation
+from orchestrator.store_location import StoreLocation, filesystem_for, require_store
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +221,6 @@ class Manifest:
     def _open_error(self, version: int | None, failure: BaseException) -> OrchestratorError:
         """Why the table did not open at ``version``, in the user's terms: no such store, no such
         dataset, no such version, or the log entry that is damaged (with the fix)."""
-        from orchestrator.store import filesystem_for, require_store
-
         log_dir = f"{self.path}/_delta_log"
         listing, damage = diagnose_log(filesystem_for(self.location), log_dir, self.dataset)
         if listing.empty:
@@ -244,8 +242,6 @@ class Manifest:
     def exists(self) -> bool:
         """True once a version was committed (the log has an entry), even if the log is damaged:
         reading it then names the damage. False in a store that does not exist yet."""
-        from orchestrator.store import filesystem_for
-
         with storage_errors("look up dataset", repr(self.dataset)):
             return not list_log(filesystem_for(self.location), f"{self.path}/_delta_log").empty
 
@@ -367,8 +363,6 @@ class Manifest:
         if isinstance(exc, OrchestratorError):
             return exc
         if isinstance(exc, DeltaError):
-            from orchestrator.store import filesystem_for
-
             log_dir = f"{self.path}/_delta_log"
             listing, damage = diagnose_log(filesystem_for(self.location), log_dir, self.dataset)
             if damage is not None:
@@ -378,8 +372,6 @@ class Manifest:
     def _find_commit(self, commit_id: str, hint: int) -> int:
         """The version holding our commit: ``hint`` checked against the log itself, then a scan
         of the newest entries (delta-rs's history() can misnumber entries under concurrency)."""
-        from orchestrator.store import filesystem_for
-
         fs = filesystem_for(self.location)
         log_dir = f"{self.path}/_delta_log"
 

@@ -20,7 +20,6 @@ import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -28,10 +27,7 @@ import pyarrow.parquet as pq
 
 from orchestrator.errors import OrchestratorError, StoreError
 from orchestrator.storage_errors import storage_errors, translate
-from orchestrator.store_location import StoreLocation
-
-if TYPE_CHECKING:
-    from orchestrator.store import Store
+from orchestrator.store_location import StoreLocation, filesystem_for
 
 _COMMIT = re.compile(r"^(\d{20})\.json$")
 _CHECKPOINT = re.compile(r"^(\d{20})\.checkpoint(?:\.[^/]+)?\.parquet$")
@@ -192,7 +188,7 @@ def data_file_problem(fs: pafs.FileSystem, path: str) -> str | None:
 
 @contextlib.contextmanager
 def manifest_file_errors(
-    store: Store, files: Sequence[str], dataset: str | None = None
+    location: StoreLocation, files: Sequence[str], dataset: str | None = None
 ) -> Iterator[None]:
     """Around a read of manifest data files: a failure that one of ``files`` explains (missing,
     not Parquet, undecodable) becomes a ``StoreError`` naming the dataset, that file and the fix;
@@ -203,8 +199,8 @@ def manifest_file_errors(
     except OrchestratorError:
         raise
     except Exception as exc:
-        name = dataset or _dataset_of(store.location, files[0] if files else "")
-        raise damaged_file_error(store, name, files, exc) from exc
+        name = dataset or _dataset_of(location, files[0] if files else "")
+        raise damaged_file_error(location, name, files, exc) from exc
 
 
 def _dataset_of(location: StoreLocation, path: str) -> str:
@@ -213,19 +209,19 @@ def _dataset_of(location: StoreLocation, path: str) -> str:
 
 
 def damaged_file_error(
-    store: Store, dataset: str, files: Sequence[str], exc: BaseException
+    location: StoreLocation, dataset: str, files: Sequence[str], exc: BaseException
 ) -> OrchestratorError:
     """The first of ``files`` that is damaged, as an error; else ``exc`` translated."""
     for path in files:
         try:
-            problem = data_file_problem(store.fs, path)
+            problem = data_file_problem(filesystem_for(location), path)
         except Exception:  # the storage is failing (unreachable, denied): the original error says so
             break
         if problem is not None:
             name = path.rsplit("/", 1)[-1]
             return StoreError(
                 f"dataset {dataset!r} is damaged: its manifest data file "
-                f"{store.location.scheme}://{path} {problem}",
+                f"{location.scheme}://{path} {problem}",
                 hint=f"{_RESTORE.format(name=name)}; versions that do not include this file "
                 "can still be read",
             )

@@ -1,193 +1,60 @@
-"""The dataset store: content-addressed blobs plus one versioned manifest per dataset.
+"""The ``Store`` facade: what ``orchestrator.connect(uri)`` returns, on top of every subsystem.
 
-Layout under the store root (``file:///path`` or ``s3://bucket/prefix``)::
-
-    datasets/<name>/manifest/                        Delta Lake table (see orchestrator.manifest)
-    datasets/<name>/blobs/sha256/<2 hex>/<sha256>    immutable media bytes, written once
-    datasets/<name>/_incoming/                       blobs being uploaded (leftovers of killed uploads)
-    _policy/                                         access policy versions (orchestrator.access)
-    runs/<principal>/<run_id>/                       lineage and checkpoints of training runs
-
-Blobs live under their dataset so that object-storage permissions can follow dataset grants (a
-reader's keys cannot fetch another dataset's media); a blob is stored once per dataset, and the
-client cache, keyed by hash, still shares it across datasets.
-
-Blob writes are atomic on both backends (written under ``datasets/<name>/_incoming/``, size
-checked, then renamed into place; on S3 the rename is a server-side copy), so a killed upload never
-leaves a partial blob under its final name. A blob counts as present only with the size the
-manifest records; ``orchestrator.verify`` checks sizes and hashes of every blob a version reads.
+It resolves the access policy and the acting principal once, checks them before anything is
+read or written, and hands the subsystems what they need below it: the picklable
+``StoreHandle`` (``orchestrator.handle``), a read plan (``Dataset.plan``) and the principal,
+explicitly, where one is recorded (ingest commits, run lineage). Nothing below imports this
+module; see the layer list in the README. The store layout is in ``orchestrator.handle``.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import logging
 import numbers
-import os
-import re
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow.fs as pafs
 
-from orchestrator.errors import ConfigError, DatasetNotFound, IngestError, ItemError, StoreError
+from orchestrator.access.control import AccessControl, identify, resolve
+from orchestrator.access.policy import parse_policy
+from orchestrator.access.store_policy import PolicyVersion, read_policy, write_policy
+from orchestrator.blobs import BlobStore
+from orchestrator.dataset import Dataset
+from orchestrator.errors import ConfigError, DatasetNotFound, IngestError, StoreError
+from orchestrator.handle import StoreHandle, check_dataset_name
+from orchestrator.ingest.pipeline import ingest_source
+from orchestrator.ingest.report import IngestReport
+from orchestrator.ingest.sources import read_coco, read_jsonl
 from orchestrator.manifest import Manifest, VersionInfo
 from orchestrator.manifest_faults import list_log, listing_damage, log_damage_error
-from orchestrator.retry import RetryPolicy
+from orchestrator.scan import existing_item_ids
 from orchestrator.storage_errors import storage_errors, store_call
-from orchestrator.store_location import S3Credentials, StoreLocation
+from orchestrator.store_location import S3Credentials, StoreLocation, no_store_error, require_store
+from orchestrator.stream.plan import StreamOptions
+from orchestrator.train.lineage import RunHome
+from orchestrator.verify import VerifyReport, repair_source, verify_dataset
 
-if TYPE_CHECKING:
-    from orchestrator.access.control import AccessControl
-    from orchestrator.access.store_policy import PolicyVersion
-    from orchestrator.stream.dataset import Dataset
-    from orchestrator.verify import VerifyReport
-
-log = logging.getLogger(__name__)
-
-_DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_HASH = re.compile(r"^[0-9a-f]{64}$")
-_BLOB_METADATA = {"Content-Type": "application/octet-stream"}
-
-
-def check_dataset_name(name: str) -> str:
-    if not isinstance(name, str) or not _DATASET_NAME.match(name):
-        raise ConfigError(
-            f"invalid dataset name {name!r}",
-            hint="use letters, digits, '.', '_' or '-' (max 128), starting with a letter or digit",
-        )
-    return name
-
-
-@functools.lru_cache(maxsize=16)
-def _filesystem(location: StoreLocation, pid: int) -> pafs.FileSystem:
-    """One filesystem per location and process: an S3 client must not cross a fork
-    (DataLoader workers), so a forked child builds its own."""
-    return location.filesystem()
-
-
-def filesystem_for(location: StoreLocation) -> pafs.FileSystem:
-    """This process's filesystem for a store location."""
-    return _filesystem(location, os.getpid())
-
-
-class BlobStore:
-    """Content-addressed blobs of one dataset; picklable (location and dataset name only)."""
-
-    def __init__(self, location: StoreLocation, dataset: str) -> None:
-        self.location = location
-        self.dataset = dataset
-
-    @property
-    def fs(self) -> pafs.FileSystem:
-        return filesystem_for(self.location)
-
-    def with_retry(self, retry: RetryPolicy) -> BlobStore:
-        """The same blobs, read and written under another retry policy."""
-        return self if retry == self.location.retry else BlobStore(self.location.with_retry(retry), self.dataset)
-
-    def path(self, blob: str) -> str:
-        if not _HASH.match(blob):
-            raise ItemError(f"{blob!r} is not a sha256 hex digest")
-        return self.location.join("datasets", self.dataset, "blobs", "sha256", blob[:2], blob)
-
-    def size(self, blob: str) -> int | None:
-        """Bytes stored under the blob's name (one HEAD on S3); None if nothing is there."""
-        with storage_errors("look up blob", blob[:12]):
-            info = self.fs.get_file_info(self.path(blob))
-        return info.size if info.type == pafs.FileType.File else None
-
-    def exists(self, blob: str, size: int | None = None) -> bool:
-        """True if the blob is stored, and given ``size``, stored with exactly that many bytes:
-        an empty or truncated object under the name is not the blob. (The hash is not checked
-        here: that needs the bytes; ``orchestrator.verify`` reads them.)"""
-        stored = self.size(blob)
-        return stored is not None and (size is None or stored == size)
-
-    def put(self, blob: str, data: bytes, *, replace: bool = False) -> bool:
-        """Store ``data`` under its hash unless a whole copy is there; True if it uploaded.
-
-        An object of the wrong size under the name is overwritten, and with ``replace`` so is
-        one of the right size (``verify --repair-from``: bytes that do not hash to the name).
-        The name only ever receives a whole object: the bytes go to a temporary name under
-        ``datasets/<name>/_incoming/``, whose size is checked, and are then renamed (moved:
-        S3 CopyObject, which lands whole or not at all) to the final name. Writing straight
-        to the final name on S3 is not safe: pyarrow completes the multipart upload of an
-        output stream whenever the stream is closed, so an exception (a worker's SIGTERM,
-        which Ray turns into SystemExit) between opening and writing stores 0 bytes under the
-        name, and a partial write stores a partial object. A killed upload leaves at most a
-        temporary object, never read. Raises ``ItemError`` if ``data`` does not hash to ``blob``.
-        """
-        if hashlib.sha256(data).hexdigest() != blob:
-            raise ItemError(f"refusing to store {len(data):,} bytes under blob {blob}: they do not "
-                            "hash to its name")
-        if not replace and self.exists(blob, len(data)):
-            return False
-        path = self.path(blob)
-        tmp = self.location.join("datasets", self.dataset, "_incoming", f"{blob}.{uuid.uuid4().hex}")
-        with storage_errors("upload blob", blob[:12]):
-            if self.location.scheme == "file":
-                self.fs.create_dir(tmp.rsplit("/", 1)[0], recursive=True)
-                self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-            with self.fs.open_output_stream(tmp, compression=None, metadata=_BLOB_METADATA) as out:
-                out.write(data)
-            written = self.fs.get_file_info(tmp).size
-            if written != len(data):
-                self.fs.delete_file(tmp)
-                raise StoreError(f"upload of blob {blob[:12]} stored {written} of {len(data)} bytes",
-                                 hint="retry the ingest; nothing was stored under the blob's name")
-            self.fs.move(tmp, path)
-        return True
-
-    def get(self, blob: str, *, verify: bool = True) -> bytes:
-        """The blob's bytes, checked against its name.
-
-        Only two answers make this an ``ItemError`` (an item a reader may skip): the store said
-        the object does not exist (``reason="missing"``), or its bytes do not hash to the name
-        (``reason="corrupt"``: truncated, zeroed, overwritten by another blob). A store that does
-        not answer is retried under the location's retry policy and then raises
-        ``StoreUnavailable``; access denied is raised at once. sha256 runs at ~1.5 GB/s here,
-        about 2% of decoding the same image (benchmarks/faults.py measures it).
-        """
-        path = self.path(blob)
-
-        def read() -> bytes | None:
-            try:
-                with self.fs.open_input_stream(path) as f:
-                    return f.read()
-            except FileNotFoundError:
-                return None
-
-        data = store_call(read, location=self.location, action="read blob", target=blob[:12])
-        if data is None:
-            raise ItemError(f"blob {blob} is missing from the store {self.location.uri}", reason="missing",
-                            hint="run `orchestrator verify` to list every missing blob, and re-ingest the items")
-        if verify and hashlib.sha256(data).hexdigest() != blob:
-            raise ItemError(
-                f"blob {blob} in {self.location.uri} is corrupt: its {len(data):,} bytes do not hash "
-                "to its name", reason="corrupt",
-                hint="run `orchestrator verify NAME --repair-from SOURCE` to restore it from the source files")
-        return data
+__all__ = ["Store", "connect", "check_dataset_name", "require_store"]
 
 
 class Store:
     """A dataset store. Create with ``orchestrator.connect(uri)``."""
 
     def __init__(self, location: StoreLocation) -> None:
-        self.location = location
+        self.handle = StoreHandle(location)
         self._access: AccessControl | None = None
+
+    @property
+    def location(self) -> StoreLocation:
+        return self.handle.location
 
     @property
     def access(self) -> AccessControl:
         """The policy in force and the principal behind this store's credentials (read once;
         ``refresh_access()`` re-reads)."""
         if self._access is None:
-            from orchestrator.access.control import resolve
-
-            self._access = resolve(self)
+            self._access = resolve(self.handle)
         return self._access
 
     def refresh_access(self) -> None:
@@ -199,13 +66,18 @@ class Store:
         return self.access.name
 
     @property
+    def runs(self) -> RunHome:
+        """Where this principal's training runs (lineage, checkpoints) live in the store."""
+        return RunHome(self.handle, self.principal)
+
+    @property
     def fs(self) -> pafs.FileSystem:
-        """This process's filesystem for the store (see ``_filesystem``)."""
-        return filesystem_for(self.location)
+        """This process's filesystem for the store (see ``StoreHandle.fs``)."""
+        return self.handle.fs
 
     def blobs(self, dataset: str) -> BlobStore:
         """The blobs of one dataset."""
-        return BlobStore(self.location, check_dataset_name(dataset))
+        return self.handle.blobs(dataset)
 
     @property
     def uri(self) -> str:
@@ -215,7 +87,7 @@ class Store:
         return f"Store({self.uri!r})"
 
     def manifest(self, name: str) -> Manifest:
-        return Manifest(self.location, check_dataset_name(name))
+        return self.handle.manifest(name)
 
     def datasets(self) -> list[str]:
         """Names of the datasets in this store that this principal may read, sorted. A dataset
@@ -268,10 +140,8 @@ class Store:
 
     def dataset(self, name: str, version: int | None = None, **options: Any) -> Dataset:
         """Open a dataset at ``version`` (default: the latest, pinned now). ``options`` are
-        ``StreamOptions``: prefetch, threads, on_error ('skip' or 'raise'), cache."""
-        from orchestrator.stream.dataset import Dataset
-        from orchestrator.stream.reader import StreamOptions
-
+        ``StreamOptions``: prefetch, threads, on_error ('skip' or 'raise'), cache, retry_deadline,
+        ray_fetch_actors."""
         check_dataset_name(name)
         if version is not None:
             if isinstance(version, bool) or not isinstance(version, numbers.Integral):
@@ -296,11 +166,13 @@ class Store:
     ) -> VerifyReport:
         """Check the size and sha256 of every blob that a version (default: latest) reads;
         with ``repair_from`` (a folder) re-upload bad blobs whose bytes a file there holds.
-        The report names each bad blob with its items; see ``orchestrator.verify``."""
-        from orchestrator.verify import verify_dataset
-
-        return verify_dataset(self, check_dataset_name(name), version, repair_from=repair_from,
-                              threads=threads, progress=progress)
+        The report names each bad blob with its items; see ``orchestrator.verify``.
+        Only the items this principal may read are checked; repair needs write access."""
+        check_dataset_name(name)
+        if repair_source(repair_from, threads) is not None:
+            self.access.check("write", name)
+        ds = self.dataset(name, version)  # pins the version; AccessDenied unless readable
+        return verify_dataset(ds.plan, repair_from=repair_from, threads=threads, progress=progress)
 
     def ingest(
         self,
@@ -312,15 +184,12 @@ class Store:
         message: str = "",
         strict: bool = False,
         allow_roots: Sequence[str | Path] = (),
-    ):
+    ) -> IngestReport:
         """Ingest a COCO or JSONL source as one new version; see ``orchestrator.ingest``.
 
         Only files inside ``images`` (COCO; for JSONL, ``images`` or else the JSONL file's
         folder) are read; absolute paths and links are read only under an ``allow_roots`` folder.
         """
-        from orchestrator.ingest.pipeline import ingest_source
-        from orchestrator.ingest.sources import read_coco, read_jsonl
-
         check_dataset_name(dataset)
         self.access.check("write", dataset)  # before anything is read or uploaded
         if (coco is None) == (jsonl is None):
@@ -338,44 +207,37 @@ class Store:
             source = read_jsonl(Path(jsonl), base=base, allowed_roots=allow_roots)
             label = f"JSONL {Path(jsonl).name}"
         return ingest_source(
-            self, dataset, source, message=message or f"ingest {label}", strict=strict
+            self.handle, dataset, source, message=message or f"ingest {label}", strict=strict,
+            principal=self.principal,
         )
 
     def policy(self, version: int | None = None) -> PolicyVersion | None:
         """The access policy in force (or an earlier version); None if the store has none."""
-        from orchestrator.access.store_policy import read_policy
-
-        return read_policy(self, version)
+        return read_policy(self.handle, version)
 
     def set_policy(self, text: str, *, message: str = "") -> int:
         """Commit a new policy version (needs admin on '*' under the policy in force; on a
         store without a policy, whoever can write the storage sets the first one). Refused if
         the new policy would leave the caller without admin rights."""
-        from orchestrator.access.control import identify
-        from orchestrator.access.policy import parse_policy
-        from orchestrator.access.store_policy import write_policy
-
         self.refresh_access()
         self.access.check_admin()
         new = parse_policy(text, "the new policy")
-        principal, identity = identify(self, new)
+        principal, identity = identify(self.handle, new)
         if principal is None or not new.allows(principal, "admin", "*"):
             raise ConfigError(
                 f"the new policy gives {identity} no admin on datasets '*': "
                 "you would lock yourself out", hint="add your principal to an admin role")
-        version = write_policy(self, text, principal=principal, message=message)
+        version = write_policy(self.handle, text, principal=principal, message=message)
         self.refresh_access()
         return version
 
     def delete(self, dataset: str, item_ids: Sequence[str], *, message: str = "") -> tuple[int, int]:
         """Remove items as one new version; unknown ids are an error and nothing changes."""
-        from orchestrator.scan import existing_item_ids
-
         self.access.check("write", check_dataset_name(dataset))
         if not item_ids:
             raise IngestError("no item ids given to delete")
         manifest = self.manifest(dataset)
-        present = existing_item_ids(self, dataset, item_ids)
+        present = existing_item_ids(self.location, dataset, item_ids)
         missing = [i for i in item_ids if i not in present]
         if missing:
             shown = ", ".join(repr(m) for m in missing[:10])
@@ -417,45 +279,10 @@ def connect(uri: str, *, credentials: S3Credentials | None = None, must_exist: b
             found = store_call(probe, location=location, action="open the store", target=location.uri)
         except StoreError as exc:
             if "NoSuchBucket" in str(exc.__cause__):  # AWS S3 refuses to list a missing bucket
-                raise _no_store(location) from None
+                raise no_store_error(location) from None
             raise
         if not found:  # nothing there: an empty store, or no bucket (SeaweedFS lists it as empty)
             require_store(location)
     elif must_exist:
         require_store(location)
     return store
-
-
-def require_store(location: StoreLocation) -> None:
-    """Raise ``StoreError`` (a user fault) unless the store exists: its root folder for
-    ``file://``, its bucket for ``s3://``. An S3 check that fails other than by "not found"
-    (denied, say) passes: the next request reports that in its own words."""
-    fs = filesystem_for(location)
-    try:
-        info = fs.get_file_info(_store_anchor(location))
-    except Exception:
-        return
-    if info.type == pafs.FileType.NotFound or (
-        location.scheme == "file" and info.type != pafs.FileType.Directory
-    ):
-        raise _no_store(location)
-
-
-def _store_anchor(location: StoreLocation) -> str:
-    return location.root if location.scheme == "file" else location.root.split("/", 1)[0]
-
-
-def _no_store(location: StoreLocation) -> StoreError:
-    anchor = _store_anchor(location)
-    if location.scheme == "file":
-        return StoreError(
-            f"store {location.uri} does not exist (no folder {anchor})",
-            hint="check the path in the store URI; a new store is created by its first "
-            "`orchestrator ingest`",
-            user_fault=True,
-        )
-    return StoreError(
-        f"store {location.uri} does not exist (no bucket {anchor!r})",
-        hint="check the bucket name in the store URI, or create the bucket first",
-        user_fault=True,
-    )

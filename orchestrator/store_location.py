@@ -9,6 +9,7 @@ by setting `AWS_ENDPOINT_URL` and a key pair.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlparse
@@ -179,3 +180,51 @@ class StoreLocation:
 
     def join(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+@functools.lru_cache(maxsize=16)
+def _filesystem(location: StoreLocation, pid: int) -> pafs.FileSystem:
+    """One filesystem per location and process: an S3 client must not cross a fork
+    (DataLoader workers), so a forked child builds its own."""
+    return location.filesystem()
+
+
+def filesystem_for(location: StoreLocation) -> pafs.FileSystem:
+    """This process's filesystem for a store location."""
+    return _filesystem(location, os.getpid())
+
+
+def require_store(location: StoreLocation) -> None:
+    """Raise ``StoreError`` (a user fault) unless the store exists: its root folder for
+    ``file://``, its bucket for ``s3://``. An S3 check that fails other than by "not found"
+    (denied, say) passes: the next request reports that in its own words."""
+    fs = filesystem_for(location)
+    try:
+        info = fs.get_file_info(_store_anchor(location))
+    except Exception:
+        return
+    if info.type == pafs.FileType.NotFound or (
+        location.scheme == "file" and info.type != pafs.FileType.Directory
+    ):
+        raise no_store_error(location)
+
+
+def _store_anchor(location: StoreLocation) -> str:
+    return location.root if location.scheme == "file" else location.root.split("/", 1)[0]
+
+
+def no_store_error(location: StoreLocation) -> StoreError:
+    """The error for a store that does not exist, naming its folder or bucket and the fix."""
+    anchor = _store_anchor(location)
+    if location.scheme == "file":
+        return StoreError(
+            f"store {location.uri} does not exist (no folder {anchor})",
+            hint="check the path in the store URI; a new store is created by its first "
+            "`orchestrator ingest`",
+            user_fault=True,
+        )
+    return StoreError(
+        f"store {location.uri} does not exist (no bucket {anchor!r})",
+        hint="check the bucket name in the store URI, or create the bucket first",
+        user_fault=True,
+    )

@@ -31,7 +31,8 @@ from orchestrator.errors import ConfigError, ItemError
 from orchestrator.storage_errors import store_call
 
 if TYPE_CHECKING:
-    from orchestrator.store import BlobStore, Store
+    from orchestrator.blobs import BlobStore
+    from orchestrator.stream.plan import ReadPlan
 
 CHUNK = 1 << 20
 DEFAULT_THREADS = 8
@@ -120,38 +121,43 @@ class VerifyReport:
         return "\n".join(lines)
 
 
+def repair_source(repair_from: str | Path | None, threads: int) -> Path | None:
+    """Check verify's options before anything is read: ``threads`` >= 1 and ``repair_from``
+    (if given) a folder. Returns the folder."""
+    if threads < 1:
+        raise ConfigError(f"threads must be >= 1, got {threads}")
+    if repair_from is None:
+        return None
+    source = Path(repair_from)
+    if not source.is_dir():
+        raise ConfigError(f"repair source {str(source)!r} is not a folder",
+                          hint="give the folder holding the items' files (e.g. the COCO images folder)")
+    return source
+
+
 def verify_dataset(
-    store: Store,
-    dataset: str,
-    version: int | None = None,
+    plan: ReadPlan,
     *,
     repair_from: str | Path | None = None,
     threads: int = DEFAULT_THREADS,
     progress: bool | None = None,
 ) -> VerifyReport:
-    """Check every blob that ``dataset`` at ``version`` (default: latest) reads, and with
-    ``repair_from`` re-upload the bad ones from the files of that folder.
+    """Check every blob that the read plan's version reads, and with ``repair_from``
+    re-upload the bad ones from the files of that folder.
 
-    Only the items this principal may read are checked; repair needs write access. Progress
-    goes to stderr through tqdm when ``progress`` (default: when stderr is a terminal).
+    The plan is the principal's view (the ``Store`` facade checked read access, and write
+    access for a repair). Progress goes to stderr through tqdm when ``progress`` (default: when
+    stderr is a terminal).
     """
     started = time.monotonic()
-    if threads < 1:
-        raise ConfigError(f"threads must be >= 1, got {threads}")
-    source = None
-    if repair_from is not None:
-        source = Path(repair_from)
-        if not source.is_dir():
-            raise ConfigError(f"repair source {str(source)!r} is not a folder",
-                              hint="give the folder holding the items' files (e.g. the COCO images folder)")
-        store.access.check("write", dataset)
-    ds = store.dataset(dataset, version)  # pins the version; AccessDenied unless readable
-    rows = ds.manifest_rows(["item_id", "blob", "size_bytes"]).to_pylist()
+    source = repair_source(repair_from, threads)
+    dataset = plan.dataset
+    rows = plan.rows(["item_id", "blob", "size_bytes"]).table.to_pylist()
     wanted: dict[str, tuple[int, list[str]]] = {}
     for row in rows:
         wanted.setdefault(row["blob"], (row["size_bytes"], []))[1].append(row["item_id"])
-    report = VerifyReport(dataset=dataset, version=ds.version, blobs_checked=len(wanted))
-    blobs = store.blobs(dataset)
+    report = VerifyReport(dataset=dataset, version=plan.version, blobs_checked=len(wanted))
+    blobs = plan.blobs
     show = sys.stderr.isatty() if progress is None else progress
 
     def check(blob: str) -> tuple[BadBlob | None, int]:

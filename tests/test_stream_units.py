@@ -16,7 +16,8 @@ from PIL import Image
 from orchestrator.errors import ItemError
 from orchestrator.manifest import LabelMap
 from orchestrator.stream.cache import BlobCache, DiskLRU, MemoryLRU
-from orchestrator.stream.decode import decode_image, make_item
+from orchestrator.stream.decode import decode_image
+from orchestrator.stream.item import make_item
 from orchestrator.stream.order import epoch_order, shard
 
 

@@ -19,7 +19,7 @@ def _watch() -> tuple[RunWatch, Clock]:
     clock = Clock()
     lineage = Lineage(run_id="r", config={}, dataset="d", version=0, query=None, items={},
                       items_digest={}, principal="p", code_revision="x", started_at="2026-01-01T00:00:00+00:00")
-    return RunWatch(store=None, lineage=lineage, clock=clock), clock
+    return RunWatch(runs=None, lineage=lineage, clock=clock), clock
 
 
 def test_waiting_for_placement_counts_until_running_and_again_after_a_restart():

@@ -19,7 +19,7 @@ from orchestrator.access.store_policy import PolicyVersion, read_policy
 from orchestrator.errors import AccessDenied
 
 if TYPE_CHECKING:
-    from orchestrator.store import Store
+    from orchestrator.handle import StoreHandle
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class AccessControl:
                                hint="only a principal with admin on datasets '*' may")
 
 
-def identify(store: Store, policy: Policy | None) -> tuple[str | None, str]:
+def identify(store: StoreHandle, policy: Policy | None) -> tuple[str | None, str]:
     """(principal under ``policy`` or None, how the credentials were recognised)."""
     if store.location.scheme == "s3":
         creds = store.location.credentials
@@ -81,7 +81,7 @@ def identify(store: Store, policy: Policy | None) -> tuple[str | None, str]:
     return (policy.principal_for_os_user(user) if policy else None), f"OS user {user!r}"
 
 
-def resolve(store: Store) -> AccessControl:
+def resolve(store: StoreHandle) -> AccessControl:
     """The policy in force on ``store`` and the principal behind its credentials."""
     version = read_policy(store)
     principal, identity = identify(store, version.policy if version else None)

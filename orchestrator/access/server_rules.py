@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from orchestrator.access.policy import Policy
+from orchestrator.access.store_policy import read_policy
 from orchestrator.errors import ConfigError
 
 if TYPE_CHECKING:
-    from orchestrator.store import Store
+    from orchestrator.handle import StoreHandle
 
 
 def _scopes(policy: Policy, principal: str) -> tuple[bool, set[str], set[str]]:
@@ -96,9 +97,9 @@ def aws_iam_policies(policy: Policy, bucket: str, prefix: str) -> dict[str, dict
     return docs
 
 
-def compile_rules(store: Store, target: str, secrets_path: Path | None) -> str:
+def compile_rules(store: StoreHandle, target: str, secrets_path: Path | None) -> str:
     """The policy in force on ``store`` as JSON for ``target`` (seaweedfs | aws)."""
-    pv = store.policy()
+    pv = read_policy(store)
     if pv is None:
         raise ConfigError(f"{store.uri} has no access policy", hint="set one with `orchestrator policy set`")
     if store.location.scheme != "s3":

@@ -23,7 +23,7 @@ from orchestrator.errors import VersionNotFound
 from orchestrator.storage_errors import storage_errors
 
 if TYPE_CHECKING:
-    from orchestrator.store import Store
+    from orchestrator.handle import StoreHandle
 
 SCHEMA = pa.schema([
     ("text", pa.string()), ("sha256", pa.string()), ("principal", pa.string()),
@@ -41,12 +41,12 @@ class PolicyVersion:
     set_at: datetime
 
 
-def _paths(store: Store) -> tuple[str, str, str]:
+def _paths(store: StoreHandle) -> tuple[str, str, str]:
     table = store.location.join("_policy", "versions")
     return table, store.location.table_uri(table), store.location.join("_policy", "policy.yaml")
 
 
-def read_policy(store: Store, version: int | None = None) -> PolicyVersion | None:
+def read_policy(store: StoreHandle, version: int | None = None) -> PolicyVersion | None:
     """The policy in force (or an earlier ``version``); None when the store has none yet."""
     path, uri, _ = _paths(store)
     with storage_errors("read the access policy of", store.uri):
@@ -69,7 +69,7 @@ def read_policy(store: Store, version: int | None = None) -> PolicyVersion | Non
                          row["text"], row["principal"], row["message"], row["set_at"])
 
 
-def write_policy(store: Store, text: str, *, principal: str, message: str = "") -> int:
+def write_policy(store: StoreHandle, text: str, *, principal: str, message: str = "") -> int:
     """Validate and commit ``text`` as the next policy version; returns the version."""
     parse_policy(text, "the new policy")  # nothing is written unless it is valid
     path, uri, mirror = _paths(store)

@@ -1,67 +1,43 @@
-"""Ray Data: the slice as a ``ray.data.Dataset`` built from three stages.
+"""Ray Data: the slice as a ``ray.data.Dataset`` built from three stages over a read plan.
 
-1. manifest scan: one task per manifest file that the Delta statistics leave in; it reads the
-   columns an item needs, applies the exact slice predicate and emits rows;
-2. blob fetch through this node's cache (the same ``fetch_blob`` as the SDK);
-3. decode into the item fields.
+1. manifest scan: one task per manifest file that the Delta statistics leave in, through the
+   one manifest reader (``scan.read_rows``): the columns an item needs, the exact slice
+   predicate, the access view;
+2. blob fetch through this node's cache and 3. decode: the SDK's ``ItemLoader``, with the same
+   error policy; rows are the item encoded by ``stream.item.to_ray_row``.
 
 Ready for ``streaming_split`` and Ray Train's ``datasets=``. Nothing is fetched until consumed.
 """
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import TYPE_CHECKING
 
-import numpy as np
 import pyarrow as pa
 
-from orchestrator.access.policy import ReadView
-from orchestrator.access.redact import redact
 from orchestrator.errors import ItemError
-from orchestrator.manifest import LabelMap, Snapshot
-from orchestrator.manifest_faults import manifest_file_errors
-from orchestrator.query.compile import CompiledQuery
-from orchestrator.retry import RetryPolicy
-from orchestrator.scan import candidate_files, fill_label_counts, manifest_dataset
-from orchestrator.storage_errors import retrying
-from orchestrator.stream.cache import BlobCache, node_cache
-from orchestrator.stream.decode import decode_image, make_item
-from orchestrator.stream.index import ITEM_COLUMNS
-from orchestrator.stream.reader import fetch_blob
+from orchestrator.stream.item import ITEM_COLUMNS, to_ray_row
+from orchestrator.stream.plan import ReadPlan
+from orchestrator.stream.reader import ItemLoader, apply_error_policy
 from orchestrator.stream.skips import Skips
 from orchestrator.stream.split import HashSplit
 
 if TYPE_CHECKING:
     import ray.data
 
-    from orchestrator.store import BlobStore, Store
-    from orchestrator.stream.dataset import Dataset
 
-
-def scan_manifest_files(batch: pa.Table, store: Store, snapshot: Snapshot,
-                        query: CompiledQuery | None, split: HashSplit | None = None,
-                        item_ids: frozenset[str] | None = None,
-                        access: ReadView | None = None, retry: RetryPolicy | None = None) -> pa.Table:
+def scan_manifest_file(batch: pa.Table, plan: ReadPlan, split: HashSplit | None = None,
+                       item_ids: frozenset[str] | None = None) -> pa.Table:
     """Stage 1: the rows of the given manifest files that match the slice (and the split, and
-    the shard's ``item_ids``)."""
-    files = batch.column("file").to_pylist()
-    columns = sorted(set(ITEM_COLUMNS) | set(query.columns if query else []),
-                     key=snapshot.schema.names.index)
-    dataset = manifest_dataset(store, snapshot, files)
-    with manifest_file_errors(store, files, snapshot.dataset):
-        table = fill_label_counts(retrying(
-            lambda: dataset.to_table(columns=columns), location=store.location,
-            action="read the manifest of dataset", target=repr(snapshot.dataset), policy=retry))
-    if query is not None:
-        table = table.filter(query.evaluate(table))
+    the shard's ``item_ids``), read by the one manifest reader."""
+    table = plan.rows(ITEM_COLUMNS, files=batch.column("file").to_pylist()).table
     if split is not None:
-        table = table.filter(pa.array(split.keep(table.column("item_id").to_pylist())))
+        table = table.filter(pa.array(split.keep(table.column("item_id").to_pylist()), type=pa.bool_()))
     if item_ids is not None:
         table = table.filter(pa.array([i in item_ids for i in table.column("item_id").to_pylist()],
                                       type=pa.bool_()))
-    return redact(table.select(ITEM_COLUMNS), access)
+    return table
 
 
 class SkipLedger:
@@ -136,94 +112,66 @@ class _LedgerActor:
 class FetchDecode:
     """Stages 2+3 as one callable class, so each Ray worker keeps its cache between batches.
 
-    The error policy is the SDK reader's: a missing, corrupt or undecodable blob is skipped
-    (recorded in the ``ledger``) or raised; a store outage past the retry deadline always
-    raises ``StoreUnavailable``, which fails the pipeline instead of thinning it."""
+    The same ``ItemLoader`` and error policy as the SDK reader: a missing, corrupt or
+    undecodable blob is skipped (recorded in the ``ledger``) or raised; a store outage past the
+    retry deadline always raises ``StoreUnavailable``, which fails the pipeline instead of
+    thinning it. Rows are ``stream.item.to_ray_row`` of the item."""
 
-    def __init__(self, blobs: BlobStore, label_map: LabelMap, version: int,
-                 cache: BlobCache | None, on_error: str, ledger: SkipLedger | None = None) -> None:
-        self.blobs = blobs
-        self.label_map = label_map
-        self.version = version
-        self.cache = cache if cache is not None else node_cache()
-        self.on_error = on_error
+    def __init__(self, plan: ReadPlan, ledger: SkipLedger | None = None) -> None:
+        self.load = ItemLoader(plan)
+        self.on_error = plan.options.on_error
         self.ledger = ledger
         import ray
 
-        # Stamped on every item: which node fetched it (shard locality is checked with it).
+        # Stamped on every row: which node fetched it (shard locality is checked with it).
         self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+    def _record(self, exc: ItemError) -> None:
+        if self.ledger is not None:
+            self.ledger.add(exc)
 
     def __call__(self, row: dict) -> list[dict]:
         try:
-            data = fetch_blob(self.blobs, self.cache, row["blob"])
-            item = make_item(row, decode_image(data, row["item_id"]), self.label_map, self.version)
+            item = self.load(row)
         except ItemError as exc:
-            named = ItemError(f"item {row['item_id']!r}: {exc.message}", hint=exc.hint, reason=exc.reason)
-            if self.on_error == "raise":
-                raise named from None
-            if self.ledger is not None:
-                self.ledger.add(named)
+            apply_error_policy(exc, self.on_error, self._record)
             return []
-        return [{
-            "id": item["id"],
-            "image": item["image"],
-            "boxes": item["boxes"],
-            "labels": item["labels"],
-            "label_names": json.dumps(item["label_names"]),
-            "polygons": json.dumps([p.tolist() for p in item["polygons"]]),
-            "tags": json.dumps(item["tags"]),
-            "attributes": json.dumps(item["attributes"]),
-            "instance_attributes": json.dumps(item["instance_attributes"]),
-            "num_boxes": np.int64(len(item["boxes"])),
-            "width": np.int64(item["width"]),
-            "height": np.int64(item["height"]),
-            "version": np.int64(item["version"]),
-            "fetch_node": self.node_id,
-        }]
+        return [to_ray_row(item, self.node_id)]
 
 
 ROWS_PER_BLOCK = 32
 
 
-def to_ray_dataset(ds: Dataset, split: HashSplit | None = None, *,
+def to_ray_dataset(plan: ReadPlan, ledger: SkipLedger | None = None, split: HashSplit | None = None, *,
                    item_ids: frozenset[str] | None = None,
                    node_id: str | None = None) -> ray.data.Dataset:
-    """Items of ``ds`` as a lazy Ray Data pipeline (order not preserved; list-like fields of
-    variable structure travel as JSON text: label_names, polygons, tags, attributes; each item
-    also carries ``fetch_node``, the Ray node that fetched its blob).
+    """Items of ``plan`` as a lazy Ray Data pipeline of ``to_ray_row`` rows (order not
+    preserved); skipped items are recorded in ``ledger``.
 
     ``split`` keeps one side of a hash split and ``item_ids`` one worker's shard, both applied in
     the scan: other items' blobs are never fetched. ``node_id`` pins every stage to that node
     (a train worker's), so its blobs are fetched into that node's cache and no decoded image
-    crosses the network."""
+    crosses the network. At most ``plan.options.ray_fetch_actors`` fetch actors run."""
     import ray.data
 
     from orchestrator.ray_runtime import ensure_ray
 
     ensure_ray()
-    snapshot, query = ds._snapshot, ds._query
-    files = [f for f, _ in candidate_files(snapshot, query)]
+    files = plan.candidate_files()
     if not files:
         return ray.data.from_items([])
-    opts = ds.options
-    retry = opts.retry_policy(ds.store.location)
-    ledger = ds.ray_skip_ledger()
     pinned = pinned_to(node_id)
     return (
         ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
-        .map_batches(scan_manifest_files, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
-                     fn_kwargs={"store": ds.store, "snapshot": snapshot, "query": query,
-                                "split": split, "item_ids": item_ids,
-                                "access": ds._access, "retry": retry}, **pinned)
+        .map_batches(scan_manifest_file, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
+                     fn_kwargs={"plan": plan, "split": split, "item_ids": item_ids}, **pinned)
         # One manifest file can hold the whole slice: cut it into small blocks so fetch and
         # decode run in parallel and the first batch reaches a consumer after a few items,
         # not after the whole file.
         .repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
-        .flat_map(FetchDecode, fn_constructor_kwargs={
-            "blobs": ds.store.blobs(ds.name).with_retry(retry), "label_map": ds.label_map,
-            "version": ds.version, "cache": opts.cache, "on_error": opts.on_error, "ledger": ledger},
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, opts.threads)),
-            num_cpus=0.5, **pinned)
+        .flat_map(FetchDecode, fn_constructor_kwargs={"plan": plan, "ledger": ledger},
+                  compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.options.ray_fetch_actors),
+                  num_cpus=0.5, **pinned)
     )
 
 

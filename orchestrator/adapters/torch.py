@@ -17,17 +17,22 @@ torch = require("torch")
 from torch.utils.data import IterableDataset, get_worker_info  # noqa: E402
 
 if TYPE_CHECKING:
-    from orchestrator.stream.dataset import Dataset
+    from orchestrator.stream.reader import ItemStream
 
 
 class TorchItems(IterableDataset):
-    """Items of a dataset slice as torch-friendly dicts (image stays HWC uint8, as a tensor)."""
+    """Items of a dataset slice as torch-friendly dicts (image stays HWC uint8, as a tensor).
 
-    def __init__(self, dataset: Dataset, *, shuffle: bool = False, seed: int = 0,
+    Built on the slice's ``ItemStream`` (its read plan and index), which is what DataLoader
+    workers receive. ``size``: the slice's item count if already known (saves an index build
+    for ``len``)."""
+
+    def __init__(self, stream: ItemStream, *, shuffle: bool = False, seed: int = 0,
                  transform: Callable[[dict], Any] | None = None,
-                 rank: int | None = None, world_size: int | None = None) -> None:
+                 rank: int | None = None, world_size: int | None = None, size: int | None = None) -> None:
         super().__init__()
-        self.dataset = dataset
+        self.stream = stream
+        self.size = size
         self.shuffle = shuffle
         self.seed = seed
         self.transform = transform
@@ -63,14 +68,14 @@ class TorchItems(IterableDataset):
 
     def __iter__(self) -> Iterator[Any]:
         shard_id, num_shards = self.shard()
-        before = self.dataset.skipped
+        before = self.stream.skipped
         try:
-            for item in self.dataset.iter_items(shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
-                                                shard_id=shard_id, num_shards=num_shards):
+            for item in self.stream.iter_items(shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
+                                               shard_id=shard_id, num_shards=num_shards):
                 item = to_tensors(item)
                 yield self.transform(item) if self.transform is not None else item
         finally:
-            skipped = self.dataset.skipped - before
+            skipped = self.stream.skipped - before
             if skipped:
                 with self._skipped.get_lock():
                     self._skipped.value += skipped
@@ -78,7 +83,7 @@ class TorchItems(IterableDataset):
     def __len__(self) -> int:
         """Items this rank's workers yield together per epoch."""
         rank, world = self._rank_world()
-        n = len(self.dataset)
+        n = self.size if self.size is not None else len(self.stream)
         return n // world + (1 if rank < n % world else 0)
 
 

@@ -25,7 +25,8 @@ from orchestrator.ray_runtime import ensure_ray, orchestrator_error_in
 from orchestrator.storage_errors import store_call
 
 if TYPE_CHECKING:
-    from orchestrator.store import BlobStore, Store
+    from orchestrator.blobs import BlobStore
+    from orchestrator.handle import StoreHandle
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def _run_probe(items: list) -> list[Probe]:
 
 
 def _run_upload(
-    store: Store, dataset: str, unique: dict[str, tuple[str, int]]
+    store: StoreHandle, dataset: str, unique: dict[str, tuple[str, int]]
 ) -> tuple[int, int, int]:
     import ray.data
 
@@ -140,7 +141,7 @@ def _from_stage(exc: Exception) -> Exception:
 
 
 def ingest_source(
-    store: Store, dataset: str, source: Source, *, message: str, strict: bool
+    store: StoreHandle, dataset: str, source: Source, *, message: str, strict: bool, principal: str
 ) -> IngestReport:
     """Probe, upload and commit ``source`` into ``dataset`` as exactly one new version.
 
@@ -194,7 +195,7 @@ def ingest_source(
     report.blobs_uploaded, report.blobs_reused, report.bytes_uploaded = _run_upload(store, dataset, unique)
     table = conform(rows, labels)
     report.version = manifest.upsert(
-        table, message=message, principal=store.principal, operation="ingest"
+        table, message=message, principal=principal, operation="ingest"
     )
     report.items = len(rows)
     report.seconds = time.monotonic() - started

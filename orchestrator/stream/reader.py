@@ -1,8 +1,11 @@
-"""Turn positions of a slice into item dicts: manifest row → blob (through the cache) → pixels.
+"""The one reader: manifest row → blob (through the cache, verified) → pixels → item, under one
+error policy, for every read path.
 
-The manifest rows are read in order on the calling thread; blob fetch and decode run on a small
-thread pool with a bounded look-ahead (``prefetch``), so at most ``prefetch`` images are in
-memory beyond the one the consumer holds. Order is preserved.
+``ItemLoader`` is the fetch-and-decode step (the SDK's thread pool and the Ray fetch actors both
+call it), ``apply_error_policy`` the one policy for a bad item, and ``ItemStream`` the SDK reader
+of a read plan: the manifest rows are read in order on the calling thread; blob fetch and decode
+run on a small thread pool with a bounded look-ahead (``prefetch``), so at most ``prefetch``
+images are in memory beyond the one the consumer holds. Order is preserved.
 """
 
 from __future__ import annotations
@@ -10,106 +13,106 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Any
 
 import numpy as np
 
-from orchestrator.errors import ConfigError, ItemError
+from orchestrator.blobs import BlobStore
+from orchestrator.errors import ItemError
 from orchestrator.manifest import LabelMap
-from orchestrator.retry import RetryPolicy
 from orchestrator.stream.cache import BlobCache, node_cache
-from orchestrator.stream.decode import decode_image, make_item
-from orchestrator.stream.index import ItemIndex, RowReader
+from orchestrator.stream.decode import decode_image
+from orchestrator.stream.index import ItemIndex, RowReader, build_index
+from orchestrator.stream.item import make_item
+from orchestrator.stream.order import epoch_order, shard
+from orchestrator.stream.plan import OnError, ReadPlan, StreamOptions
 from orchestrator.stream.skips import Skips
 
-if TYPE_CHECKING:
-    from orchestrator.access.policy import ReadView
-    from orchestrator.store import BlobStore, Store
-    from orchestrator.store_location import StoreLocation
+__all__ = ["ItemLoader", "ItemStream", "StreamOptions", "apply_error_policy", "fetch_blob"]
 
 log = logging.getLogger(__name__)
-OnError = Literal["skip", "raise"]
-
-
-@dataclass
-class StreamOptions:
-    """How items are read. ``prefetch``: items fetched ahead of the consumer; ``threads``: fetch
-    and decode workers; ``on_error``: ``skip`` a missing, corrupt or undecodable blob (counted in
-    ``skipped``, one summary warning per pass) or ``raise`` ``ItemError``; ``cache``: the blob
-    cache (default: this process's node cache); ``retry_deadline``: seconds to wait for a store
-    that does not answer before raising ``StoreUnavailable`` (default: the store URI's, 120);
-    ``skip_ledger``: the name of a shared ledger (a Ray actor) in which ``to_ray`` pipelines record
-    skipped items, so that all the pipelines of one training run count into one total."""
-
-    prefetch: int = 16
-    threads: int = 8
-    on_error: OnError = "skip"
-    decode: bool = True
-    shuffle_window: int = 4
-    cache: BlobCache | None = field(default=None, repr=False)
-    retry_deadline: float | None = None
-    skip_ledger: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.on_error not in ("skip", "raise"):
-            raise ConfigError(f"on_error must be 'skip' or 'raise', got {self.on_error!r}")
-        if self.prefetch < 1 or self.threads < 1:
-            raise ConfigError("prefetch and threads must be >= 1")
-        if self.retry_deadline is not None and (
-                isinstance(self.retry_deadline, bool) or not isinstance(self.retry_deadline, (int, float))
-                or self.retry_deadline < 0):
-            raise ConfigError(f"retry_deadline must be a number of seconds >= 0, got {self.retry_deadline!r}")
-
-    def retry_policy(self, location: StoreLocation) -> RetryPolicy:
-        """The store's retry policy with this reader's deadline, if it sets one."""
-        return location.retry.with_deadline(self.retry_deadline)
-
-    @property
-    def blob_cache(self) -> BlobCache:
-        return self.cache if self.cache is not None else node_cache()
 
 
 def fetch_blob(blobs: BlobStore, cache: BlobCache, blob: str) -> bytes:
-    """The blob's bytes from the node cache, else from the store (then cached)."""
+    """The blob's bytes from the node cache, else from the store (verified, then cached)."""
     return cache.get_or_fetch(blob, lambda: blobs.get(blob))
 
 
-def load_item(
-    blobs: BlobStore, cache: BlobCache, row: dict, label_map: LabelMap, version: int, decode: bool = True
-) -> dict:
-    """Fetch and decode one manifest row into an item dict.
+class ItemLoader:
+    """Fetch and decode one manifest row into an item: the one fetch-and-decode step.
 
-    ``ItemError`` (naming the item) only for a missing, corrupt or undecodable blob; a store
-    that does not answer raises ``StoreUnavailable`` after the retry deadline, and every other
-    store error (access denied) as it is: those are never the item's fault.
-    """
-    try:
-        data = fetch_blob(blobs, cache, row["blob"])
-    except ItemError as exc:
-        raise ItemError(f"item {row['item_id']!r}: {exc.message}", hint=exc.hint, reason=exc.reason) from None
-    image = decode_image(data, row["item_id"]) if decode else None
-    return make_item(row, image, label_map, version)
+    Raises ``ItemError`` naming the item only for a missing, corrupt or undecodable blob; a
+    store that does not answer raises ``StoreUnavailable`` after the retry deadline, and every
+    other store error (access denied) as it is: those are never the item's fault. Picklable
+    (the cache is this process's node cache unless the plan's options name one)."""
+
+    def __init__(self, plan: ReadPlan) -> None:
+        self.blobs = plan.blobs
+        self.label_map: LabelMap = plan.label_map
+        self.version = plan.version
+        self.decode = plan.options.decode
+        self._cache = plan.options.cache
+
+    @property
+    def cache(self) -> BlobCache:
+        return self._cache if self._cache is not None else node_cache()
+
+    def __call__(self, row: dict) -> dict[str, Any]:
+        try:
+            data = fetch_blob(self.blobs, self.cache, row["blob"])
+            image = decode_image(data, row["item_id"]) if self.decode else None
+        except ItemError as exc:
+            if exc.message.startswith(f"item {row['item_id']!r}"):
+                raise
+            raise ItemError(f"item {row['item_id']!r}: {exc.message}", hint=exc.hint,
+                            reason=exc.reason) from None
+        return make_item(row, image, self.label_map, self.version)
+
+
+def apply_error_policy(exc: ItemError, on_error: OnError, record: Callable[[ItemError], None]) -> None:
+    """The one policy for a bad item: ``raise`` re-raises it; ``skip`` records it (every path
+    records into a ``Skips`` ledger, so a skip is counted by reason and summarised)."""
+    if on_error == "raise":
+        raise exc
+    record(exc)
 
 
 class ItemStream:
-    """Reads items of one pinned, indexed slice."""
+    """The SDK reader of one read plan: random access, ordered/shuffled/sharded iteration.
 
-    def __init__(self, store: Store, dataset: str, index: ItemIndex, label_map: LabelMap,
-                 version: int, options: StreamOptions, access: ReadView | None = None) -> None:
-        self.store = store
-        retry = options.retry_policy(store.location)
-        self.blobs = store.blobs(dataset).with_retry(retry)
-        self.index = index
-        self.label_map = label_map
-        self.version = version
-        self.options = options
-        self.rows = RowReader(store, index, keep_groups=max(4, options.shuffle_window * 2),
-                              access=access, retry=retry)
+    The item index (one scan of the query's columns) is built on first use."""
+
+    def __init__(self, plan: ReadPlan, index: ItemIndex | None = None) -> None:
+        self.plan = plan
+        self.options = plan.options
+        self.load = ItemLoader(plan)
         self.skips = Skips()
-        self.what = f"dataset {dataset!r} version {version}"
+        self._index = index
+        self._rows: RowReader | None = None
+
+    def __getstate__(self) -> dict:  # a copy in another process starts with no skips of its own
+        return {"plan": self.plan, "index": self._index}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)  # type: ignore[misc]
+
+    @property
+    def index(self) -> ItemIndex:
+        if self._index is None:
+            self._index = build_index(self.plan)
+        return self._index
+
+    @property
+    def rows(self) -> RowReader:
+        if self._rows is None:
+            self._rows = RowReader(self.plan, self.index,
+                                   keep_groups=max(4, self.options.shuffle_window * 2))
+        return self._rows
+
+    def __len__(self) -> int:
+        return len(self.index)
 
     @property
     def skipped(self) -> int:
@@ -117,20 +120,32 @@ class ItemStream:
 
     def item(self, position: int) -> dict:
         """One item; always raises on a bad blob (a caller asked for this exact item)."""
-        row = self.rows.row(position)
-        return load_item(self.blobs, self.options.blob_cache, row, self.label_map,
-                         self.version, self.options.decode)
+        return self.load(self.rows.row(position))
 
     def group_keys(self) -> np.ndarray:
         """Row-group key per position (file * 2**20 + group), for block shuffling."""
-        keys = np.empty(len(self.index), dtype=np.int64)
-        for f in range(len(self.index.files)):
-            sel = np.flatnonzero(self.index.file_of == f)
-            self.rows.locate(f, 0)
-            bounds = self.rows._bounds[f]
-            groups = np.searchsorted(bounds, self.index.row_of[sel], side="right") - 1
+        index = self.index
+        keys = np.empty(len(index), dtype=np.int64)
+        for f in range(len(index.files)):
+            sel = np.flatnonzero(index.file_of == f)
+            groups = np.searchsorted(self.rows.bounds(f), index.row_of[sel], side="right") - 1
             keys[sel] = f * (1 << 20) + groups
         return keys
+
+    def positions(self, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
+                  shard_id: int = 0, num_shards: int = 1) -> np.ndarray:
+        """The positions one reader visits in one epoch (see ``orchestrator.stream.order``)."""
+        keys = self.group_keys() if shuffle else np.arange(len(self.index))
+        order = epoch_order(keys, shuffle=shuffle, seed=seed, epoch=epoch,
+                            window=self.options.shuffle_window)
+        return shard(order, shard_id, num_shards)
+
+    def iter_items(self, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
+                   shard_id: int = 0, num_shards: int = 1) -> Iterator[dict]:
+        """Items in stable order, or a deterministic block shuffle for (seed, epoch); optionally
+        one shard of ``num_shards`` (shards are disjoint and cover the slice exactly once)."""
+        return self.iterate(self.positions(shuffle=shuffle, seed=seed, epoch=epoch,
+                                           shard_id=shard_id, num_shards=num_shards))
 
     def iterate(self, positions: np.ndarray) -> Iterator[dict]:
         """Items at ``positions`` in that order, fetched ahead on a thread pool.
@@ -140,10 +155,13 @@ class ItemStream:
         the pass stops with the error. A store outage past the retry deadline always stops it.
         """
         opts = self.options
-        cache = opts.blob_cache
-        blobs = self.blobs
         pending: deque[tuple[int, Future]] = deque()
         skipped_here = Skips()
+
+        def record(exc: ItemError) -> None:
+            skipped_here.add(exc)
+            self.skips.add(exc)
+
         pool = ThreadPoolExecutor(max_workers=opts.threads, thread_name_prefix="orchestrator-fetch")
         finished = False
         try:
@@ -156,9 +174,7 @@ class ItemStream:
                     except StopIteration:
                         exhausted = True
                         break
-                    row = self.rows.row(pos)
-                    pending.append((pos, pool.submit(load_item, blobs, cache, row, self.label_map,
-                                                     self.version, opts.decode)))
+                    pending.append((pos, pool.submit(self.load, self.rows.row(pos))))
                 if not pending:
                     finished = True
                     return
@@ -166,10 +182,7 @@ class ItemStream:
                 try:
                     item = fut.result()
                 except ItemError as exc:
-                    if opts.on_error == "raise":
-                        raise
-                    skipped_here.add(exc)
-                    self.skips.add(exc)
+                    apply_error_policy(exc, opts.on_error, record)
                     continue
                 yield item
         finally:
@@ -178,4 +191,4 @@ class ItemStream:
             # so the error reaches the caller now, not after every in-flight fetch gave up too.
             pool.shutdown(wait=finished, cancel_futures=True)
             if skipped_here.count:
-                warnings.warn(skipped_here.summary(self.what), stacklevel=2)
+                warnings.warn(skipped_here.summary(self.plan.what), stacklevel=2)

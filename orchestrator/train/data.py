@@ -18,19 +18,20 @@ from typing import TYPE_CHECKING, Any
 
 import ray.train
 
+from orchestrator.adapters.ray import SkipLedger, pinned_to, to_ray_dataset
+from orchestrator.stream.plan import ReadPlan
 from orchestrator.stream.split import HashSplit, balanced_shards
 
 if TYPE_CHECKING:
     import ray.data
 
-    from orchestrator.stream.dataset import Dataset
-
 
 @dataclass
 class RunData:
-    """What a run reads: the dataset (version and slice fixed), its train ids and the split."""
+    """What a run reads: the read plan (version, slice and access view fixed; picklable, so it
+    travels to the Train controller), its train ids and the split."""
 
-    dataset: Dataset
+    plan: ReadPlan
     train_ids: list[str]
     split: HashSplit  # validation side; the train side is ``train_ids``
     shard_seed: int
@@ -40,13 +41,12 @@ class RunData:
     def pipeline(self, name: str, rank: int, world_size: int, node_id: str | None,
                  shards: list[list[str]] | None = None) -> ray.data.Dataset:
         """``train``: rank's shard; ``validation``: the whole validation side (read by rank 0)."""
+        ledger = SkipLedger.new(self.plan.options.skip_ledger)
         if name == "train":
             shards = shards or balanced_shards(self.train_ids, world_size, self.shard_seed)
-            rds = self.dataset.to_ray(item_ids=frozenset(shards[rank]), node_id=node_id)
+            rds = to_ray_dataset(self.plan, ledger, item_ids=frozenset(shards[rank]), node_id=node_id)
         else:
-            rds = self.dataset.to_ray(self.split, node_id=node_id)
-        from orchestrator.adapters.ray import pinned_to
-
+            rds = to_ray_dataset(self.plan, ledger, self.split, node_id=node_id)
         return rds.map(_prepare_row, fn_kwargs={"size": self.image_size, "max_boxes": self.max_boxes},
                        num_cpus=0.25, **pinned_to(node_id))
 

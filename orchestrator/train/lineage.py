@@ -35,7 +35,7 @@ import pyarrow.fs as pafs
 from orchestrator.storage_errors import storage_errors, store_call
 
 if TYPE_CHECKING:
-    from orchestrator.store import Store
+    from orchestrator.handle import StoreHandle
 
 
 def new_run_id(config_name: str) -> str:
@@ -179,31 +179,43 @@ def _parse_time(text: str | None) -> datetime | None:
     return t
 
 
-def _principal_dir(store: Store) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", store.principal)
+@dataclass(frozen=True)
+class RunHome:
+    """Where one principal's runs live in a store: ``runs/<principal>/``. The ``Store`` facade
+    builds it (``store.runs``) with the principal it resolved; picklable."""
+
+    handle: StoreHandle
+    principal: str
+
+    @property
+    def dir(self) -> str:
+        """``runs/<principal>/`` as a path in the store's filesystem."""
+        return self.handle.location.join("runs", re.sub(r"[^A-Za-z0-9._-]", "_", self.principal))
 
 
-def runs_dir(store: Store) -> str:
+def runs_dir(home: RunHome) -> str:
     """``runs/<principal>/``: each principal's runs (lineage, checkpoints) under its own prefix,
     so storage permissions can let it write there and nowhere else."""
-    return store.location.join("runs", _principal_dir(store))
+    return home.dir
 
 
-def lineage_uri(store: Store, run_id: str) -> str:
+def lineage_uri(home: RunHome, run_id: str) -> str:
     """Where a run's record is, as a URI to show people."""
-    return f"{store.uri.rstrip('/')}/runs/{_principal_dir(store)}/{run_id}/lineage.json"
+    relative = home.dir[len(home.handle.location.root.rstrip("/")):]
+    return f"{home.handle.uri.rstrip('/')}{relative}/{run_id}/lineage.json"
 
 
-def write_lineage(store: Store, lineage: Lineage) -> str:
+def write_lineage(home: RunHome, lineage: Lineage) -> str:
     """Replace the record in one piece: readers (``orchestrator runs``, a watcher) never see a
     half-written file. An S3 PUT is atomic; a local file is written aside and renamed."""
-    path = f"{runs_dir(store)}/{lineage.run_id}/lineage.json"
-    fs = store.fs
+    path = f"{home.dir}/{lineage.run_id}/lineage.json"
+    location = home.handle.location
+    fs = home.handle.fs
     data = json.dumps(lineage.as_dict(), indent=2, default=str).encode()
 
     def write() -> None:  # repeated whole while the store does not answer (orchestrator.retry)
         with storage_errors("write the lineage of run", lineage.run_id):
-            if store.location.scheme == "file":
+            if location.scheme == "file":
                 fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
                 aside = f"{path}.{os.getpid()}.tmp"
                 with fs.open_output_stream(aside) as out:
@@ -213,27 +225,27 @@ def write_lineage(store: Store, lineage: Lineage) -> str:
                 with fs.open_output_stream(path) as out:
                     out.write(data)
 
-    store_call(write, location=store.location, action="write the lineage of run", target=lineage.run_id)
+    store_call(write, location=location, action="write the lineage of run", target=lineage.run_id)
     return path
 
 
-def read_lineage(store: Store, run_id: str) -> Lineage:
-    path = f"{runs_dir(store)}/{run_id}/lineage.json"
+def read_lineage(home: RunHome, run_id: str) -> Lineage:
+    path = f"{home.dir}/{run_id}/lineage.json"
     with storage_errors("read the lineage of run", run_id):
-        with store.fs.open_input_stream(path) as f:
+        with home.handle.fs.open_input_stream(path) as f:
             return Lineage.from_dict(json.loads(f.read()))
 
 
-def list_runs(store: Store) -> list[Lineage]:
-    """Every recorded run in the store, oldest first."""
-    fs = store.fs
-    with storage_errors("list the runs in", store.uri):
-        infos = fs.get_file_info(pafs.FileSelector(runs_dir(store), allow_not_found=True))
+def list_runs(home: RunHome) -> list[Lineage]:
+    """Every recorded run of the principal in the store, oldest first."""
+    fs = home.handle.fs
+    with storage_errors("list the runs in", home.handle.uri):
+        infos = fs.get_file_info(pafs.FileSelector(home.dir, allow_not_found=True))
     out = []
     for info in infos:
         if info.type == pafs.FileType.Directory:
             try:
-                out.append(read_lineage(store, info.base_name))
+                out.append(read_lineage(home, info.base_name))
             except Exception:  # a run directory without a record (e.g. only checkpoints)
                 continue
     return sorted(out, key=lambda l: l.started_at)

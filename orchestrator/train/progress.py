@@ -31,7 +31,7 @@ from orchestrator.errors import OrchestratorError
 from orchestrator.train.lineage import HEARTBEAT_S, Lineage, merge_epoch_metrics, now, write_lineage
 
 if TYPE_CHECKING:
-    from orchestrator.store import Store
+    from orchestrator.train.lineage import RunHome
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,9 @@ class RunWatch:
     heartbeat every ``HEARTBEAT_S``), tracks how long the worker group has waited to be placed,
     and stops the controller. ``apply`` is pure given ``at``; the rest talks to Ray and the store."""
 
-    def __init__(self, store: Store, lineage: Lineage, mailbox: Any = None, *,
+    def __init__(self, runs: RunHome, lineage: Lineage, mailbox: Any = None, *,
                  clock=time.monotonic) -> None:
-        self.store, self.lineage, self.mailbox, self.clock = store, lineage, mailbox, clock
+        self.runs, self.lineage, self.mailbox, self.clock = runs, lineage, mailbox, clock
         self.controller: Any = None
         self.controller_id: str | None = None
         # Set by the thread running trainer.fit() when it ends. Not Thread.join/is_alive: on
@@ -149,7 +149,7 @@ class RunWatch:
     def write(self) -> None:
         self.lineage.heartbeat_at = now()
         try:
-            write_lineage(self.store, self.lineage)
+            write_lineage(self.runs, self.lineage)
             self._written_at = self.clock()
         except OrchestratorError:
             log.warning("cannot record the progress of run %s", self.lineage.run_id, exc_info=True)

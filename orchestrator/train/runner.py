@@ -79,7 +79,7 @@ def latest_run_id(store: orchestrator.Store, config_name: str) -> str:
     """The most recent run started from a config of this name (for ``--resume``)."""
     from orchestrator.train.lineage import list_runs
 
-    runs = [r for r in list_runs(store) if r.run_id.startswith(f"{config_name}-")]
+    runs = [r for r in list_runs(store.runs) if r.run_id.startswith(f"{config_name}-")]
     if not runs:
         raise ConfigError(f"no earlier run of {config_name!r} to resume in {store.uri}",
                           hint="run without --resume first, or pass --resume RUN_ID")
@@ -96,9 +96,9 @@ def plan_run(settings: RunSettings, *, config_name: str = "run", resume: str | b
         resume = latest_run_id(store, config_name)
     version = None if settings.version == "latest" else int(settings.version)
     if resume:
-        previous = read_lineage(store, resume)
+        previous = read_lineage(store.runs, resume)
         version = previous.version
-    ds = store.dataset(settings.dataset, version, prefetch=settings.data.prefetch_batches + 1)
+    ds = store.dataset(settings.dataset, version)
     if settings.query:
         ds = ds.slice(settings.query)
     ids = ds.item_ids()
@@ -143,9 +143,9 @@ def _run_data(plan: Plan) -> RunData:
                       disk_dir=default_disk_dir() if s.data.disk_cache_mb else None,
                       disk_budget=(s.data.disk_cache_mb << 20) or None)
     return RunData(
-        dataset=plan.dataset.with_options(threads=s.data.decode_concurrency, cache=cache,
-                                          retry_deadline=s.data.retry_deadline_s,
-                                          skip_ledger=skip_ledger_name(plan.run_id)),
+        plan=plan.dataset.with_options(ray_fetch_actors=s.data.decode_concurrency, cache=cache,
+                                       retry_deadline=s.data.retry_deadline_s,
+                                       skip_ledger=skip_ledger_name(plan.run_id)).plan,
         train_ids=plan.train_ids,
         split=HashSplit(s.split.validation_fraction, s.split.seed, validation=True),
         shard_seed=s.split.seed, image_size=s.model.image_size, max_boxes=s.model.max_boxes,
@@ -198,7 +198,7 @@ def run(plan: Plan) -> Lineage:
     lineage.status, lineage.driver, lineage.heartbeat_at = "running", driver_identity(), now()
     watch: RunWatch | None = None
     try:
-        write_lineage(plan.store, lineage)
+        write_lineage(plan.store.runs, lineage)
         import ray
 
         may_grow = ray.is_initialized() or running_cluster_address()[0] is not None
@@ -215,7 +215,7 @@ def run(plan: Plan) -> Lineage:
             lineage.status, lineage.finished_at = "interrupted", now()
             lineage.error = (f"interrupted by {_describe(stop)} after {len(lineage.metrics)} "
                              f"finished epoch{'s' if len(lineage.metrics) != 1 else ''}")
-            write_lineage(plan.store, lineage)
+            write_lineage(plan.store.runs, lineage)
         raise
     except Exception as exc:
         _wind_down(watch)  # e.g. the store failed under the watch: nothing is left running
@@ -224,7 +224,7 @@ def run(plan: Plan) -> Lineage:
         cause = exc if isinstance(exc, OrchestratorError) else orchestrator_error_in(exc)
         lineage.status, lineage.finished_at = "failed", now()
         lineage.error = (str(cause) if cause is not None else str(exc))[:2000]
-        write_lineage(plan.store, lineage)
+        write_lineage(plan.store.runs, lineage)
         if cause is exc:
             raise
         if cause is not None:
@@ -242,7 +242,7 @@ def run(plan: Plan) -> Lineage:
     lineage.checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     _record_skips(lineage)
     lineage.status, lineage.finished_at = "finished", now()
-    write_lineage(plan.store, lineage)
+    write_lineage(plan.store.runs, lineage)
     return lineage
 
 
@@ -293,7 +293,7 @@ def _trainer(plan: Plan) -> tuple[Any, RunWatch]:
         placement_strategy=s.scaling.placement_strategy,
     )
     mailbox = open_mailbox()
-    storage_path = s.checkpoint.path or runs_dir(plan.store)
+    storage_path = s.checkpoint.path or runs_dir(plan.store.runs)
     run_config = RunConfig(
         name=plan.run_id,
         storage_path=storage_path,
@@ -313,7 +313,7 @@ def _trainer(plan: Plan) -> tuple[Any, RunWatch]:
 
         trainer = TensorflowTrainer(loops.tf_loop, train_loop_config=loop_config, scaling_config=scaling,
                                     run_config=run_config, datasets=datasets, dataset_config=data_config)
-    return trainer, RunWatch(plan.store, plan.lineage, mailbox)
+    return trainer, RunWatch(plan.store.runs, plan.lineage, mailbox)
 
 
 def _fit_watched(plan: Plan, trainer: Any, watch: RunWatch, request: ResourceRequest) -> Any:

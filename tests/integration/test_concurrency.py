@@ -58,7 +58,7 @@ def test_racing_writers_all_land(store_uri):
         t.join()
     assert not errors, errors
     assert sorted(versions) == list(range(1, 1 + writers * rounds))
-    ids = set(read_table(store, manifest.snapshot(), ["item_id"]).column("item_id").to_pylist())
+    ids = set(read_table(store.location, manifest.snapshot(), ["item_id"]).column("item_id").to_pylist())
     expected = {f"seed-{i}" for i in range(2)} | {
         f"w{w}r{r}-{i}" for w in range(writers) for r in range(rounds) for i in range(5)
     }

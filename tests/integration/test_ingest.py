@@ -65,7 +65,7 @@ def test_ingest_commits_version_zero_that_plain_pyarrow_reads(store_uri, demo_sm
         assert len(r["instances"]) == sum(counts.values())
         assert store.blobs("street").exists(r["blob"])
     cols = ["item_id", "blob", "width", "height", "labels", "instances", "attributes", "tags"]
-    ours = read_table(store, snapshot).sort_by("item_id").select(cols).to_pylist()
+    ours = read_table(store.location, snapshot).sort_by("item_id").select(cols).to_pylist()
     assert ours == sorted(({c: r[c] for c in cols} for r in rows), key=lambda r: r["item_id"])
     assert store.datasets() == ["street"]
 
@@ -92,8 +92,8 @@ def test_reingest_reuses_blobs_and_correction_is_a_new_version(store_uri, demo_s
 
     manifest = store.manifest("street")
     v0, v2 = manifest.snapshot(first.version), manifest.snapshot(2)
-    before = label_totals(store, v0)
-    after = label_totals(store, v2)
+    before = label_totals(store.location, v0)
+    after = label_totals(store.location, v2)
     removed = coco_counts(coco)[first_image["file_name"]]["car"]
     assert removed > 0
     assert after["car"] == before["car"] - removed
@@ -155,7 +155,7 @@ def test_every_bad_input_is_reported_and_good_items_land(store_uri, tmp_path):
     assert report.blobs_uploaded == 2  # good and copy_of_good share one blob
     assert report.boxes_clipped == 1 and report.instances_dropped == 1
 
-    rows = {r["item_id"]: r for r in read_table(store, store.manifest("messy").snapshot()).to_pylist()}
+    rows = {r["item_id"]: r for r in read_table(store.location, store.manifest("messy").snapshot()).to_pylist()}
     assert rows["good.jpg"]["blob"] == rows["copy_of_good.jpg"]["blob"]
     assert rows["overhang.jpg"]["instances"][0]["bbox"] == [20.0, 10.0, 32.0, 24.0]
     assert rows["overhang.jpg"]["labels"]["car"] == 1
@@ -168,7 +168,8 @@ def test_every_bad_input_is_reported_and_good_items_land(store_uri, tmp_path):
 def test_delete_items_is_a_version_and_unknown_ids_change_nothing(store_uri, demo_small):
     store = orchestrator.connect(store_uri)
     store.ingest("street", coco=demo_small / "annotations.json", images=demo_small / "images")
-    ids = sorted(read_table(store, store.manifest("street").snapshot(), ["item_id"]).column("item_id").to_pylist())
+    ids = sorted(read_table(store.location, store.manifest("street").snapshot(), ["item_id"])
+                 .column("item_id").to_pylist())
     version, deleted = store.delete("street", ids[:3], message="drop three")
     assert (version, deleted) == (1, 3)
     with pytest.raises(orchestrator.errors.DatasetNotFound, match="no-such-item"):
@@ -190,7 +191,7 @@ def test_jsonl_ingest_and_label_schema_evolution(store_uri, tmp_path):
     store.ingest("evolve", jsonl=second)
     snap = store.manifest("evolve").snapshot()
     assert snap.label_map.names == ("car", "traffic light", "Car")
-    rows = {r["item_id"]: r for r in read_table(store, snap).to_pylist()}
+    rows = {r["item_id"]: r for r in read_table(store.location, snap).to_pylist()}
     # a.jpg was written before the new labels existed: their counts read as 0, not null.
     assert rows["a.jpg"]["labels"] == {"car": 1, "traffic%20light": 0, "%43ar": 0}
     assert rows["b.jpg"]["labels"] == {"car": 0, "traffic%20light": 1, "%43ar": 1}
@@ -233,7 +234,7 @@ def test_dataset_object_pins_its_version(store_uri, demo_small):
     assert (latest.version, len(latest)) == (1, 59)
     assert [v.version for v in ds.versions()] == [0, 1]
     assert ds.label_map.names == ("car", "pedestrian", "traffic light", "bicycle")
-    gone = next(r for r in read_table(store, store.manifest("street").snapshot(0)).to_pylist()
+    gone = next(r for r in read_table(store.location, store.manifest("street").snapshot(0)).to_pylist()
                 if r["item_id"] == "street_000000.jpg")
     old, new = ds.label_counts(), latest.label_counts()
     for name in ds.label_map.names:

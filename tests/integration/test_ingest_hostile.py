@@ -140,7 +140,7 @@ def test_store_ingest_opens_and_stores_nothing_outside_the_images_folder(hostile
     for name in names[1:]:
         assert "outside" in rejected[name] or "absolute" in rejected[name] or "not found" in rejected[name]
     assert "image id 99" in rejected["c.png"] and "d.png" in rejected["c.png"]
-    rows = read_table(store, store.manifest("hostile").snapshot()).to_pylist()
+    rows = read_table(store.location, store.manifest("hostile").snapshot()).to_pylist()
     assert [r["item_id"] for r in rows] == ["ok.png"]
     assert not store.blobs("hostile").exists(secret.sha256)
     fifo.assert_detects()

@@ -12,9 +12,9 @@ import pytest
 from deltalake import write_deltalake
 
 import orchestrator
+from orchestrator.blobs import BlobStore
 from orchestrator.errors import QueryError
 from orchestrator.manifest import manifest_schema
-from orchestrator.store import BlobStore
 from tests.conftest import run_cli
 from tests.integration.test_ingest import plain_parquet_rows
 

@@ -138,7 +138,7 @@ def test_to_ray_runs_scan_fetch_decode_stages(street, demo_small):
     row = next(r for r in rows if r["id"] == "street_000000.jpg") if any(
         r["id"] == "street_000000.jpg" for r in rows) else rows[0]
     assert np.array_equal(row["image"], _pillow(demo_small, row["id"]))
-    assert row["boxes"].shape == (row["num_boxes"], 4)
+    assert row["boxes"].shape == (len(row["labels"]), 4)
 
 
 def test_second_epoch_fetches_nothing_and_a_small_cache_stays_in_budget(street):
@@ -211,7 +211,7 @@ def test_reader_holds_a_few_row_groups_not_the_manifest(store_uri, demo_small, m
     store = orchestrator.connect(store_uri)
     store.ingest("street", coco=demo_small / "annotations.json", images=demo_small / "images")
     ds = store.dataset("street")
-    (path,) = ds._snapshot.files
+    (path,) = ds.plan.snapshot.files
     groups = pq.ParquetFile(store.fs.open_input_file(path)).metadata.num_row_groups
     assert groups == 15  # 60 rows in groups of 4
     reader = ds.stream.rows

@@ -54,7 +54,7 @@ def test_shipped_config_trains_with_two_workers_and_records_lineage(config, s3_s
     assert lineage.checkpoint and lineage.principal and lineage.code_revision
 
     store = orchestrator.connect(s3_street)
-    recorded = {r.run_id: r for r in list_runs(store)}[plan.run_id]
+    recorded = {r.run_id: r for r in list_runs(store.runs)}[plan.run_id]
     assert recorded.status == "finished" and recorded.items == lineage.items
     r = run_cli("runs", "--store", s3_street)
     assert r.returncode == 0 and plan.run_id in r.stdout
@@ -67,12 +67,12 @@ def test_data_settings_reach_the_fetch_stage(s3_street):
 
     plan = plan_run(_settings("street_torch.yaml", s3_street, "data.memory_cache_mb=64",
                               "data.disk_cache_mb=32", "data.decode_concurrency=3"))
-    opts = _run_data(plan).dataset.options
+    opts = _run_data(plan).plan.options
     cache = pickle.loads(pickle.dumps(opts.cache))  # what a fetch worker rebuilds
     assert cache.memory_budget == 64 << 20 and cache.disk is not None and cache.disk_budget == 32 << 20
-    assert opts.threads == 3
+    assert opts.ray_fetch_actors == 3
     plan = plan_run(_settings("street_torch.yaml", s3_street, "data.disk_cache_mb=0"))
-    assert _run_data(plan).dataset.options.cache.disk is None
+    assert _run_data(plan).plan.options.cache.disk is None
 
 
 def test_rerun_of_a_recorded_run_uses_the_identical_items(s3_street, demo_small, tmp_path):
@@ -144,7 +144,7 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes_from_its_checkpoint(tm
                                      images=demo_small / "images")
     settings = _settings("street_torch.yaml", uri, "train.epochs=4", "checkpoint.max_failures=2")
     plan = plan_run(settings, config_name="killtest")
-    ckpt_root = Path(runs_dir(plan.store)) / plan.run_id
+    ckpt_root = Path(runs_dir(plan.store.runs)) / plan.run_id
     killed: list[int] = []
 
     def killer() -> None:
@@ -190,7 +190,7 @@ def test_ray_job_submit_runs_jobs_train_py(ray_cluster, tmp_path, demo_small):
         time.sleep(5)
     assert r.returncode == 0, (r.stdout[-6000:], r.stderr[-3000:])
     assert "succeeded" in (r.stdout + r.stderr).lower()
-    runs = list_runs(orchestrator.connect(uri))
+    runs = list_runs(orchestrator.connect(uri).runs)
     assert len(runs) == 1 and runs[0].status == "finished" and runs[0].run_id.startswith("street_torch-")
 
 
@@ -216,5 +216,5 @@ def test_a_skipped_item_is_counted_in_lineage_and_workers_stay_in_step(demo_smal
     # Each worker stopped at the shortest shard's step count (without that, the full shard's
     # extra step leaves its peer waiting in DDP's all-reduce: the run hangs).
     assert 0 < lineage.metrics[0]["train_items"] <= 2 * (shard - 1), json.dumps(lineage.metrics)
-    recorded = {r.run_id: r for r in list_runs(store)}[plan.run_id]
+    recorded = {r.run_id: r for r in list_runs(store.runs)}[plan.run_id]
     assert recorded.skipped_items == 1

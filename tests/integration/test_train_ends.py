@@ -44,7 +44,7 @@ def street_file(ray_cluster, demo_small, tmp_path_factory) -> str:
 
 
 def _lineage_files(uri: str, prefix: str) -> list[Path]:
-    root = Path(runs_dir(orchestrator.connect(uri)))
+    root = Path(runs_dir(orchestrator.connect(uri).runs))
     return sorted(root.glob(f"{prefix}-*/lineage.json"))
 
 
@@ -136,7 +136,7 @@ def test_a_run_the_cluster_cannot_place_fails_within_its_schedule_timeout(street
     message = str(caught.value)
     assert "40 workers" in message and "{CPU: 1}" in message and "80 CPU in all" in message, message
     assert "8 CPU" in message and "scaling.schedule_timeout_s" in message, message
-    recorded = read_lineage(plan.store, plan.run_id)
+    recorded = read_lineage(plan.store.runs, plan.run_id)
     assert recorded.status == "failed" and "40 workers" in (recorded.error or "")
     left = wait_for(lambda: not (unremoved() - before), 10)
     assert left, f"placement groups left behind: {unremoved() - before}"
@@ -158,12 +158,12 @@ def test_runs_shows_a_running_record_whose_driver_is_gone_as_lost(tmp_path):
                        **kw)
 
     here = socket.gethostname()
-    write_lineage(store, record("dead-driver", 40, driver={"host": here, "pid": gone.pid, "process_start": None},
+    write_lineage(store.runs, record("dead-driver", 40, driver={"host": here, "pid": gone.pid, "process_start": None},
                                 heartbeat_at=now.isoformat()))
-    write_lineage(store, record("silent-host", 30, driver={"host": "elsewhere.invalid", "pid": 1},
+    write_lineage(store.runs, record("silent-host", 30, driver={"host": "elsewhere.invalid", "pid": 1},
                                 heartbeat_at=(now - timedelta(hours=1)).isoformat()))
-    write_lineage(store, record("alive", 20, driver=driver_identity(), heartbeat_at=now.isoformat()))
-    write_lineage(store, record("done", 10, status="finished", driver={"host": here, "pid": gone.pid}))
+    write_lineage(store.runs, record("alive", 20, driver=driver_identity(), heartbeat_at=now.isoformat()))
+    write_lineage(store.runs, record("done", 10, status="finished", driver={"host": here, "pid": gone.pid}))
 
     r = run_cli("runs", "--store", uri)
     assert r.returncode == 0, r.stderr

@@ -141,7 +141,7 @@ def test_an_upload_interrupted_before_its_first_byte_leaves_nothing_under_the_bl
     import os
     import uuid
 
-    from orchestrator.store import BlobStore
+    from orchestrator.blobs import BlobStore
 
     store = orchestrator.connect(f"s3://orchestrator-test/{uuid.uuid4().hex[:12]}")
     blobs = store.blobs("street")

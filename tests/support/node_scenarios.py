@@ -121,7 +121,7 @@ def node_loss(store_dir: Path) -> dict:
         removed: dict = {}
         from orchestrator.train.lineage import runs_dir
 
-        ckpt_root = Path(runs_dir(plan.store)) / plan.run_id
+        ckpt_root = Path(runs_dir(plan.store.runs)) / plan.run_id
 
         def remove_a_worker_node() -> None:
             deadline = time.time() + 300

@@ -10,17 +10,23 @@ import numpy as np
 import pyarrow as pa
 
 from orchestrator.access.policy import ReadView
-from orchestrator.access.redact import redact
+from orchestrator.errors import DatasetNotFound
 from orchestrator.manifest import LabelMap, Snapshot, VersionInfo
 from orchestrator.query.compile import CompiledQuery, QueryContext, combine, compile_query
-from orchestrator.scan import ScanStats, scan, sum_labels
+from orchestrator.query.parse import Compare, Field, to_text
+from orchestrator.scan import ScanStats, sum_labels
 from orchestrator.storage_errors import store_call
-from orchestrator.stream.index import ItemIndex, build_index
-from orchestrator.stream.order import epoch_order, shard
-from orchestrator.stream.reader import ItemStream, StreamOptions
+from orchestrator.stream.plan import ReadPlan, StreamOptions
+from orchestrator.stream.reader import ItemStream
 from orchestrator.stream.skips import Skips
+from orchestrator.stream.split import HashSplit
 
 if TYPE_CHECKING:
+    import ray.data
+    import tensorflow as tf
+
+    from orchestrator.adapters.ray import SkipLedger
+    from orchestrator.adapters.torch import TorchItems
     from orchestrator.store import Store
 
 
@@ -62,7 +68,15 @@ class Dataset:
         self._len: int | None = None if _queries else self._snapshot.rows
         self.last_scan: ScanStats | None = None
         self._stream: ItemStream | None = None
-        self._ray_ledgers: dict[str, Any] = {}  # name -> SkipLedger of this object's to_ray pipelines
+        self._ray_ledgers: dict[str, SkipLedger] = {}  # name -> ledger of this object's to_ray pipelines
+        self._plan = ReadPlan(store.handle, name, self._snapshot, self._query, _access, self.options)
+
+    @property
+    def plan(self) -> ReadPlan:
+        """What every reader of this slice reads: the pinned snapshot, the compiled query (with
+        the principal's row filter), the access view and the options; picklable, and what the
+        framework adapters and Ray tasks receive."""
+        return self._plan
 
     @property
     def version(self) -> int:
@@ -90,15 +104,16 @@ class Dataset:
 
     def with_options(self, **changes: Any) -> Dataset:
         """The same slice read with other ``StreamOptions`` (prefetch, threads, on_error, cache)."""
-        opts = StreamOptions(**{**self.options.__dict__, **changes})
+        opts = self.options.replace(**changes)
         return Dataset(self.store, self.name, options=opts, _snapshot=self._snapshot,
                        _queries=self._queries, _access=self._access)
 
     def manifest_rows(self, columns: list[str] | None = None) -> pa.Table:
         """The manifest rows of this slice (only ``columns`` if given); records ``last_scan``."""
-        table, self.last_scan = scan(self.store, self._snapshot, self._query, columns)
-        self._len = table.num_rows
-        return redact(table, self._access)
+        rows = self.plan.rows(columns)
+        self.last_scan = rows.stats
+        self._len = rows.table.num_rows
+        return rows.table
 
     def item_ids(self) -> list[str]:
         """Ids of the items in this slice in position order: ``ds[i]["id"] == ds.item_ids()[i]``.
@@ -109,13 +124,10 @@ class Dataset:
         """
         return self.manifest_rows(["item_id"]).column("item_id").to_pylist()
 
-    def get(self, item_id: str) -> dict:
+    def get(self, item_id: str) -> dict[str, Any]:
         """The item with this id (in this slice, under this principal's row filter), read as
         ``ds[i]`` reads it. Only the manifest files whose statistics admit the id are scanned.
         Raises ``DatasetNotFound`` (a ``KeyError``) if the slice has no such item."""
-        from orchestrator.errors import DatasetNotFound
-        from orchestrator.query.parse import Compare, Field, to_text
-
         if not isinstance(item_id, str):
             raise TypeError(f"item ids are strings, not {type(item_id).__name__}")
         match = self.slice(to_text(Compare(Field("file", "item_id", 0), "=", item_id, 0)))
@@ -132,24 +144,22 @@ class Dataset:
         manifest columns the query needs (no blob is fetched)."""
         if self._len is None:
             if self._stream is not None:
-                self._len = len(self._stream.index)
+                self._len = len(self._stream)
             else:
                 self.manifest_rows(["item_id"])
-        return self._len  # type: ignore[return-value]
+        assert self._len is not None
+        return self._len
 
     # -- streaming -------------------------------------------------------------------------
     @property
     def stream(self) -> ItemStream:
         """The indexed reader (built on first use: one scan of the query's columns)."""
         if self._stream is None:
-            index: ItemIndex = build_index(self.store, self._snapshot, self._query,
-                                           self.options.retry_policy(self.store.location))
-            self._stream = ItemStream(self.store, self.name, index, self.label_map, self.version, self.options,
-                                      access=self._access)
-            self._len = len(index)
+            self._stream = ItemStream(self.plan)
+            self._len = len(self._stream)
         return self._stream
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int) -> dict[str, Any]:
         """Item ``i`` (negative counts from the end): one manifest row group and one blob read."""
         if not isinstance(i, (int, np.integer)):
             raise TypeError(f"dataset indices are integers, not {type(i).__name__}")
@@ -161,21 +171,17 @@ class Dataset:
     def positions(self, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
                   shard_id: int = 0, num_shards: int = 1) -> np.ndarray:
         """The positions one reader visits in one epoch (see ``orchestrator.stream.order``)."""
-        stream = self.stream
-        keys = stream.group_keys() if shuffle else np.arange(len(stream.index))
-        order = epoch_order(keys, shuffle=shuffle, seed=seed, epoch=epoch,
-                            window=self.options.shuffle_window)
-        return shard(order, shard_id, num_shards)
+        return self.stream.positions(shuffle=shuffle, seed=seed, epoch=epoch, shard_id=shard_id,
+                                     num_shards=num_shards)
 
     def iter_items(self, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
-                   shard_id: int = 0, num_shards: int = 1) -> Iterator[dict]:
+                   shard_id: int = 0, num_shards: int = 1) -> Iterator[dict[str, Any]]:
         """Items in stable order, or a deterministic block shuffle for (seed, epoch); optionally
         one shard of ``num_shards`` (shards are disjoint and cover the slice exactly once)."""
-        positions = self.positions(shuffle=shuffle, seed=seed, epoch=epoch,
-                                   shard_id=shard_id, num_shards=num_shards)
-        return self.stream.iterate(positions)
+        return self.stream.iter_items(shuffle=shuffle, seed=seed, epoch=epoch,
+                                      shard_id=shard_id, num_shards=num_shards)
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         return self.iter_items()
 
     @property
@@ -195,7 +201,7 @@ class Dataset:
             total.merge(ledger.read())
         return total
 
-    def ray_skip_ledger(self) -> Any:
+    def ray_skip_ledger(self) -> SkipLedger:
         """The ledger a ``to_ray`` pipeline of this object records its skips in (counted by
         ``skips``): the one named by ``StreamOptions.skip_ledger`` (a training run shares one
         across its workers' pipelines), else a new one that ends with this object."""
@@ -208,35 +214,40 @@ class Dataset:
                 weakref.finalize(self, ledger.close)
         return self._ray_ledgers[ledger.name]
 
-    def cache_stats(self) -> dict:
+    def cache_stats(self) -> dict[str, int]:
         """Hits, misses and bytes fetched from the store by this process's blob cache."""
         return self.options.blob_cache.stats.as_dict()
 
-    def to_pytorch(self, shuffle: bool = False, seed: int = 0, transform=None, *,
-                   rank: int | None = None, world_size: int | None = None):
+    def to_pytorch(self, shuffle: bool = False, seed: int = 0, transform: Any = None, *,
+                   rank: int | None = None, world_size: int | None = None) -> TorchItems:
         """A ``torch.utils.data.IterableDataset`` over this slice; see adapters.torch."""
         from orchestrator.adapters.torch import TorchItems
 
-        return TorchItems(self, shuffle=shuffle, seed=seed, transform=transform,
-                          rank=rank, world_size=world_size)
+        return TorchItems(self.stream, shuffle=shuffle, seed=seed, transform=transform,
+                          rank=rank, world_size=world_size, size=self._len)
 
-    def to_tensorflow(self, shuffle: bool = False, seed: int = 0):
+    def to_tensorflow(self, shuffle: bool = False, seed: int = 0) -> tf.data.Dataset:
         """A ``tf.data.Dataset`` over this slice; see adapters.tensorflow."""
         from orchestrator.adapters.tensorflow import to_tf_dataset
 
-        return to_tf_dataset(self, shuffle=shuffle, seed=seed)
+        return to_tf_dataset(self.stream, shuffle=shuffle, seed=seed)
 
-    def to_ray(self, split=None, *, item_ids=None, node_id=None):
+    def to_ray(self, split: HashSplit | None = None, *, item_ids: frozenset[str] | None = None,
+               node_id: str | None = None) -> ray.data.Dataset:
         """A ``ray.data.Dataset`` of items built as stages; see adapters.ray. ``split``: a
         ``HashSplit`` keeping one side of a train/validation split; ``item_ids``: keep only
         these items (a worker's shard); ``node_id``: run the stages on that Ray node."""
         from orchestrator.adapters.ray import to_ray_dataset
+        from orchestrator.ray_runtime import ensure_ray
 
-        return to_ray_dataset(self, split, item_ids=item_ids, node_id=node_id)
+        ensure_ray()  # the skip ledger is homed on this process's Ray node
+        return to_ray_dataset(self.plan, self.ray_skip_ledger(), split, item_ids=item_ids, node_id=node_id)
 
     def versions(self) -> list[VersionInfo]:
-        """Every committed version of this dataset, oldest first."""
-        return self.store.versions(self.name)
+        """Every committed version of this dataset, oldest first (the access check was made
+        when the dataset was opened)."""
+        return store_call(self.plan.handle.manifest(self.name).versions, location=self.plan.location,
+                          action="list the versions of", target=repr(self.name))
 
     def label_counts(self) -> dict[str, int]:
         """Instances per label in this version or slice."""
