@@ -8,6 +8,8 @@ the driver as the same class with the same message.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "AccessDenied",
     "ConfigError",
@@ -40,7 +42,7 @@ class OrchestratorError(Exception):
             self.user_fault = user_fault
         super().__init__(message if not hint else f"{message}\n  fix: {hint}")
 
-    def __reduce__(self):  # keep class, message and hint across process boundaries
+    def __reduce__(self) -> tuple[Any, ...]:  # keep class, message and hint across process boundaries
         return (_rebuild, (type(self), self.message, self.hint, dict(self.__dict__)))
 
 

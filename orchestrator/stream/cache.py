@@ -19,6 +19,7 @@ import shutil
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,7 +214,7 @@ class BlobCache:
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)  # type: ignore[misc]
 
-    def get_or_fetch(self, key: str, fetch) -> bytes:
+    def get_or_fetch(self, key: str, fetch: Callable[[], bytes]) -> bytes:
         """The blob for ``key`` from memory, then disk, else ``fetch()`` (and cache it)."""
         data = self.memory.get(key)
         if data is not None:
