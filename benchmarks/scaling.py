@@ -48,7 +48,7 @@ def log(msg: str) -> None:
 def open_dataset(args: argparse.Namespace, work: Path):
     """The benchmark's dataset: ``--store``/``--dataset``, or fresh demo data in ``work``."""
     import orchestrator
-    from orchestrator.demo import make_demo_data
+    from orchestrator.dev.demo import make_demo_data
 
     if args.store:
         return orchestrator.connect(args.store).dataset(args.dataset)

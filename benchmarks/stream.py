@@ -93,7 +93,7 @@ def dataset_name(size: int) -> str:
 # -- data prep ----------------------------------------------------------------------------------
 def prepare_images(work: Path, n: int, seed: int) -> Path:
     """``work/demo`` with at least ``n`` images of ``seed`` (drawn once, reused with --keep)."""
-    from orchestrator.demo import make_demo_data
+    from orchestrator.dev.demo import make_demo_data
 
     demo = work / "demo"
     marker = demo / "drawn.json"
@@ -331,7 +331,7 @@ def main() -> None:
         print(json.dumps(measure(json.loads(args.one))), flush=True)
         return
 
-    from orchestrator.seaweed import SeaweedServer
+    from orchestrator.dev.seaweed import SeaweedServer
 
     sizes = sorted(int(s) for s in args.sizes.split(",") if s.strip())
     if args.keep:

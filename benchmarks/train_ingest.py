@@ -66,7 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import orchestrator  # noqa: E402
-from orchestrator.demo import make_demo_data  # noqa: E402
+from orchestrator.dev.demo import make_demo_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CLK = os.sysconf("SC_CLK_TCK")

@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 
 import orchestrator
-from orchestrator.demo import make_demo_data
+from orchestrator.dev.demo import make_demo_data
 from orchestrator.scan import label_totals
 from orchestrator.train.config import load_config
 from orchestrator.train.runner import plan_run, run

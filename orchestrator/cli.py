@@ -370,14 +370,14 @@ def cmd_policy(args: argparse.Namespace) -> int:
 
 
 def cmd_store(args: argparse.Namespace) -> int:
-    from orchestrator.seaweed import serve
+    from orchestrator.dev.seaweed import serve
 
     serve(args.dir, args.port, args.bucket)
     return 0
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from orchestrator.demo import make_demo_data
+    from orchestrator.dev.demo import make_demo_data
 
     coco = make_demo_data(args.out, args.n, args.seed, workers=args.workers)
     emit(f"wrote {args.n} images and {coco}")

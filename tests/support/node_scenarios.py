@@ -39,7 +39,7 @@ def start_cluster(worker_nodes: int):
 
 def make_store(store_dir: Path, items: int):
     import orchestrator
-    from orchestrator.demo import make_demo_data
+    from orchestrator.dev.demo import make_demo_data
 
     data = store_dir.parent / "demo"
     make_demo_data(data, items, seed=3)
