@@ -131,7 +131,7 @@ def run_fit(ds, k: int, mode: str, args: argparse.Namespace, work: Path) -> list
     from ray.train.torch import TorchTrainer
 
     from orchestrator.stream.split import HashSplit
-    from orchestrator.train.data import NodeLocalDataConfig, RunData, _prepare_row
+    from orchestrator.train.data import NodeLocalDataConfig, RunData, prepare_row
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     if mode == "node-local":
@@ -141,7 +141,7 @@ def run_fit(ds, k: int, mode: str, args: argparse.Namespace, work: Path) -> list
         pipe, dconf = data.pipeline("train", 0, 1, None, [[]]), NodeLocalDataConfig(data)
     else:  # one unpinned pipeline (as many fetch actors in all), split by streaming_split
         pipe = ds.with_options(threads=args.threads * k).to_ray(HashSplit(0.0, 0, validation=False)).map(
-            _prepare_row, fn_kwargs={"size": args.image_size, "max_boxes": args.max_boxes}, num_cpus=0.25)
+            prepare_row, fn_kwargs={"size": args.image_size, "max_boxes": args.max_boxes}, num_cpus=0.25)
         dconf = ray.train.DataConfig(datasets_to_split=["train"])
     out = Path(tempfile.mkdtemp(dir=work))
     trainer = TorchTrainer(

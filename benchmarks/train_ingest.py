@@ -260,9 +260,9 @@ def prepare_store(args: argparse.Namespace, work: Path) -> str:
 
 
 def driver_pipeline(plan, epochs: int, batch_size: int, prefetch: int) -> tuple[list[dict], dict]:
-    from orchestrator.train.runner import _run_data
+    from orchestrator.train.runner import run_data
 
-    ds = _run_data(plan).pipeline("train", 0, 1, None)  # the whole train split, one consumer
+    ds = run_data(plan).pipeline("train", 0, 1, None)  # the whole train split, one consumer
     out, sample = [], None
     for _ in range(epochs):
         t0, rows, first = time.time(), 0, None
