@@ -396,9 +396,9 @@ def main() -> None:
         s = settings
         bs, pf, E = s.train.batch_size, s.data.prefetch_batches, s.train.epochs
         items = plan.lineage.items
-        from orchestrator.scan import candidate_files
-
-        n_files = len(candidate_files(plan.dataset._snapshot, plan.dataset._query))
+        if plan.dataset.last_scan is None:  # plan_run lists the ids, which scans the manifest
+            plan.dataset.item_ids()
+        n_files = plan.dataset.last_scan.files_read  # manifest files not ruled out by their statistics
         print(f"{items['train']} train / {items['validation']} validation items; batch {bs}, prefetch {pf}, "
               f"{E} epochs, {s.scaling.num_workers} workers x {s.scaling.cpus_per_worker} CPU, "
               f"decode_concurrency {s.data.decode_concurrency}; {n_files} manifest file(s) scanned, i.e. "
