@@ -472,7 +472,7 @@ def sha256_cost(images: Path, sample: int) -> dict:
 # -- driver -------------------------------------------------------------------------------------
 def prepare_demo(work: Path, n: int) -> Path:
     """``work/demo-<n>`` with ``n`` demo images (seed 0), drawn once and reused."""
-    from orchestrator.demo import make_demo_data
+    from orchestrator.dev.demo import make_demo_data
 
     demo = work / f"demo-{n}"
     marker = demo / "drawn.json"

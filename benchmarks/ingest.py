@@ -22,9 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import orchestrator  # noqa: E402
-from orchestrator.demo import make_demo_data  # noqa: E402
+from orchestrator.dev.demo import make_demo_data  # noqa: E402
+from orchestrator.dev.seaweed import SeaweedServer  # noqa: E402
 from orchestrator.ray_runtime import ensure_ray  # noqa: E402
-from orchestrator.seaweed import SeaweedServer  # noqa: E402
 
 
 def run(store_uri: str, data: Path, label: str) -> list[dict]:

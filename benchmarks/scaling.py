@@ -48,7 +48,7 @@ def log(msg: str) -> None:
 def open_dataset(args: argparse.Namespace, work: Path):
     """The benchmark's dataset: ``--store``/``--dataset``, or fresh demo data in ``work``."""
     import orchestrator
-    from orchestrator.demo import make_demo_data
+    from orchestrator.dev.demo import make_demo_data
 
     if args.store:
         return orchestrator.connect(args.store).dataset(args.dataset)
@@ -132,17 +132,17 @@ def run_fit(ds, k: int, mode: str, args: argparse.Namespace, work: Path) -> list
     from ray.train.torch import TorchTrainer
 
     from orchestrator.stream.split import HashSplit
-    from orchestrator.train.data import NodeLocalDataConfig, RunData, _prepare_row
+    from orchestrator.train.data import NodeLocalDataConfig, RunData, prepare_row
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     if mode == "node-local":
-        data = RunData(dataset=ds.with_options(threads=args.threads), train_ids=ds.item_ids(),
+        data = RunData(plan=ds.with_options(ray_fetch_actors=args.threads).plan, train_ids=ds.item_ids(),
                        split=HashSplit(0.0, 0, validation=True), shard_seed=0,
                        image_size=args.image_size, max_boxes=args.max_boxes)
         pipe, dconf = data.pipeline("train", 0, 1, None, [[]]), NodeLocalDataConfig(data)
     else:  # one unpinned pipeline (as many fetch actors in all), split by streaming_split
-        pipe = ds.with_options(threads=args.threads * k).to_ray(HashSplit(0.0, 0, validation=False)).map(
-            _prepare_row, fn_kwargs={"size": args.image_size, "max_boxes": args.max_boxes}, num_cpus=0.25)
+        pipe = ds.with_options(ray_fetch_actors=args.threads * k).to_ray(HashSplit(0.0, 0, validation=False)).map(
+            prepare_row, fn_kwargs={"size": args.image_size, "max_boxes": args.max_boxes}, num_cpus=0.25)
         dconf = ray.train.DataConfig(datasets_to_split=["train"])
     out = Path(tempfile.mkdtemp(dir=work))
     trainer = TorchTrainer(

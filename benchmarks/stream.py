@@ -93,7 +93,7 @@ def dataset_name(size: int) -> str:
 # -- data prep ----------------------------------------------------------------------------------
 def prepare_images(work: Path, n: int, seed: int) -> Path:
     """``work/demo`` with at least ``n`` images of ``seed`` (drawn once, reused with --keep)."""
-    from orchestrator.demo import make_demo_data
+    from orchestrator.dev.demo import make_demo_data
 
     demo = work / "demo"
     marker = demo / "drawn.json"
@@ -200,20 +200,11 @@ def measure_ours(store, spec: dict) -> dict:
 def stream_diagnostics(ds, cache) -> dict:
     """What the reader holds after an epoch: index arrays, row-group cache, blob cache."""
     stream = ds.stream
-    rows = stream.rows
     index = stream.index
-    group_sizes = []
-    for f in range(len(index.files)):
-        bounds = rows._bounds.get(f)
-        if bounds is not None:
-            group_sizes += [int(b) for b in (bounds[1:] - bounds[:-1])]
     return {
         "index_bytes": int(index.file_of.nbytes + index.row_of.nbytes),
         "manifest_files": len(index.files),
-        "row_groups": len(group_sizes),
-        "rows_per_group_max": max(group_sizes) if group_sizes else 0,
-        "row_groups_kept": len(rows._groups),
-        "rows_kept": sum(len(g) for g in rows._groups.values()),
+        **stream.rows.stats(),
         "cache_entries": len(cache.memory),
         "cache_bytes": cache.memory.size,
     }
@@ -331,7 +322,7 @@ def main() -> None:
         print(json.dumps(measure(json.loads(args.one))), flush=True)
         return
 
-    from orchestrator.seaweed import SeaweedServer
+    from orchestrator.dev.seaweed import SeaweedServer
 
     sizes = sorted(int(s) for s in args.sizes.split(",") if s.strip())
     if args.keep:

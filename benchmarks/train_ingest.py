@@ -66,7 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import orchestrator  # noqa: E402
-from orchestrator.demo import make_demo_data  # noqa: E402
+from orchestrator.dev.demo import make_demo_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CLK = os.sysconf("SC_CLK_TCK")
@@ -260,9 +260,9 @@ def prepare_store(args: argparse.Namespace, work: Path) -> str:
 
 
 def driver_pipeline(plan, epochs: int, batch_size: int, prefetch: int) -> tuple[list[dict], dict]:
-    from orchestrator.train.runner import _run_data
+    from orchestrator.train.runner import run_data
 
-    ds = _run_data(plan).pipeline("train", 0, 1, None)  # the whole train split, one consumer
+    ds = run_data(plan).pipeline("train", 0, 1, None)  # the whole train split, one consumer
     out, sample = [], None
     for _ in range(epochs):
         t0, rows, first = time.time(), 0, None
@@ -396,9 +396,9 @@ def main() -> None:
         s = settings
         bs, pf, E = s.train.batch_size, s.data.prefetch_batches, s.train.epochs
         items = plan.lineage.items
-        from orchestrator.scan import candidate_files
-
-        n_files = len(candidate_files(plan.dataset._snapshot, plan.dataset._query))
+        if plan.dataset.last_scan is None:  # plan_run lists the ids, which scans the manifest
+            plan.dataset.item_ids()
+        n_files = plan.dataset.last_scan.files_read  # manifest files not ruled out by their statistics
         print(f"{items['train']} train / {items['validation']} validation items; batch {bs}, prefetch {pf}, "
               f"{E} epochs, {s.scaling.num_workers} workers x {s.scaling.cpus_per_worker} CPU, "
               f"decode_concurrency {s.data.decode_concurrency}; {n_files} manifest file(s) scanned, i.e. "

@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 
 import orchestrator
-from orchestrator.demo import make_demo_data
+from orchestrator.dev.demo import make_demo_data
 from orchestrator.scan import label_totals
 from orchestrator.train.config import load_config
 from orchestrator.train.runner import plan_run, run
@@ -68,7 +68,7 @@ def main() -> None:
         print(f"  epoch {m['epoch']}: train_loss {m['train_loss']:.3f}  val mAP@0.5 {m['val_map50']:.3f}")
     from orchestrator.train.lineage import runs_dir
 
-    print(f"lineage: {runs_dir(store)}/{plan.run_id}/lineage.json")
+    print(f"lineage: {runs_dir(store.runs)}/{plan.run_id}/lineage.json")
 
 
 if __name__ == "__main__":

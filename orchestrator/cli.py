@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("ingest", help="ingest a COCO or JSONL source as one new dataset version")
+    p.set_defaults(func=cmd_ingest)
     _store_arg(p)
     p.add_argument("--dataset", required=True, help="dataset name (created on first ingest)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -63,27 +64,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the ingest report as JSON")
 
     p = sub.add_parser("delete", help="remove items as one new version")
+    p.set_defaults(func=cmd_delete)
     _store_arg(p)
     p.add_argument("--dataset", required=True)
     p.add_argument("--items", nargs="+", required=True, metavar="ID")
     p.add_argument("--message", default="")
 
     p = sub.add_parser("datasets", help="list the datasets in a store")
+    p.set_defaults(func=cmd_datasets)
     _store_arg(p)
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("versions", help="list a dataset's versions")
+    p.set_defaults(func=cmd_versions)
     _store_arg(p)
     p.add_argument("name")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("info", help="item and label counts of one dataset version")
+    p.set_defaults(func=cmd_info)
     _store_arg(p)
     p.add_argument("name")
     p.add_argument("--version", type=int, default=None, help="version number (default: latest)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("slice", help="items of a dataset version that match a query")
+    p.set_defaults(func=cmd_slice)
     _store_arg(p)
     p.add_argument("name")
     p.add_argument("query", help="e.g. 'labels.car > 3 and labels.pedestrian >= 1'")
@@ -95,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="check every blob a dataset version reads (size and sha256); "
                        "exit 1 if any is bad")
+    p.set_defaults(func=cmd_verify)
     _store_arg(p)
     p.add_argument("name")
     p.add_argument("--version", type=int, default=None, help="version number (default: latest)")
@@ -105,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the verify report as JSON")
 
     p = sub.add_parser("train", help="run a training config on Ray Train")
+    p.set_defaults(func=cmd_train)
     p.add_argument("config", type=Path, help="run config YAML (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.epochs=3 (repeatable)")
@@ -113,12 +121,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the lineage record as JSON")
 
     p = sub.add_parser("runs", help="list the training runs recorded in a store")
+    p.set_defaults(func=cmd_runs)
     _store_arg(p)
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("store", help="store utilities")
     store_sub = p.add_subparsers(dest="store_command", required=True, metavar="SUBCOMMAND")
     s = store_sub.add_parser("serve", help="run a local SeaweedFS S3 server on loopback")
+    s.set_defaults(func=cmd_store_serve)
     s.add_argument("--dir", type=Path, required=True, help="data folder for the server")
     s.add_argument("--port", type=int, default=8333, help="S3 port (default 8333)")
     s.add_argument("--bucket", default="orchestrator", help="bucket to create (default orchestrator)")
@@ -126,23 +136,28 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("policy", help="show, set, check or compile the store's access policy")
     pol = p.add_subparsers(dest="policy_command", required=True, metavar="SUBCOMMAND")
     s = pol.add_parser("show", help="print the policy in force (or --version N)")
+    s.set_defaults(func=cmd_policy_show)
     _store_arg(s)
     s.add_argument("--version", type=int, default=None)
     s = pol.add_parser("set", help="commit a policy file as the next version (admin on '*')")
+    s.set_defaults(func=cmd_policy_set)
     _store_arg(s)
     s.add_argument("file", type=Path)
     s.add_argument("--message", default="")
     s = pol.add_parser("check", help="may a principal do ACTION on DATASET? (exit 0 yes, 4 no)")
+    s.set_defaults(func=cmd_policy_check)
     _store_arg(s)
     s.add_argument("action", choices=["read", "write", "admin"])
     s.add_argument("dataset")
     s.add_argument("--principal", help="default: the principal behind your credentials")
     s = pol.add_parser("compile", help="the policy as storage-server rules: SeaweedFS identities or AWS IAM policies")
+    s.set_defaults(func=cmd_policy_compile)
     _store_arg(s)
     s.add_argument("--target", choices=["seaweedfs", "aws"], required=True)
     s.add_argument("--secrets", type=Path, help="seaweedfs: JSON {access_key_id: secret_key} (kept out of the store)")
 
     p = sub.add_parser("demo-data", help="draw synthetic street scenes with a COCO file")
+    p.set_defaults(func=cmd_demo_data)
     p.add_argument("out", type=Path)
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
@@ -287,7 +302,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (KeyboardInterrupt, SystemExit) as stop:  # run() has stopped the workers and recorded it
         done = len(plan.lineage.metrics)
         print(f"error: run {plan.run_id} interrupted after {done} finished epoch{'s' if done != 1 else ''}; "
-              f"lineage (status interrupted): {lineage_uri(plan.store, plan.run_id)}", file=sys.stderr)
+              f"lineage (status interrupted): {lineage_uri(plan.store.runs, plan.run_id)}", file=sys.stderr)
         if isinstance(stop, KeyboardInterrupt):
             return 130  # 128 + SIGINT, as shells report it
         code = stop.code  # Ray's SIGTERM handler exits with the signal number
@@ -298,7 +313,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         for m in lineage.metrics:
             emit("  " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                    for k, v in m.items()))
-        emit(f"finished; lineage: {lineage_uri(plan.store, plan.run_id)}")
+        emit(f"finished; lineage: {lineage_uri(plan.store.runs, plan.run_id)}")
     return 0
 
 
@@ -307,7 +322,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     too, with the written status kept as ``recorded_status``)."""
     from orchestrator.train.lineage import list_runs, observed_status
 
-    runs = list_runs(_need_store(args))
+    runs = list_runs(_need_store(args).runs)
     shown = [observed_status(r) for r in runs]
     rows = [{"run_id": r.run_id, "status": status, "dataset": r.dataset, "version": r.version,
              "train": r.items.get("train"), "validation": r.items.get("validation"),
@@ -327,77 +342,69 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_policy(args: argparse.Namespace) -> int:
-    store = _need_store(args, writes=args.policy_command == "set")
-    if args.policy_command == "show":
-        pv = store.policy(args.version)
-        if pv is None:
-            emit("(no access policy: the store is open to whoever can reach its storage)")
-            return 0
-        emit(f"# policy version {pv.version}, set by {pv.principal} at {pv.set_at:%Y-%m-%d %H:%M:%S} UTC: {pv.message}")
-        emit(pv.text.rstrip())
+def cmd_policy_show(args: argparse.Namespace) -> int:
+    pv = _need_store(args).policy(args.version)
+    if pv is None:
+        emit("(no access policy: the store is open to whoever can reach its storage)")
         return 0
-    if args.policy_command == "set":
-        try:
-            text = args.file.read_text()
-        except OSError as exc:
-            raise OrchestratorError(f"cannot read policy file {args.file}: {exc.strerror}") from None
-        version = store.set_policy(text, message=args.message)
-        emit(f"policy version {version} is in force")
-        return 0
-    if args.policy_command == "check":
-        pv = store.policy()
-        if pv is None:
-            emit("allowed: the store has no access policy")
-            return 0
-        who = args.principal or store.access.principal
-        if who is None:
-            emit(f"denied: {store.access.identity} is not a principal of policy version {pv.version}")
-            return EXIT_DENIED
-        if not pv.policy.allows(who, args.action, args.dataset):
-            emit(f"denied: {who!r} may not {args.action} dataset {args.dataset!r} (policy version {pv.version})")
-            return EXIT_DENIED
-        emit(f"allowed: {who!r} may {args.action} dataset {args.dataset!r} (policy version {pv.version})")
-        if args.action == "read":
-            view = pv.policy.read_view(who, args.dataset)
-            emit(f"  rows: {view.row_filter or 'all'}")
-            emit(f"  hidden fields: {', '.join(sorted(view.hidden_fields)) or 'none'}")
-        return 0
-    from orchestrator.access.server_rules import compile_rules
-
-    emit(compile_rules(store, args.target, args.secrets))
+    emit(f"# policy version {pv.version}, set by {pv.principal} at {pv.set_at:%Y-%m-%d %H:%M:%S} UTC: {pv.message}")
+    emit(pv.text.rstrip())
     return 0
 
 
-def cmd_store(args: argparse.Namespace) -> int:
-    from orchestrator.seaweed import serve
+def cmd_policy_set(args: argparse.Namespace) -> int:
+    store = _need_store(args, writes=True)
+    try:
+        text = args.file.read_text()
+    except OSError as exc:
+        raise OrchestratorError(f"cannot read policy file {args.file}: {exc.strerror}") from None
+    version = store.set_policy(text, message=args.message)
+    emit(f"policy version {version} is in force")
+    return 0
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    store = _need_store(args)
+    pv = store.policy()
+    if pv is None:
+        emit("allowed: the store has no access policy")
+        return 0
+    who = args.principal or store.access.principal
+    if who is None:
+        emit(f"denied: {store.access.identity} is not a principal of policy version {pv.version}")
+        return EXIT_DENIED
+    if not pv.policy.allows(who, args.action, args.dataset):
+        emit(f"denied: {who!r} may not {args.action} dataset {args.dataset!r} (policy version {pv.version})")
+        return EXIT_DENIED
+    emit(f"allowed: {who!r} may {args.action} dataset {args.dataset!r} (policy version {pv.version})")
+    if args.action == "read":
+        view = pv.policy.read_view(who, args.dataset)
+        emit(f"  rows: {view.row_filter or 'all'}")
+        emit(f"  hidden fields: {', '.join(sorted(view.hidden_fields)) or 'none'}")
+    return 0
+
+
+def cmd_policy_compile(args: argparse.Namespace) -> int:
+    store = _need_store(args)
+    from orchestrator.access.server_rules import compile_rules
+
+    emit(compile_rules(store.handle, args.target, args.secrets))
+    return 0
+
+
+def cmd_store_serve(args: argparse.Namespace) -> int:
+    from orchestrator.dev.seaweed import serve
 
     serve(args.dir, args.port, args.bucket)
     return 0
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from orchestrator.demo import make_demo_data
+    from orchestrator.dev.demo import make_demo_data
 
     coco = make_demo_data(args.out, args.n, args.seed, workers=args.workers)
     emit(f"wrote {args.n} images and {coco}")
     return 0
-
-
-COMMANDS = {
-    "ingest": cmd_ingest,
-    "delete": cmd_delete,
-    "datasets": cmd_datasets,
-    "versions": cmd_versions,
-    "info": cmd_info,
-    "slice": cmd_slice,
-    "verify": cmd_verify,
-    "train": cmd_train,
-    "runs": cmd_runs,
-    "store": cmd_store,
-    "policy": cmd_policy,
-    "demo-data": cmd_demo_data,
-}
 
 
 def _results_only_on_stdout() -> None:
@@ -419,7 +426,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        return COMMANDS[args.command](args)
+        return args.func(args)
     except OrchestratorError as exc:
         print(f"error: {exc}", file=sys.stderr)
         if isinstance(exc, AccessDenied):

@@ -35,7 +35,7 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory):
 
     The AWS variables are exported so that subprocesses (the CLI) reach the same server.
     """
-    from orchestrator.seaweed import SeaweedServer
+    from orchestrator.dev.seaweed import SeaweedServer
 
     server = SeaweedServer(tmp_path_factory.mktemp("seaweed"))
     server.start()
@@ -123,7 +123,7 @@ def store_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture(scope="session")
 def demo_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """60 demo street scenes with their COCO file (read-only: copy before changing)."""
-    from orchestrator.demo import make_demo_data
+    from orchestrator.dev.demo import make_demo_data
 
     out = tmp_path_factory.mktemp("demo_small")
     make_demo_data(out, 60, seed=1)
@@ -133,7 +133,7 @@ def demo_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def demo_2000(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """2,000 demo street scenes (the acceptance size for ingest on S3)."""
-    from orchestrator.demo import make_demo_data
+    from orchestrator.dev.demo import make_demo_data
 
     out = tmp_path_factory.mktemp("demo_2000")
     make_demo_data(out, 2000, seed=0, workers=2)

@@ -1,4 +1,4 @@
-"""Unit tests for orchestrator.demo: determinism, COCO validity, label distribution, EXIF."""
+"""Unit tests for orchestrator.dev.demo: determinism, COCO validity, label distribution, EXIF."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageOps
 
-from orchestrator import demo
-from orchestrator.demo import CATEGORIES, make_demo_data
+from orchestrator.dev import demo
+from orchestrator.dev.demo import CATEGORIES, make_demo_data
 from orchestrator.errors import ConfigError
 
 N_BIG = 500

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                                "train.data", "train.lineage", "train.loops", "train.metrics",
                                "train.models", "train.models.*", "train.placement",
                                "train.progress", "train.storage", "verify"]),
-    ("developer tooling", ["dev", "dev.*", "demo", "seaweed"]),
+    ("developer tooling", ["dev", "dev.*"]),
     ("facade, CLI, run driver", ["dataset", "store", "", "train.runner", "cli", "__main__"]),
 ]
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from orchestrator.demo import make_demo_data
+from orchestrator.dev.demo import make_demo_data
 from orchestrator.train.batches import ground_truth, prepare_item, stack
 from orchestrator.train.metrics import average_precision, iou, mean_average_precision
 from orchestrator.train.models import MODELS, get_model

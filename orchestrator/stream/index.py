@@ -113,6 +113,14 @@ class RowReader:
             self._groups.popitem(last=False)
         return rows
 
+    def stats(self) -> dict[str, int]:
+        """What this reader holds: the row groups of the files it opened (count, largest) and
+        the groups it keeps decoded now (count, rows). Memory is bounded by ``keep_groups``."""
+        sizes = [int(n) for b in self._bounds.values() for n in (b[1:] - b[:-1])]
+        return {"row_groups": len(sizes), "rows_per_group_max": max(sizes, default=0),
+                "row_groups_kept": len(self._groups),
+                "rows_kept": sum(t.num_rows for t in self._groups.values())}
+
     def row(self, position: int) -> dict:
         f = int(self.index.file_of[position])
         group, offset = self.locate(f, int(self.index.row_of[position]))

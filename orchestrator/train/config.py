@@ -21,7 +21,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SplitConfig(_Strict):
+class SplitSettings(_Strict):
     """Train/validation split by a deterministic hash of ``item_id`` (stable across versions:
     an item never moves between splits)."""
 
@@ -29,14 +29,14 @@ class SplitConfig(_Strict):
     seed: int = 0
 
 
-class ModelConfig(_Strict):
+class ModelSettings(_Strict):
     name: Literal["detector", "counter"] = "detector"
     image_size: int = Field(128, ge=32, le=1024, multiple_of=8)
     max_boxes: int = Field(32, ge=1, le=512)
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-class TrainLoopConfig(_Strict):
+class TrainLoopSettings(_Strict):
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
@@ -56,7 +56,7 @@ class ScalingSettings(_Strict):
                     "what the cluster has; long enough for an autoscaler's cold start")
 
 
-class DataConfig(_Strict):
+class DataSettings(_Strict):
     prefetch_batches: int = Field(2, ge=0)
     memory_cache_mb: int = Field(256, ge=1)
     disk_cache_mb: int = Field(0, ge=0, description="0: no disk cache")
@@ -79,11 +79,11 @@ class RunSettings(_Strict):
     version: int | Literal["latest"] = "latest"
     query: str | None = None
     framework: Literal["torch", "tensorflow"] = "torch"
-    split: SplitConfig = Field(default_factory=SplitConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
+    split: SplitSettings = Field(default_factory=SplitSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    train: TrainLoopSettings = Field(default_factory=TrainLoopSettings)
     scaling: ScalingSettings = Field(default_factory=ScalingSettings)
-    data: DataConfig = Field(default_factory=DataConfig)
+    data: DataSettings = Field(default_factory=DataSettings)
     checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)
 
     @field_validator("version")

@@ -47,7 +47,7 @@ class RunData:
             rds = to_ray_dataset(self.plan, ledger, item_ids=frozenset(shards[rank]), node_id=node_id)
         else:
             rds = to_ray_dataset(self.plan, ledger, self.split, node_id=node_id)
-        return rds.map(_prepare_row, fn_kwargs={"size": self.image_size, "max_boxes": self.max_boxes},
+        return rds.map(prepare_row, fn_kwargs={"size": self.image_size, "max_boxes": self.max_boxes},
                        num_cpus=0.25, **pinned_to(node_id))
 
 
@@ -76,7 +76,11 @@ class NodeLocalDataConfig(ray.train.DataConfig):
         return output
 
 
-def _prepare_row(row: dict, size: int, max_boxes: int) -> dict:
+def prepare_row(row: dict, size: int, max_boxes: int) -> dict:
+    """The last stage of a run's pipeline, as a Ray Data ``map`` function: one streamed item ->
+    the model's input row (image resized to ``size``, boxes padded to ``max_boxes``), keeping
+    ``id`` and ``fetch_node``. Public so that a pipeline built outside ``RunData`` (the
+    benchmarks' comparison with Ray Train's default split) prepares rows exactly as a run does."""
     from orchestrator.train.batches import prepare_item
 
     return {**prepare_item(row, size, max_boxes), "id": row["id"], "fetch_node": row["fetch_node"]}

@@ -5,6 +5,11 @@ there is one (a restarted worker group or ``--resume``), then per epoch train on
 shard of ``train``, score ``validation`` (mAP@0.5 for the detector, count MAE for the counter) on
 rank 0 with a local, collective-free copy of the model, and ``ray.train.report`` the metrics with
 a checkpoint (rank 0 uploads it).
+
+A worker's shard is its own node-local pipeline (train/data.py, ``NodeLocalDataConfig``). Every
+worker takes the same number of steps per epoch even when skipped items leave one shard short
+(torch: ``_in_step``; TensorFlow: a fixed step count), as a worker that stopped early would leave
+the others waiting in a collective.
 """
 
 from __future__ import annotations

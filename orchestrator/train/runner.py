@@ -132,7 +132,11 @@ def plan_run(settings: RunSettings, *, config_name: str = "run", resume: str | b
     return Plan(settings, store, ds, run_id, lineage, train_ids)
 
 
-def _run_data(plan: Plan) -> RunData:
+def run_data(plan: Plan) -> RunData:
+    """What a plan's workers read: the read plan with the run's cache, fetch actors, retry
+    deadline and skip ledger, the train ids and the split; ``train_datasets`` builds the run's
+    pipelines from it. Public so that code outside a run can read exactly what the run would,
+    e.g. the whole train split on the driver: ``run_data(plan).pipeline("train", 0, 1, None)``."""
     from orchestrator.stream.cache import BlobCache, default_disk_dir
     from orchestrator.train.data import RunData
 
@@ -181,9 +185,9 @@ def train_datasets(plan: Plan) -> tuple[dict[str, Any], Any]:
     once the workers are placed."""
     from orchestrator.train.data import NodeLocalDataConfig
 
-    run_data = _run_data(plan)
-    datasets = {name: run_data.pipeline(name, 0, 1, None, [[]]) for name in ("train", "validation")}
-    return datasets, NodeLocalDataConfig(run_data)
+    data = run_data(plan)
+    datasets = {name: data.pipeline(name, 0, 1, None, [[]]) for name in ("train", "validation")}
+    return datasets, NodeLocalDataConfig(data)
 
 
 POLL_S = 1.0  # how often the driver reads the fit's progress

@@ -91,7 +91,7 @@ def creds(server, key: str, secret: str | None = None) -> S3Credentials:
 
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory, ray_cluster, demo_small):
-    from orchestrator.seaweed import SeaweedServer
+    from orchestrator.dev.seaweed import SeaweedServer
 
     base = tmp_path_factory.mktemp("secured")
     config = base / "s3.json"

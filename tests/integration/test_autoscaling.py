@@ -65,7 +65,7 @@ def _ingest(store: str, demo: Path, tmp_dir: Path) -> None:
 
 
 def test_a_run_needing_more_cpus_than_the_head_adds_worker_nodes_that_leave_when_idle(tmp_path):
-    from orchestrator.demo import make_demo_data
+    from orchestrator.dev.demo import make_demo_data
 
     demo = tmp_path / "demo"
     make_demo_data(demo, 40, seed=3)

@@ -1,4 +1,4 @@
-"""orchestrator.seaweed: a real SeaweedFS S3 server starts, serves objects and goes away."""
+"""orchestrator.dev.seaweed: a real SeaweedFS S3 server starts, serves objects and goes away."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import botocore.exceptions
 import pytest
 
-from orchestrator import seaweed
+from orchestrator.dev import seaweed
+from orchestrator.dev.seaweed import SeaweedServer, find_weed
 from orchestrator.errors import StoreError
-from orchestrator.seaweed import SeaweedServer, find_weed
 
 
 def _alive(pid: int) -> bool:

@@ -63,16 +63,16 @@ def test_shipped_config_trains_with_two_workers_and_records_lineage(config, s3_s
 def test_data_settings_reach_the_fetch_stage(s3_street):
     import pickle
 
-    from orchestrator.train.runner import _run_data
+    from orchestrator.train.runner import run_data
 
     plan = plan_run(_settings("street_torch.yaml", s3_street, "data.memory_cache_mb=64",
                               "data.disk_cache_mb=32", "data.decode_concurrency=3"))
-    opts = _run_data(plan).plan.options
+    opts = run_data(plan).plan.options
     cache = pickle.loads(pickle.dumps(opts.cache))  # what a fetch worker rebuilds
     assert cache.memory_budget == 64 << 20 and cache.disk is not None and cache.disk_budget == 32 << 20
     assert opts.ray_fetch_actors == 3
     plan = plan_run(_settings("street_torch.yaml", s3_street, "data.disk_cache_mb=0"))
-    assert _run_data(plan).plan.options.cache.disk is None
+    assert run_data(plan).plan.options.cache.disk is None
 
 
 def test_rerun_of_a_recorded_run_uses_the_identical_items(s3_street, demo_small, tmp_path):

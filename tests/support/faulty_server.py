@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from orchestrator.seaweed import SeaweedServer
+from orchestrator.dev.seaweed import SeaweedServer
 from orchestrator.store_location import S3Credentials
 
 BUCKET = "faults"

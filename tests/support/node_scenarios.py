@@ -39,7 +39,7 @@ def start_cluster(worker_nodes: int):
 
 def make_store(store_dir: Path, items: int):
     import orchestrator
-    from orchestrator.demo import make_demo_data
+    from orchestrator.dev.demo import make_demo_data
 
     data = store_dir.parent / "demo"
     make_demo_data(data, items, seed=3)
@@ -62,9 +62,9 @@ def locality(store_dir: Path) -> dict:
     cluster, _ = start_cluster(2)
     try:
         store = make_store(store_dir, 48)
-        ds = store.dataset("street").with_options(threads=2)
+        ds = store.dataset("street").with_options(ray_fetch_actors=2)
         ids = ds.item_ids()
-        data = RunData(dataset=ds, train_ids=ids, split=HashSplit(0.0, 0, validation=True),
+        data = RunData(plan=ds.plan, train_ids=ids, split=HashSplit(0.0, 0, validation=True),
                        shard_seed=0, image_size=64, max_boxes=16)
         out_dir = tempfile.mkdtemp(dir=store_dir.parent)
         trainer = TorchTrainer(

@@ -33,73 +33,14 @@ A keras step (or ``fit`` on a ``tf.data`` of ``(inputs, targets)`` pairs)::
     model.compile(optimizer, loss=spec.loss); model.train_on_batch(spec.inputs(batch), spec.targets(batch, model))
 
 The models live in ``torch_detector`` and ``keras_detector`` (one CenterNet-style detector,
-box encoding shared through ``centernet``) and ``counting`` (both frameworks in one module).
+box encoding shared through ``centernet``) and ``counting`` (both frameworks in one module); the
+registry (``ModelSpec``, ``MODELS``, ``get_model``) lives in ``registry`` and is re-exported here.
 Frameworks are imported lazily: asking for a torch model never imports TensorFlow, and the other
 way round. The keras models set ``TF_USE_LEGACY_KERAS=1`` (``setdefault``) before importing TF.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from orchestrator.train.models.registry import FRAMEWORKS, MODELS, ModelSpec, get_model
 
 __all__ = ["FRAMEWORKS", "MODELS", "ModelSpec", "get_model"]
-
-FRAMEWORKS = ("torch", "tensorflow")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    framework: Literal["torch", "tensorflow"]
-    task: Literal["detection", "counting"]
-    build: Callable[..., Any]
-    inputs: Callable[[Any], Any]
-    loss: Callable[[Any, Any], Any]
-    predict: Callable[..., Any]
-    targets: Callable[[Any, Any], Any] | None = None
-
-
-def _detector_torch() -> ModelSpec:
-    from orchestrator.train.models import torch_detector as m
-
-    return ModelSpec("detector", "torch", "detection", m.build, m.inputs, m.loss, m.predict)
-
-
-def _detector_tensorflow() -> ModelSpec:
-    from orchestrator.train.models import keras_detector as m
-
-    return ModelSpec("detector", "tensorflow", "detection", m.build, m.inputs, m.loss_fn, m.predict_boxes, m.targets)
-
-
-def _counter_torch() -> ModelSpec:
-    from orchestrator.train.models import counting as m
-
-    return ModelSpec("counter", "torch", "counting", m.build_torch, m.torch_inputs, m.torch_loss, m.torch_predict)
-
-
-def _counter_tensorflow() -> ModelSpec:
-    from orchestrator.train.models import counting as m
-
-    return ModelSpec(
-        "counter", "tensorflow", "counting", m.build_keras, m.keras_inputs, m.keras_loss, m.keras_predict,
-        m.keras_targets,
-    )
-
-
-# name -> framework -> loader (imports that framework on first call)
-MODELS: dict[str, dict[str, Callable[[], ModelSpec]]] = {
-    "detector": {"torch": _detector_torch, "tensorflow": _detector_tensorflow},
-    "counter": {"torch": _counter_torch, "tensorflow": _counter_tensorflow},
-}
-
-
-def get_model(name: str, framework: str) -> ModelSpec:
-    """The :class:`ModelSpec` for config ``model.name`` and ``framework``; ValueError names the
-    choices when either is unknown."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
-    if framework not in MODELS[name]:
-        raise ValueError(f"unknown framework {framework!r} for model {name!r}; choose from {sorted(MODELS[name])}")
-    return MODELS[name][framework]()

@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
-from orchestrator.train.models import centernet as cn  # noqa: E402
+import orchestrator.train.models.centernet as cn  # noqa: E402
 from orchestrator.train.models.centernet import make_targets  # noqa: E402
 
 __all__ = ["build", "inputs", "targets", "make_targets", "loss_fn", "predict_boxes"]

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestrator.train.models import centernet as cn
+import orchestrator.train.models.centernet as cn
 
 __all__ = ["Detector", "build", "inputs", "loss", "predict"]
 
