@@ -8,6 +8,7 @@ the driver as the same class with the same message.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 __all__ = [
@@ -101,11 +102,30 @@ class ItemError(OrchestratorError):
     """One item cannot be read: its blob is missing (the store said so), corrupt (bytes that do
     not match the hash) or does not decode. ``reason`` is ``missing``, ``corrupt`` or
     ``undecodable``; ``on_error="skip"`` skips these and nothing else (a store that does not
-    answer is a ``StoreUnavailable``, never an item's fault)."""
+    answer is a ``StoreUnavailable``, never an item's fault).
 
-    def __init__(self, message: str, *, hint: str | None = None, reason: str = "unreadable") -> None:
+    The reason is also the last line of the error's text (``  reason: missing``), because some
+    boundaries keep only the text: a DataLoader worker's error is re-raised by torch as
+    ``ItemError(text)``, and Ray and ``tf.data`` pass the traceback text on
+    (``ray_runtime.orchestrator_error_in`` reads it back). An ``ItemError`` made from such a
+    text without a ``reason`` takes the one the text names."""
+
+    def __init__(self, message: str, *, hint: str | None = None, reason: str | None = None) -> None:
         super().__init__(message, hint=hint)
-        self.reason = reason
+        self.reason = reason or reason_in(message) or "unreadable"
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\n  reason: {getattr(self, 'reason', 'unreadable')}"
+
+
+ITEM_ERROR_REASONS = ("missing", "corrupt", "undecodable", "unreadable")
+_REASON_LINE = re.compile(r"^  reason: (" + "|".join(ITEM_ERROR_REASONS) + r")$", re.MULTILINE)
+
+
+def reason_in(text: str) -> str | None:
+    """The last ``  reason: X`` line of an ``ItemError``'s text, if any."""
+    found = _REASON_LINE.findall(text)
+    return found[-1] if found else None
 
 
 class ConfigError(OrchestratorError, ValueError):

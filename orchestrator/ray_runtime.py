@@ -92,7 +92,8 @@ def anchor_data_actors() -> None:
     get_or_create_actor_location_tracker()
 
 
-_RAISED = re.compile(r"^orchestrator\.errors\.(\w+): (.*?)(?:\n  fix: (.*))?$", re.MULTILINE)
+_RAISED = re.compile(r"^orchestrator\.errors\.(\w+): (.*?)(?:\n  fix: (.*))?(?:\n  reason: (\w+))?$",
+                     re.MULTILINE)
 
 
 def orchestrator_error_in(exc: BaseException) -> OrchestratorError | None:
@@ -119,5 +120,7 @@ def orchestrator_error_in(exc: BaseException) -> OrchestratorError | None:
         if isinstance(cls, type) and issubclass(cls, errors.OrchestratorError):
             found = cls.__new__(cls)
             errors.OrchestratorError.__init__(found, match.group(2), hint=match.group(3))
+            if issubclass(cls, errors.ItemError):
+                found.reason = match.group(4) or "unreadable"
             return found
     return None

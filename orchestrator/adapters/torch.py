@@ -8,10 +8,13 @@ DistributedSampler. ``collate_items`` batches items with different numbers of bo
 from __future__ import annotations
 
 import multiprocessing
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.errors import ITEM_ERROR_REASONS
 from orchestrator.optional import require
+from orchestrator.stream.skips import Skips
 
 torch = require("torch")
 from torch.utils.data import IterableDataset, get_worker_info  # noqa: E402
@@ -39,15 +42,23 @@ class TorchItems(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
-        # Skips made in DataLoader worker processes, summed where the caller can read them
-        # (shared memory, handed to workers when they start).
-        self._skipped = multiprocessing.Value("q", 0)
+        # Skips made in DataLoader worker processes, counted by reason where the caller can
+        # read them (shared memory, handed to workers when they start).
+        self._by_reason = multiprocessing.Array("q", len(ITEM_ERROR_REASONS))
+
+    @property
+    def skips(self) -> Skips:
+        """Items skipped (missing, corrupt or undecodable blob) by every process that iterated
+        this dataset, DataLoader workers included, by reason (each worker also warns once per
+        epoch, with the first messages)."""
+        with self._by_reason.get_lock():
+            counts = list(self._by_reason)
+        return Skips(by_reason=Counter({r: n for r, n in zip(ITEM_ERROR_REASONS, counts) if n}))
 
     @property
     def skipped(self) -> int:
-        """Items skipped (missing, corrupt or undecodable blob) by every process that iterated
-        this dataset, DataLoader workers included; each worker also warns once per epoch."""
-        return int(self._skipped.value)
+        """How many items ``skips`` counts."""
+        return self.skips.count
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -68,17 +79,19 @@ class TorchItems(IterableDataset):
 
     def __iter__(self) -> Iterator[Any]:
         shard_id, num_shards = self.shard()
-        before = self.stream.skipped
+        before = Counter(self.stream.skips.by_reason)
         try:
             for item in self.stream.iter_items(shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
                                                shard_id=shard_id, num_shards=num_shards):
                 item = to_tensors(item)
                 yield self.transform(item) if self.transform is not None else item
         finally:
-            skipped = self.stream.skipped - before
-            if skipped:
-                with self._skipped.get_lock():
-                    self._skipped.value += skipped
+            added = Counter(self.stream.skips.by_reason)
+            added.subtract(before)
+            if any(n > 0 for n in added.values()):
+                with self._by_reason.get_lock():
+                    for k, reason in enumerate(ITEM_ERROR_REASONS):
+                        self._by_reason[k] += max(0, added[reason])
 
     def __len__(self) -> int:
         """Items this rank's workers yield together per epoch."""

@@ -14,7 +14,7 @@ checks that every path yields the same values::
     instance_tags        list[str]                  labels of tag-kind instances (no geometry)
     tags                 list[str]                  item tags
     attributes           dict[str, str]             item attributes
-    width, height        int                        as stored (before EXIF orientation)
+    width, height        int                        pixels after EXIF orientation (manifest columns)
     version              int                        the dataset version read
 
 The N instances are those with geometry (box or polygon), in manifest order. Under an access

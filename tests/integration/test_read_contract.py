@@ -6,10 +6,11 @@ with two worker processes), ``to_tensorflow()`` and ``to_ray()``; on both backen
 derived from the SOURCE that was ingested (the JSONL records and the PNG files decoded by
 Pillow), never from another read path.
 
-Each path's output goes through one normalizer (``_from_ray_row`` and ``_from_tf_element`` undo
-those paths' encodings: JSON text, tensors) into one canonical structure, compared with one
-function. Every field of the SDK item dict is checked on every path: a path that leaves a field
-out, or adds one, breaks the contract.
+Each path's output goes through one normalizer (``_from_ray_row`` and ``_from_tf_element`` are
+the library's own decoders of those paths' encodings, ``stream.item.from_ray_row`` and
+``adapters.tensorflow.from_tf_element``, after a check of the field names) into one canonical
+structure, compared with one function. Every field of the SDK item dict is checked on every
+path: a path that leaves a field out, or adds one, breaks the contract.
 
 Damage (one blob deleted, one overwritten with another valid PNG's bytes) is applied to a second
 dataset whose two damaged items have images of their own, made fresh for each run, so that no
@@ -35,6 +36,7 @@ from PIL import Image
 import orchestrator
 from orchestrator.errors import ItemError
 from orchestrator.ray_runtime import orchestrator_error_in
+from orchestrator.stream.item import ITEM_FIELDS, from_ray_row, to_ray_row
 from tests.conftest import BUCKET
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -229,41 +231,20 @@ def _from_torch_item(item: dict) -> dict:
 
 
 def _from_tf_element(el: dict) -> dict:
-    """``to_tensorflow()``: eager tensors to numpy, strings decoded, the JSON text fields
-    (``attributes``, ``instance_attributes``) parsed, ``polygons`` (ragged) to one array per
-    instance. Fields the element spec does not have stay absent."""
-    import tensorflow as tf
+    """``to_tensorflow()``: the library's own decoder of its encoding, after checking that the
+    element has exactly the item's fields."""
+    from orchestrator.adapters.tensorflow import from_tf_element
 
-    out: dict[str, Any] = {}
-    for key, value in el.items():
-        if isinstance(value, tf.RaggedTensor):
-            out[key] = [row.numpy() for row in value]
-        elif value.dtype == tf.string:
-            raw = value.numpy()
-            text = raw.decode() if isinstance(raw, bytes) else [b.decode() for b in raw.tolist()]
-            out[key] = json.loads(text) if key in ("attributes", "instance_attributes") else text
-        else:
-            out[key] = value.numpy()
-    return out
-
-
-_RAY_JSON = ("label_names", "polygons", "tags", "attributes", "instance_attributes", "instance_tags")
+    assert set(el) == set(ITEM_FIELDS), sorted(set(el) ^ set(ITEM_FIELDS))
+    return from_tf_element(el)
 
 
 def _from_ray_row(row: dict) -> dict:
-    """``to_ray()``: fields sent as JSON text parsed (polygons back to float32 arrays, which is
-    what was encoded); the Ray-only extras ``num_boxes`` (checked) and ``fetch_node`` dropped.
-    Fields the row does not have stay absent."""
-    out = dict(row)
-    for key in _RAY_JSON:
-        if isinstance(out.get(key), str):
-            out[key] = json.loads(out[key])
-            if key == "polygons":
-                out[key] = [np.asarray(p, dtype=np.float32) for p in out[key]]
-    num_boxes = out.pop("num_boxes", None)
-    assert num_boxes is None or int(num_boxes) == len(out["boxes"]), (row["id"], num_boxes)
-    out.pop("fetch_node", None)
-    return out
+    """``to_ray()``: the library's own decoder of its encoding, after checking that the row has
+    exactly the item's fields plus ``fetch_node`` (the node that fetched it)."""
+    assert set(row) == {*ITEM_FIELDS, "fetch_node"}, sorted(set(row) ^ {*ITEM_FIELDS, "fetch_node"})
+    assert isinstance(row["fetch_node"], str) and row["fetch_node"], row["fetch_node"]
+    return from_ray_row(row)
 
 
 def _canonical(item: dict) -> dict:
@@ -343,7 +324,7 @@ class Run:
 
     items: list[dict] = field(default_factory=list)
     skipped: int = 0  # the total the path reports
-    by_reason: Counter | None = None  # None: the path reports only a total (DataLoader workers)
+    by_reason: Counter | None = None  # the path's skips by reason
     refused: Counter = field(default_factory=Counter)  # ds[i]: ItemErrors it raised, by reason
     error: Exception | None = None
 
@@ -381,12 +362,11 @@ def _deliver(path: str, ds, run: Run) -> Iterator[dict]:
             for item in loader:
                 yield _from_torch_item(item)
         finally:
-            run.skipped = torch_ds.skipped
-            # In process, the dataset's own ledger has the reasons; the workers' ledgers stay in
-            # the workers, and TorchItems sums only their totals.
+            # TorchItems sums every process's skips by reason (the workers' included); in
+            # process, the dataset's own ledger must agree with it.
+            run.skipped, run.by_reason = torch_ds.skipped, Counter(torch_ds.skips.by_reason)
             if workers == 0:
-                run.by_reason = Counter(ds.skips.by_reason)
-                assert ds.skipped == torch_ds.skipped, (ds.skips, torch_ds.skipped)
+                assert ds.skips.by_reason == torch_ds.skips.by_reason, (ds.skips, torch_ds.skips)
     elif path == "tensorflow":
         try:
             for el in ds.to_tensorflow():
@@ -458,8 +438,7 @@ def test_bad_blobs_under_on_error_skip(contract_store, source, path):
     else:
         if run.skipped != EXPECTED_SKIPS.total():
             problems.append(f"skipped {run.skipped}, want {EXPECTED_SKIPS.total()}")
-        assert run.by_reason is not None or path == "torch_workers"
-        if run.by_reason is not None and run.by_reason != EXPECTED_SKIPS:
+        if run.by_reason != EXPECTED_SKIPS:
             problems.append(f"skips by reason: {dict(run.by_reason)}, want {dict(EXPECTED_SKIPS)}")
     problems += _item_problems(run.items, truth)
     _assert_no_problems(path, problems)
@@ -533,7 +512,6 @@ def test_the_comparison_catches_drift(source):
     """The comparison is not vacuous: each kind of drift a path could show is reported."""
     truth = _truth(SOURCE[4][0], source.folder, {"car": 0, "person": 1, "blurry": 2, "truck": 3,
                                                   "crowded": 4})
-    raw = {"id": "e-mixed", "boxes": np.zeros((2, 4), np.float32)}
     drifts = {
         "float64 boxes": {**truth, "boxes": _arr(np.asarray(truth["boxes"].values, np.float64))},
         "int32 labels": {**truth, "labels": _arr(np.asarray(truth["labels"].values, np.int32))},
@@ -550,4 +528,12 @@ def test_the_comparison_catches_drift(source):
         assert _field_problems(got, truth), what
     assert not _field_problems(dict(truth), truth)
     assert _item_problems([truth, truth], {"e-mixed": truth})  # delivered twice
-    assert _from_ray_row({**raw, "num_boxes": np.int64(2), "fetch_node": "n"}) == raw
+    # The Ray encoding round-trips, and a row with a field the item lacks is refused.
+    item = {"id": "e", "image": np.zeros((2, 3, 3), np.uint8), "boxes": np.ones((1, 4), np.float32),
+            "labels": np.array([1], np.int64), "label_names": ["car"],
+            "polygons": [np.array([1, 2, 3, 4], np.float32)], "instance_attributes": [{"a": "1"}],
+            "instance_tags": ["blurry"], "tags": ["t"], "attributes": {"k": "v"}, "width": 3,
+            "height": 2, "version": 0}
+    assert _canonical(_from_ray_row(to_ray_row(item, "node"))) == _canonical(item)
+    with pytest.raises(AssertionError):
+        _from_ray_row({**to_ray_row(item, "node"), "num_boxes": np.int64(1)})
