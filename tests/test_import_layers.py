@@ -133,3 +133,10 @@ def test_the_checker_sees_cycles_and_upward_imports():
     g = graph()
     assert "handle" in g["store"] and "manifest" in g["handle"]  # the parser sees real imports
     assert layer_of("adapters.torch") > layer_of("stream.reader") > layer_of("handle")
+
+
+def test_the_package_exports_a_sorted_all():
+    import orchestrator
+
+    assert orchestrator.__all__ == sorted(orchestrator.__all__)
+    assert all(hasattr(orchestrator, name) for name in orchestrator.__all__)

@@ -60,3 +60,20 @@ def test_dataset_version_must_be_an_int(unsorted, version):
 def test_dataset_version_accepts_numpy_integers(unsorted):
     assert unsorted.dataset("d", version=np.int64(1)).version == 1
     assert unsorted.dataset("d", version=0).version == 0
+
+
+def test_a_pickled_read_plan_reads_the_same_slice(unsorted):
+    """The read plan is what crosses into Ray tasks and DataLoader workers: unpickled, it holds
+    no client or row, and a reader built from it sees the same version and rows, even after a
+    later commit."""
+    import pickle
+
+    from orchestrator.stream.reader import ItemStream
+
+    sl = unsorted.dataset("d").slice("labels.car >= 1")
+    blob = pickle.dumps(sl.plan)
+    commit_items(unsorted, "d", ["q"])  # a new version: the plan stays pinned
+    plan = pickle.loads(blob)
+    assert plan.version == sl.version and plan.handle == unsorted.handle
+    assert [it["id"] for it in ItemStream(plan).iter_items()] == sl.item_ids()
+    assert len(blob) < 20_000  # a snapshot's file list and a compiled query, not rows
