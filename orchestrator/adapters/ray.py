@@ -1,8 +1,8 @@
 """Ray Data: the slice as a ``ray.data.Dataset`` built from three stages over a read plan.
 
-1. manifest scan: one task per manifest file that the Delta statistics leave in, through the
-   one manifest reader (``scan.read_rows``): the columns an item needs, the exact slice
-   predicate, the access view;
+1. manifest scan: a Ray ``Datasource`` with one read task per manifest file that the Delta
+   statistics leave in (row counts from the Delta log), through the one manifest reader
+   (``scan.read_rows``): the columns an item needs, the exact slice predicate, the access view;
 2. blob fetch through this node's cache and 3. decode: the SDK's ``ItemLoader``, with the same
    error policy; rows are the item encoded by ``stream.item.to_ray_row``.
 
@@ -11,12 +11,14 @@ Ready for ``streaming_split`` and Ray Train's ``datasets=``. Nothing is fetched 
 
 from __future__ import annotations
 
+import functools
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from orchestrator.errors import ItemError
+from orchestrator.scan import candidate_files
 from orchestrator.stream.item import ITEM_COLUMNS, to_ray_row
 from orchestrator.stream.plan import ReadPlan
 from orchestrator.stream.reader import ItemLoader, apply_error_policy
@@ -27,17 +29,48 @@ if TYPE_CHECKING:
     import ray.data
 
 
-def scan_manifest_file(batch: pa.Table, plan: ReadPlan, split: HashSplit | None = None,
+def scan_manifest_file(plan: ReadPlan, path: str, split: HashSplit | None = None,
                        item_ids: frozenset[str] | None = None) -> pa.Table:
-    """Stage 1: the rows of the given manifest files that match the slice (and the split, and
-    the shard's ``item_ids``), read by the one manifest reader."""
-    table = plan.rows(ITEM_COLUMNS, files=batch.column("file").to_pylist()).table
+    """Stage 1 for one manifest file: its rows that match the slice (and the split, and the
+    shard's ``item_ids``), read by the one manifest reader."""
+    table = plan.rows(ITEM_COLUMNS, files=[path]).table
     if split is not None:
         table = table.filter(pa.array(split.keep(table.column("item_id").to_pylist()), type=pa.bool_()))
     if item_ids is not None:
         table = table.filter(pa.array([i in item_ids for i in table.column("item_id").to_pylist()],
                                       type=pa.bool_()))
     return table
+
+
+def manifest_datasource(plan: ReadPlan, split: HashSplit | None = None,
+                        item_ids: frozenset[str] | None = None) -> Any:
+    """A Ray ``Datasource`` over the slice's manifest rows: one read task per manifest file that
+    the Delta statistics leave in, each running ``scan_manifest_file``. The row count of a task
+    comes from the Delta log when nothing filters the file's rows (no query, row filter, split
+    or shard), so Ray Data plans with real sizes; otherwise it is unknown until read."""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class ManifestDatasource(Datasource):
+        def __init__(self) -> None:
+            self.files = candidate_files(plan.snapshot, plan.query)
+
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                           data_context: Any = None) -> list[ReadTask]:
+            exact = plan.query is None and split is None and item_ids is None
+            return [ReadTask(functools.partial(lambda p: [scan_manifest_file(plan, p, split, item_ids)], path),
+                             BlockMetadata(num_rows=stats.num_records if exact else None, size_bytes=None,
+                                           exec_stats=None, input_files=(path,)),
+                             per_task_row_limit=per_task_row_limit)
+                    for path, stats in self.files]
+
+        def get_name(self) -> str:
+            return f"Manifest({plan.dataset!r} v{plan.version})"
+
+    return ManifestDatasource()
 
 
 class SkipLedger:
@@ -157,14 +190,13 @@ def to_ray_dataset(plan: ReadPlan, ledger: SkipLedger | None = None, split: Hash
     from orchestrator.ray_runtime import ensure_ray
 
     ensure_ray()
-    files = plan.candidate_files()
-    if not files:
+    source = manifest_datasource(plan, split, item_ids)
+    if not source.files:
         return ray.data.from_items([])
     pinned = pinned_to(node_id)
     return (
-        ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
-        .map_batches(scan_manifest_file, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
-                     fn_kwargs={"plan": plan, "split": split, "item_ids": item_ids}, **pinned)
+        ray.data.read_datasource(source, override_num_blocks=len(source.files), num_cpus=0.25,
+                                 ray_remote_args=pinned)
         # One manifest file can hold the whole slice: cut it into small blocks so fetch and
         # decode run in parallel and the first batch reaches a consumer after a few items,
         # not after the whole file.
