@@ -104,7 +104,7 @@ class ItemError(OrchestratorError):
     ``undecodable``; ``on_error="skip"`` skips these and nothing else (a store that does not
     answer is a ``StoreUnavailable``, never an item's fault).
 
-    The reason is also the last line of the error's text (``  reason: missing``), because some
+    A known reason is also the last line of the error's text (``  reason: missing``), because some
     boundaries keep only the text: a DataLoader worker's error is re-raised by torch as
     ``ItemError(text)``, and Ray and ``tf.data`` pass the traceback text on
     (``ray_runtime.orchestrator_error_in`` reads it back). An ``ItemError`` made from such a
@@ -115,7 +115,9 @@ class ItemError(OrchestratorError):
         self.reason = reason or reason_in(message) or "unreadable"
 
     def __str__(self) -> str:
-        return f"{super().__str__()}\n  reason: {getattr(self, 'reason', 'unreadable')}"
+        reason = getattr(self, "reason", "unreadable")
+        text = super().__str__()
+        return text if reason == "unreadable" else f"{text}\n  reason: {reason}"
 
 
 ITEM_ERROR_REASONS = ("missing", "corrupt", "undecodable", "unreadable")
