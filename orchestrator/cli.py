@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--message", default="", help="version message")
     p.add_argument("--strict", action="store_true", help="any rejected input: exit 3, commit nothing")
+    p.add_argument("--pack", action="store_true",
+                   help="write new media into packs (one request per run of items when read)")
+    p.add_argument("--pack-mb", type=int, default=32, metavar="MB", help="target pack size (default 32)")
     p.add_argument("--json", action="store_true", help="print the ingest report as JSON")
 
     p = sub.add_parser("delete", help="remove items as one new version")
@@ -192,6 +195,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         report = store.ingest(
             args.dataset, coco=args.coco, images=args.images, jsonl=args.jsonl,
             message=args.message, strict=args.strict, allow_roots=args.allow_roots,
+            pack=args.pack, pack_mb=args.pack_mb,
         )
     except IngestRejected as exc:
         if args.json and exc.report is not None:

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent / "orchestrator"
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["errors", "retry", "store_location", "storage_errors", "optional", "yaml_docs",
                     "ray_runtime"]),
-    ("store handle", ["manifest_faults", "manifest", "blobs", "handle"]),
+    ("store handle", ["manifest_faults", "manifest", "blobs", "packs", "handle"]),
     ("query, scan, access", ["query", "query.*", "access", "access.*", "scan"]),
     ("read plan and reader", ["stream", "stream.*"]),
     ("adapters", ["adapters", "adapters.*"]),
