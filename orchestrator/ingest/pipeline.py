@@ -154,9 +154,15 @@ def _known_locations(store: StoreHandle, dataset: str) -> dict[str, tuple[str | 
     if not manifest.exists():
         return {}
     snapshot = manifest.snapshot()
-    table = read_table(store.location, snapshot, ["blob", "pack", "pack_offset"])
-    return {b: (p, o) for b, p, o in zip(*(table.column(c).to_pylist() for c in table.column_names),
-                                          strict=True)}
+    table = read_table(store.location, snapshot, ["blob", "pack", "pack_offset", "size_bytes"])
+    known = {b: (p, o, n) for b, p, o, n in zip(*(table.column(c).to_pylist() for c in table.column_names),
+                                                strict=True)}
+    # A pack that is gone, or shorter than a row says, holds nothing to re-use: its blobs are
+    # packed again (so re-ingesting the items `verify` lists repairs them). One HEAD per pack.
+    packs = store.packs(dataset)
+    sizes = {p: packs.size(p) for p in {p for p, _, _ in known.values() if p is not None}}
+    return {b: (p, o) for b, (p, o, n) in known.items()
+            if p is None or (sizes[p] is not None and o + n <= sizes[p])}
 
 
 def _run_probe(items: list) -> list[Probe]:

@@ -160,3 +160,30 @@ def test_a_damaged_pack_is_named_per_item(store_uri, demo_small, tmp_path):
     with pytest.warns(UserWarning):
         left = {it["id"] for it in fresh}
     assert left == {r["item_id"] for r in rows} - lost and fresh.skips.by_reason["missing"] == len(lost)
+
+
+def test_verify_checks_packed_bytes_and_reingest_restores_a_lost_pack(store_uri, demo_small):
+    store = orchestrator.connect(store_uri)
+    _ingest(store, "street", demo_small)
+    assert store.verify("street", progress=False).ok
+    rows = sorted(_rows(store, "street"), key=lambda r: (r["pack"], r["pack_offset"]))
+    packstore = store.handle.packs("street")
+    first, last = rows[0]["pack"], rows[-1]["pack"]
+    assert first != last
+    path = packstore.path(last)
+    with store.fs.open_input_stream(path) as f:
+        data = bytearray(f.read())
+    victim = next(r for r in rows if r["pack"] == last)
+    data[victim["pack_offset"]] ^= 0xFF
+    with store.fs.open_output_stream(path) as out:
+        out.write(bytes(data))
+    store.fs.delete_file(packstore.path(first))
+    report = store.verify("street", progress=False)
+    lost = {r["item_id"] for r in rows if r["pack"] == first}
+    problems = {item: (b.problem, b.pack) for b in report.bad for item in b.items}
+    assert problems[victim["item_id"]] == ("wrong content", last)
+    assert {i for i, (problem, pack) in problems.items() if problem == "missing"} == lost
+    assert set(report.reingest) == lost | {victim["item_id"]} and not report.ok
+    _ingest(store, "street", demo_small)  # the lost pack's media are packed again
+    again = store.verify("street", progress=False)
+    assert {i for b in again.bad for i in b.items} == {victim["item_id"]}
