@@ -114,6 +114,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=8, help="parallel blob reads (default 8)")
     p.add_argument("--json", action="store_true", help="print the verify report as JSON")
 
+    p = sub.add_parser("optimize", help="pack loose blobs and rewrite mostly-unread packs, as one new "
+                       "version with identical items")
+    p.set_defaults(func=cmd_optimize)
+    _store_arg(p)
+    p.add_argument("name")
+    p.add_argument("--pack-mb", type=int, default=32, metavar="MB", help="target pack size (default 32)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
     p = sub.add_parser("train", help="run a training config on Ray Train")
     p.set_defaults(func=cmd_train)
     p.add_argument("config", type=Path, help="run config YAML (see configs/)")
@@ -287,6 +295,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(f"error: {len(report.remaining)} bad blobs remain in dataset {args.name!r} version "
           f"{report.version}, read by {len(report.reingest)} items\n  fix: {fix}", file=sys.stderr)
     return EXIT_SYSTEM
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    report = _need_store(args, writes=True).optimize(args.name, pack_mb=args.pack_mb)
+    emit(json.dumps(report.as_dict(), indent=2) if args.json else report.summary())
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:

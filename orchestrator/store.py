@@ -28,6 +28,7 @@ from orchestrator.ingest.report import IngestReport
 from orchestrator.ingest.sources import read_coco, read_jsonl
 from orchestrator.manifest import Manifest, VersionInfo
 from orchestrator.manifest_faults import list_log, listing_damage, log_damage_error
+from orchestrator.optimize import OptimizeReport, optimize_dataset
 from orchestrator.packs import DEFAULT_PACK_BYTES
 from orchestrator.scan import existing_item_ids
 from orchestrator.storage_errors import storage_errors, store_call
@@ -215,6 +216,13 @@ class Store:
             self.handle, dataset, source, message=message or f"ingest {label}", strict=strict,
             principal=self.principal, pack=pack, pack_bytes=_pack_bytes(pack_mb),
         )
+
+    def optimize(self, name: str, *, pack_mb: int = DEFAULT_PACK_BYTES >> 20) -> OptimizeReport:
+        """Pack the latest version's loose blobs, and rewrite packs it reads less than half of,
+        as one new version with identical items (see ``orchestrator.optimize``). Needs write
+        access."""
+        self.access.check("write", check_dataset_name(name))
+        return optimize_dataset(self.handle, name, principal=self.principal, pack_bytes=_pack_bytes(pack_mb))
 
     def policy(self, version: int | None = None) -> PolicyVersion | None:
         """The access policy in force (or an earlier version); None if the store has none."""

@@ -187,3 +187,46 @@ def test_verify_checks_packed_bytes_and_reingest_restores_a_lost_pack(store_uri,
     _ingest(store, "street", demo_small)  # the lost pack's media are packed again
     again = store.verify("street", progress=False)
     assert {i for b in again.bad for i in b.items} == {victim["item_id"]}
+
+
+_SAME = ("item_id", "blob", "size_bytes", "media_type", "width", "height", "source_name", "instances",
+         "labels", "attributes", "tags", "ingested_at")
+
+
+def _items(ds) -> dict[str, tuple]:
+    return {it["id"]: (it["image"].tobytes(), it["boxes"].tobytes(), tuple(it["label_names"])) for it in ds}
+
+
+def test_optimize_packs_an_old_datasets_loose_blobs_into_identical_items(store_uri, demo_small):
+    store = orchestrator.connect(store_uri)
+    _ingest(store, "old", demo_small, pack=False)  # a dataset from before packs
+    before_rows = {r["item_id"]: r for r in _rows(store, "old")}
+    before = _items(store.dataset("old"))
+    report = store.optimize("old", pack_mb=1)
+    assert report.version == 1 and report.items_moved == 60 and report.loose_blobs_packed == 60
+    after_rows = {r["item_id"]: r for r in _rows(store, "old")}
+    assert after_rows.keys() == before_rows.keys()
+    for item_id, row in after_rows.items():
+        assert {k: row[k] for k in _SAME} == {k: before_rows[item_id][k] for k in _SAME}
+        assert row["pack"] is not None
+    assert _items(store.dataset("old")) == before  # same ids, same pixels and boxes
+    assert _items(store.dataset("old", version=0)) == before  # the old version still reads
+    assert store.optimize("old").version is None  # nothing left to do
+    assert store.verify("old", progress=False).ok
+
+
+def test_optimize_rewrites_packs_the_latest_version_mostly_no_longer_reads(store_uri, demo_small):
+    store = orchestrator.connect(store_uri)
+    _ingest(store, "thin", demo_small, pack_mb=64)  # one pack
+    ids = store.dataset("thin").item_ids()
+    store.delete("thin", ids[:45])  # three quarters of the pack's bytes are dead
+    (old_pack,) = {r["pack"] for r in _rows(store, "thin")}
+    before = _items(store.dataset("thin"))
+    report = store.optimize("thin")
+    assert report.packs_rewritten == 1 and report.items_moved == 15
+    rows = _rows(store, "thin")
+    (new_pack,) = {r["pack"] for r in rows}
+    assert new_pack != old_pack
+    assert store.handle.packs("thin").size(new_pack) == sum(r["size_bytes"] for r in
+                                                           {r["blob"]: r for r in rows}.values())
+    assert _items(store.dataset("thin")) == before
