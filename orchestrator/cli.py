@@ -122,6 +122,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pack-mb", type=int, default=32, metavar="MB", help="target pack size (default 32)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    p = sub.add_parser("vacuum", help="delete the packs and blobs no retained version reads (lists them first)")
+    p.set_defaults(func=cmd_vacuum)
+    _store_arg(p)
+    p.add_argument("name")
+    keep = p.add_mutually_exclusive_group(required=True)
+    keep.add_argument("--keep-versions", type=int, metavar="K", help="retain the last K versions")
+    keep.add_argument("--older-than", metavar="DURATION",
+                      help="retain the versions committed within DURATION (90s, 30m, 12h, 7d, 2w)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
     p = sub.add_parser("train", help="run a training config on Ray Train")
     p.set_defaults(func=cmd_train)
     p.add_argument("config", type=Path, help="run config YAML (see configs/)")
@@ -299,6 +310,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     report = _need_store(args, writes=True).optimize(args.name, pack_mb=args.pack_mb)
+    emit(json.dumps(report.as_dict(), indent=2) if args.json else report.summary())
+    return 0
+
+
+def cmd_vacuum(args: argparse.Namespace) -> int:
+    report = _need_store(args, writes=True).vacuum(args.name, keep_versions=args.keep_versions,
+                                                   older_than=args.older_than, dry_run=args.dry_run)
     emit(json.dumps(report.as_dict(), indent=2) if args.json else report.summary())
     return 0
 

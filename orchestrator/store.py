@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from orchestrator.storage_errors import storage_errors, store_call
 from orchestrator.store_location import S3Credentials, StoreLocation, no_store_error, require_store
 from orchestrator.stream.plan import StreamOptions
 from orchestrator.train.lineage import RunHome
+from orchestrator.vacuum import DEFAULT_MIN_AGE, VacuumReport, parse_duration, vacuum_dataset
 from orchestrator.verify import VerifyReport, repair_source, verify_dataset
 
 __all__ = ["Store", "connect", "check_dataset_name", "require_store"]
@@ -223,6 +225,18 @@ class Store:
         access."""
         self.access.check("write", check_dataset_name(name))
         return optimize_dataset(self.handle, name, principal=self.principal, pack_bytes=_pack_bytes(pack_mb))
+
+    def vacuum(self, name: str, *, keep_versions: int | None = None, older_than: str | timedelta | None = None,
+               dry_run: bool = False, min_age: timedelta = DEFAULT_MIN_AGE) -> VacuumReport:
+        """Delete the packs and loose blobs that no retained version reads: the last
+        ``keep_versions`` versions, or those committed within ``older_than`` (``"7d"``), plus
+        the latest and every version a running training run pinned (see ``orchestrator.vacuum``).
+        Needs admin on the dataset: it removes what earlier versions read."""
+        self.access.check("admin", check_dataset_name(name))
+        if isinstance(older_than, str):
+            older_than = parse_duration(older_than)
+        return vacuum_dataset(self.handle, name, keep_versions=keep_versions, older_than=older_than,
+                              dry_run=dry_run, min_age=min_age)
 
     def policy(self, version: int | None = None) -> PolicyVersion | None:
         """The access policy in force (or an earlier version); None if the store has none."""

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("ingest, train, verify", ["ingest", "ingest.*", "train", "train.batches", "train.config",
                                "train.data", "train.lineage", "train.loops", "train.metrics",
                                "train.models", "train.models.*", "train.placement",
-                               "train.progress", "train.storage", "verify", "optimize"]),
+                               "train.progress", "train.storage", "verify", "optimize", "vacuum"]),
     ("developer tooling", ["dev", "dev.*"]),
     ("facade, CLI, run driver", ["dataset", "store", "", "train.runner", "cli", "__main__"]),
 ]

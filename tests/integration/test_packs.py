@@ -230,3 +230,48 @@ def test_optimize_rewrites_packs_the_latest_version_mostly_no_longer_reads(store
     assert store.handle.packs("thin").size(new_pack) == sum(r["size_bytes"] for r in
                                                            {r["blob"]: r for r in rows}.values())
     assert _items(store.dataset("thin")) == before
+
+
+def test_vacuum_deletes_only_what_no_retained_version_reads(store_uri, demo_small, tmp_path):
+    from datetime import timedelta
+
+    store = orchestrator.connect(store_uri)
+    _ingest(store, "v", demo_small, pack=False)  # v0: loose blobs
+    store.optimize("v", pack_mb=1)  # v1: the same items, packed
+    ids = store.dataset("v").item_ids()
+    store.delete("v", ids[:10])  # v2: fewer items, same packs
+    loose = _objects(store, "v", "blobs")
+    packs = _objects(store, "v", "packs")
+    assert len(loose) == 60 and packs
+
+    young = store.vacuum("v", keep_versions=1, dry_run=True)  # default minimum age: one hour
+    assert young.deleted == [] and young.kept_young == 60
+
+    now = timedelta(0)
+    listed = store.vacuum("v", keep_versions=1, dry_run=True, min_age=now)
+    assert sorted(p for p, _ in listed.deleted) == sorted(loose) and listed.retained_versions == [2]
+    assert _objects(store, "v", "blobs") == loose  # a dry run deletes nothing
+    assert store.vacuum("v", keep_versions=3, min_age=now).deleted == []  # v0 still retained
+
+    # A running training run pins version 0: its media stay.
+    run = store.location.join("runs", "someone", "run-1", "lineage.json")
+    if store.location.scheme == "file":
+        store.fs.create_dir(run.rsplit("/", 1)[0], recursive=True)
+    with store.fs.open_output_stream(run) as out:
+        out.write(json.dumps({"run_id": "run-1", "status": "running", "dataset": "v", "version": 0}).encode())
+    pinned = store.vacuum("v", keep_versions=1, min_age=now)
+    assert pinned.deleted == [] and pinned.pinned_by_runs == [0] and pinned.retained_versions == [0, 2]
+    store.fs.delete_file(run)
+
+    done = store.vacuum("v", keep_versions=1, min_age=now)
+    assert sorted(p for p, _ in done.deleted) == sorted(loose) and _objects(store, "v", "blobs") == {}
+    assert _objects(store, "v", "packs") == packs
+    assert len(list(store.dataset("v", on_error="raise"))) == 50  # the retained version reads whole
+    old = store.dataset("v", version=0, on_error="raise", cache=BlobCache(memory_budget=1))
+    with pytest.raises(ItemError) as gone:
+        old[0]
+    assert gone.value.reason == "missing"
+    with pytest.raises(orchestrator.errors.ConfigError):
+        store.vacuum("v")
+    with pytest.raises(orchestrator.errors.ConfigError, match="duration"):
+        store.vacuum("v", older_than="soon")
