@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--message", default="", help="version message")
     p.add_argument("--strict", action="store_true", help="any rejected input: exit 3, commit nothing")
+    p.add_argument("--pack", action="store_true",
+                   help="write new media into packs (one request per run of items when read)")
+    p.add_argument("--pack-mb", type=int, default=32, metavar="MB", help="target pack size (default 32)")
     p.add_argument("--json", action="store_true", help="print the ingest report as JSON")
 
     p = sub.add_parser("delete", help="remove items as one new version")
@@ -110,6 +113,25 @@ def _parser() -> argparse.ArgumentParser:
                         "items whose bytes DIR lacks are listed for re-ingest")
     p.add_argument("--threads", type=int, default=8, help="parallel blob reads (default 8)")
     p.add_argument("--json", action="store_true", help="print the verify report as JSON")
+
+    p = sub.add_parser("optimize", help="pack loose blobs and rewrite mostly-unread packs, as one new "
+                       "version with identical items")
+    p.set_defaults(func=cmd_optimize)
+    _store_arg(p)
+    p.add_argument("name")
+    p.add_argument("--pack-mb", type=int, default=32, metavar="MB", help="target pack size (default 32)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = sub.add_parser("vacuum", help="delete the packs and blobs no retained version reads (lists them first)")
+    p.set_defaults(func=cmd_vacuum)
+    _store_arg(p)
+    p.add_argument("name")
+    keep = p.add_mutually_exclusive_group(required=True)
+    keep.add_argument("--keep-versions", type=int, metavar="K", help="retain the last K versions")
+    keep.add_argument("--older-than", metavar="DURATION",
+                      help="retain the versions committed within DURATION (90s, 30m, 12h, 7d, 2w)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser("train", help="run a training config on Ray Train")
     p.set_defaults(func=cmd_train)
@@ -192,6 +214,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         report = store.ingest(
             args.dataset, coco=args.coco, images=args.images, jsonl=args.jsonl,
             message=args.message, strict=args.strict, allow_roots=args.allow_roots,
+            pack=args.pack, pack_mb=args.pack_mb,
         )
     except IngestRejected as exc:
         if args.json and exc.report is not None:
@@ -283,6 +306,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(f"error: {len(report.remaining)} bad blobs remain in dataset {args.name!r} version "
           f"{report.version}, read by {len(report.reingest)} items\n  fix: {fix}", file=sys.stderr)
     return EXIT_SYSTEM
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    report = _need_store(args, writes=True).optimize(args.name, pack_mb=args.pack_mb)
+    emit(json.dumps(report.as_dict(), indent=2) if args.json else report.summary())
+    return 0
+
+
+def cmd_vacuum(args: argparse.Namespace) -> int:
+    report = _need_store(args, writes=True).vacuum(args.name, keep_versions=args.keep_versions,
+                                                   older_than=args.older_than, dry_run=args.dry_run)
+    emit(json.dumps(report.as_dict(), indent=2) if args.json else report.summary())
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -10,7 +10,8 @@ subsystems import this module, and only the facade (``orchestrator.store``) impo
 Layout under the store root (``file:///path`` or ``s3://bucket/prefix``)::
 
     datasets/<name>/manifest/                        Delta Lake table (see orchestrator.manifest)
-    datasets/<name>/blobs/sha256/<2 hex>/<sha256>    immutable media bytes (orchestrator.blobs)
+    datasets/<name>/packs/<2 hex>/<sha256 of pack>   immutable packs of media bytes (orchestrator.packs)
+    datasets/<name>/blobs/sha256/<2 hex>/<sha256>    immutable loose media bytes (orchestrator.blobs)
     datasets/<name>/_incoming/                       blobs being uploaded (leftovers of killed uploads)
     _policy/                                         access policy versions (orchestrator.access)
     runs/<principal>/<run_id>/                       lineage and checkpoints of training runs
@@ -26,6 +27,7 @@ import pyarrow.fs as pafs
 from orchestrator.blobs import BlobStore
 from orchestrator.errors import ConfigError
 from orchestrator.manifest import Manifest
+from orchestrator.packs import PackStore
 from orchestrator.retry import RetryPolicy
 from orchestrator.store_location import StoreLocation, filesystem_for
 
@@ -63,6 +65,10 @@ class StoreHandle:
     def blobs(self, dataset: str) -> BlobStore:
         """The blobs of one dataset."""
         return BlobStore(self.location, check_dataset_name(dataset))
+
+    def packs(self, dataset: str) -> PackStore:
+        """The packs of one dataset."""
+        return PackStore(self.location, check_dataset_name(dataset))
 
     def manifest(self, dataset: str) -> Manifest:
         """The manifest (Delta table) of one dataset."""

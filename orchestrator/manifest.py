@@ -83,6 +83,10 @@ BASE_FIELDS: tuple[pa.Field, ...] = (
     pa.field("attributes", STRING_MAP),
     pa.field("tags", pa.list_(pa.string())),
     pa.field("ingested_at", pa.timestamp("us", tz="UTC")),
+    # Where the bytes are: in pack ``pack`` at ``pack_offset`` (``size_bytes`` long), or, when
+    # ``pack`` is null, in the loose blob named by ``blob`` (see orchestrator.packs).
+    pa.field("pack", pa.string()),
+    pa.field("pack_offset", pa.int64()),
 )
 INSTANCE_KINDS = ("box", "polygon", "tag")
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
@@ -105,6 +109,14 @@ def label_field(label: str) -> str:
 def label_name(field: str) -> str:
     """Inverse of ``label_field``."""
     return unquote(field)
+
+
+def base_field(name: str) -> pa.Field:
+    """The manifest column ``name`` (not ``labels``) as this release writes it."""
+    for f in BASE_FIELDS:
+        if f.name == name:
+            return f
+    raise KeyError(f"no manifest column {name!r}")
 
 
 def labels_type(labels: Sequence[str]) -> pa.StructType:

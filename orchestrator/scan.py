@@ -22,7 +22,7 @@ import pyarrow.dataset as pads
 
 from orchestrator.access.policy import ReadView
 from orchestrator.access.redact import redact
-from orchestrator.manifest import FileStats, Manifest, Snapshot
+from orchestrator.manifest import FileStats, Manifest, Snapshot, base_field
 from orchestrator.manifest_faults import manifest_file_errors
 from orchestrator.query.compile import CompiledQuery
 from orchestrator.retry import RetryPolicy
@@ -107,6 +107,9 @@ def read_rows(
     """
     started = time.perf_counter()
     wanted = list(columns) if columns is not None else list(snapshot.schema.names)
+    # A column this version predates (``pack`` in a store written before packs) reads as nulls.
+    absent = [c for c in wanted if c not in snapshot.schema.names]
+    wanted = [c for c in wanted if c not in absent]
     kept = candidate_files(snapshot, query)
     if files is not None:
         only = set(files)
@@ -153,7 +156,20 @@ def read_rows(
         rows_after_pushdown=rows_read, rows_matched=table.num_rows, columns=tuple(read_cols),
         seconds=time.perf_counter() - started,
     )
-    return ManifestRows(redact(table.select(wanted + extra), access), tuple(paths), stats)
+    table = table.select(wanted + extra)
+    if absent:
+        table = with_columns(table, list(columns or []) + extra)
+    return ManifestRows(redact(table, access), tuple(paths), stats)
+
+
+def with_columns(table: pa.Table, columns: Sequence[str]) -> pa.Table:
+    """``table`` with exactly ``columns``, in that order; a manifest column that the rows were
+    written before (``pack`` in a store older than packs) is added as nulls of its type."""
+    for name in columns:
+        if name not in table.column_names:
+            field = base_field(name)
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(list(columns))
 
 
 def scan(

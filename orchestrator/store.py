@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,14 @@ from orchestrator.ingest.report import IngestReport
 from orchestrator.ingest.sources import read_coco, read_jsonl
 from orchestrator.manifest import Manifest, VersionInfo
 from orchestrator.manifest_faults import list_log, listing_damage, log_damage_error
+from orchestrator.optimize import OptimizeReport, optimize_dataset
+from orchestrator.packs import DEFAULT_PACK_BYTES
 from orchestrator.scan import existing_item_ids
 from orchestrator.storage_errors import storage_errors, store_call
 from orchestrator.store_location import S3Credentials, StoreLocation, no_store_error, require_store
 from orchestrator.stream.plan import StreamOptions
 from orchestrator.train.lineage import RunHome
+from orchestrator.vacuum import DEFAULT_MIN_AGE, VacuumReport, parse_duration, vacuum_dataset
 from orchestrator.verify import VerifyReport, repair_source, verify_dataset
 
 __all__ = ["Store", "connect", "check_dataset_name", "require_store"]
@@ -184,11 +188,15 @@ class Store:
         message: str = "",
         strict: bool = False,
         allow_roots: Sequence[str | Path] = (),
+        pack: bool = False,
+        pack_mb: int = DEFAULT_PACK_BYTES >> 20,
     ) -> IngestReport:
         """Ingest a COCO or JSONL source as one new version; see ``orchestrator.ingest``.
 
         Only files inside ``images`` (COCO; for JSONL, ``images`` or else the JSONL file's
         folder) are read; absolute paths and links are read only under an ``allow_roots`` folder.
+        With ``pack``, new media go into packs of about ``pack_mb`` MB (see ``orchestrator.packs``):
+        a cold read then makes one request per run of items instead of one per item.
         """
         check_dataset_name(dataset)
         self.access.check("write", dataset)  # before anything is read or uploaded
@@ -208,8 +216,27 @@ class Store:
             label = f"JSONL {Path(jsonl).name}"
         return ingest_source(
             self.handle, dataset, source, message=message or f"ingest {label}", strict=strict,
-            principal=self.principal,
+            principal=self.principal, pack=pack, pack_bytes=_pack_bytes(pack_mb),
         )
+
+    def optimize(self, name: str, *, pack_mb: int = DEFAULT_PACK_BYTES >> 20) -> OptimizeReport:
+        """Pack the latest version's loose blobs, and rewrite packs it reads less than half of,
+        as one new version with identical items (see ``orchestrator.optimize``). Needs write
+        access."""
+        self.access.check("write", check_dataset_name(name))
+        return optimize_dataset(self.handle, name, principal=self.principal, pack_bytes=_pack_bytes(pack_mb))
+
+    def vacuum(self, name: str, *, keep_versions: int | None = None, older_than: str | timedelta | None = None,
+               dry_run: bool = False, min_age: timedelta = DEFAULT_MIN_AGE) -> VacuumReport:
+        """Delete the packs and loose blobs that no retained version reads: the last
+        ``keep_versions`` versions, or those committed within ``older_than`` (``"7d"``), plus
+        the latest and every version a running training run pinned (see ``orchestrator.vacuum``).
+        Needs admin on the dataset: it removes what earlier versions read."""
+        self.access.check("admin", check_dataset_name(name))
+        if isinstance(older_than, str):
+            older_than = parse_duration(older_than)
+        return vacuum_dataset(self.handle, name, keep_versions=keep_versions, older_than=older_than,
+                              dry_run=dry_run, min_age=min_age)
 
     def policy(self, version: int | None = None) -> PolicyVersion | None:
         """The access policy in force (or an earlier version); None if the store has none."""
@@ -251,6 +278,12 @@ class Store:
             message=message or f"delete {len(item_ids)} items",
             principal=self.principal,
         )
+
+
+def _pack_bytes(pack_mb: int) -> int:
+    if isinstance(pack_mb, bool) or not isinstance(pack_mb, int) or not 1 <= pack_mb <= 4096:
+        raise ConfigError(f"pack_mb must be a whole number of MB from 1 to 4096, got {pack_mb!r}")
+    return pack_mb << 20
 
 
 def connect(uri: str, *, credentials: S3Credentials | None = None, must_exist: bool = False) -> Store:

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import os
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import pyarrow.fs as pafs
@@ -228,3 +229,49 @@ def no_store_error(location: StoreLocation) -> StoreError:
         hint="check the bucket name in the store URI, or create the bucket first",
         user_fault=True,
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _s3_client(location: StoreLocation, pid: int) -> Any:
+    """A boto3 S3 client for range reads, one per location and process (like ``_filesystem``).
+    pyarrow's S3 file objects HEAD an object before every ranged read (its Python API cannot
+    be told the size), which would double the requests of a pack read; boto3 makes one GET."""
+    import boto3
+    from botocore.config import Config
+
+    creds = location.credentials or S3Credentials.from_env()
+    config = Config(retries={"max_attempts": 1, "mode": "standard"},  # orchestrator.retry retries
+                    connect_timeout=location.retry.connect_timeout_s,
+                    read_timeout=location.retry.request_timeout_s,
+                    max_pool_connections=64, s3={"addressing_style": "path"})
+    return boto3.client("s3", endpoint_url=creds.endpoint_url or None, region_name=creds.region,
+                        aws_access_key_id=creds.access_key or None,
+                        aws_secret_access_key=creds.secret_key or None,
+                        aws_session_token=creds.session_token or None, config=config)
+
+
+def read_range(location: StoreLocation, path: str, start: int, end: int) -> bytes | None:
+    """Bytes ``[start, end)`` of the object at ``path`` (a path in ``filesystem_for``'s terms)
+    with one request; None if the object does not exist. Fewer bytes come back when the object
+    is shorter. Errors are the clients' own (the caller translates and retries them)."""
+    if location.scheme == "file":
+        try:
+            with open(path, "rb") as f:
+                f.seek(start)
+                return f.read(end - start)
+        except FileNotFoundError:
+            return None
+    from botocore.exceptions import ClientError
+
+    bucket, _, key = path.partition("/")
+    try:
+        answer = _s3_client(location, os.getpid()).get_object(Bucket=bucket, Key=key,
+                                                                Range=f"bytes={start}-{end - 1}")
+        return answer["Body"].read()
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return None
+        if code == "InvalidRange":  # the object ends before ``start``
+            return b""
+        raise

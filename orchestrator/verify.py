@@ -8,6 +8,11 @@ while it hashes), with at most ``4 * threads`` checks queued, so a version of mi
 does not queue millions of futures. A store that fails to answer aborts the check with
 ``StoreError`` rather than reporting a blob as bad that may be fine.
 
+Packed bytes (``orchestrator.packs``) are checked by range: each pack is read in requests of at
+most ``packs.DEFAULT_MAX_REQUEST`` bytes and each item's slice hashed; a pack that is gone makes
+all its items missing. Packs are immutable, so repair does not rewrite them: their bad items
+are listed for re-ingest.
+
 Repair reads a folder the user names (the source the items were ingested from, or any folder
 holding copies): only files whose size equals a bad blob's recorded size are hashed, a file
 whose hash is a bad blob's name is uploaded over it (``BlobStore.put(replace=True)``, which
@@ -28,10 +33,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from orchestrator.errors import ConfigError, ItemError
-from orchestrator.storage_errors import store_call
+from orchestrator.packs import RangeRead, plan_reads
+from orchestrator.storage_errors import storage_errors, store_call
+from orchestrator.store_location import read_range
 
 if TYPE_CHECKING:
     from orchestrator.blobs import BlobStore
+    from orchestrator.packs import PackStore
     from orchestrator.stream.plan import ReadPlan
 
 CHUNK = 1 << 20
@@ -52,11 +60,12 @@ class BadBlob:
     actual_size: int | None  # None: missing
     content_sha256: str | None  # what the stored bytes hash to (another blob's name, if swapped)
     items: tuple[str, ...]
+    pack: str | None = None  # the pack holding the bytes (None: a loose blob)
 
     def as_dict(self) -> dict:
         return {"blob": self.blob, "problem": self.problem, "expected_size": self.expected_size,
                 "actual_size": self.actual_size, "content_sha256": self.content_sha256,
-                "items": list(self.items)}
+                "items": list(self.items), "pack": self.pack}
 
 
 @dataclass
@@ -152,23 +161,37 @@ def verify_dataset(
     started = time.monotonic()
     source = repair_source(repair_from, threads)
     dataset = plan.dataset
-    rows = plan.rows(["item_id", "blob", "size_bytes"]).table.to_pylist()
-    wanted: dict[str, tuple[int, list[str]]] = {}
+    rows = plan.rows(["item_id", "blob", "size_bytes", "pack", "pack_offset"]).table.to_pylist()
+    # One check per loose blob, and per range request of packed bytes (a pack is read in
+    # requests of at most ``packs.DEFAULT_MAX_REQUEST`` bytes, each member hashed on its own).
+    loose: dict[str, tuple[int, list[str]]] = {}
+    packed: dict[tuple[str, int, str], tuple[int, list[str]]] = {}
     for row in rows:
-        wanted.setdefault(row["blob"], (row["size_bytes"], []))[1].append(row["item_id"])
-    report = VerifyReport(dataset=dataset, version=plan.version, blobs_checked=len(wanted))
-    blobs = plan.blobs
+        if row["pack"] is None:
+            loose.setdefault(row["blob"], (row["size_bytes"], []))[1].append(row["item_id"])
+        else:
+            key = (row["pack"], row["pack_offset"], row["blob"])
+            packed.setdefault(key, (row["size_bytes"], []))[1].append(row["item_id"])
+    members = sorted(packed)
+    reads = plan_reads([(pack, offset, packed[(pack, offset, blob)][0]) for pack, offset, blob in members],
+                       merge_gap=0)
+    report = VerifyReport(dataset=dataset, version=plan.version,
+                          blobs_checked=len(loose) + len({blob for _, _, blob in packed}))
+    blobs, packs = plan.blobs, plan.packs
     show = sys.stderr.isatty() if progress is None else progress
 
-    def check(blob: str) -> tuple[BadBlob | None, int]:
-        size, items = wanted[blob]
-        return check_blob(blobs, blob, size, tuple(sorted(items)))
+    def check(unit: str | RangeRead) -> tuple[list[BadBlob], int]:
+        if isinstance(unit, str):
+            size, items = loose[unit]
+            bad, nbytes = check_blob(blobs, unit, size, tuple(sorted(items)))
+            return ([bad] if bad else []), nbytes
+        parts = [(members[i][2], rel, n, tuple(sorted(packed[members[i]][1]))) for i, rel, n in unit.members]
+        return check_pack_range(packs, unit, parts)
 
-    for bad, nbytes in _progress(_bounded_map(check, sorted(wanted), threads), len(wanted),
-                                 show, f"verify {dataset}"):
+    units: list[str | RangeRead] = [*sorted(loose), *reads]
+    for bad, nbytes in _progress(_bounded_map(check, units, threads), len(units), show, f"verify {dataset}"):
         report.bytes_checked += nbytes
-        if bad is not None:
-            report.bad.append(bad)
+        report.bad.extend(bad)
     report.bad.sort(key=lambda b: (b.items, b.blob))
     if source is not None:
         report.repair_source = str(source)
@@ -207,10 +230,36 @@ def check_blob(
     return BadBlob(blob, problem, expected_size, size, actual, items), size
 
 
+def check_pack_range(
+    packs: PackStore, read: RangeRead, members: list[tuple[str, int, int, tuple[str, ...]]]
+) -> tuple[list[BadBlob], int]:
+    """Check the blobs packed in one range of a pack: ``members`` are (blob, offset within the
+    range, size, items). One range GET; a pack that is gone or too short makes its members
+    missing (``actual_size`` None) or short."""
+    def read_back() -> bytes | None:
+        with storage_errors("verify pack", read.pack or ""):
+            return read_range(packs.location, packs.path(read.pack or ""), read.start, read.end)
+
+    data = store_call(read_back, location=packs.location, action="verify pack",
+                      target=f"{(read.pack or '')[:12]} of dataset {packs.dataset!r}")
+    bad = []
+    for blob, rel, size, items in members:
+        part = None if data is None or len(data) <= rel else data[rel:rel + size]
+        if part is None:
+            bad.append(BadBlob(blob, MISSING, size, None, None, items, pack=read.pack))
+            continue
+        actual = hashlib.sha256(part).hexdigest()
+        if len(part) != size:
+            bad.append(BadBlob(blob, WRONG_SIZE, size, len(part), actual, items, pack=read.pack))
+        elif actual != blob:
+            bad.append(BadBlob(blob, WRONG_CONTENT, size, size, actual, items, pack=read.pack))
+    return bad, 0 if data is None else len(data)
+
+
 def repair_from_folder(blobs: BlobStore, bad: list[BadBlob], folder: Path, threads: int) -> list[str]:
     """Re-upload each bad blob whose bytes a file under ``folder`` holds; the blobs repaired
     (uploaded and checked again), sorted. Only files of a size some bad blob has are hashed."""
-    by_blob = {b.blob: b for b in bad}
+    by_blob = {b.blob: b for b in bad if b.pack is None}  # packed bytes: re-ingest (packs are immutable)
     sizes = {b.expected_size for b in bad}
     candidates = [p for p in _files(folder) if _size(p) in sizes]
     found: dict[str, Path] = {}

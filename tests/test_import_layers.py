@@ -18,14 +18,14 @@ ROOT = Path(__file__).resolve().parent.parent / "orchestrator"
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["errors", "retry", "store_location", "storage_errors", "optional", "yaml_docs",
                     "ray_runtime"]),
-    ("store handle", ["manifest_faults", "manifest", "blobs", "handle"]),
+    ("store handle", ["manifest_faults", "manifest", "blobs", "packs", "handle"]),
     ("query, scan, access", ["query", "query.*", "access", "access.*", "scan"]),
     ("read plan and reader", ["stream", "stream.*"]),
     ("adapters", ["adapters", "adapters.*"]),
     ("ingest, train, verify", ["ingest", "ingest.*", "train", "train.batches", "train.config",
                                "train.data", "train.lineage", "train.loops", "train.metrics",
                                "train.models", "train.models.*", "train.placement",
-                               "train.progress", "train.storage", "verify"]),
+                               "train.progress", "train.storage", "verify", "optimize", "vacuum"]),
     ("developer tooling", ["dev", "dev.*"]),
     ("facade, CLI, run driver", ["dataset", "store", "", "train.runner", "cli", "__main__"]),
 ]

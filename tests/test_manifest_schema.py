@@ -28,7 +28,7 @@ def test_schema_and_label_map():
     schema = manifest_schema(["car", "traffic light"])
     assert schema.names == [
         "item_id", "blob", "media_type", "width", "height", "size_bytes", "source_name",
-        "instances", "labels", "attributes", "tags", "ingested_at",
+        "instances", "labels", "attributes", "tags", "ingested_at", "pack", "pack_offset",
     ]
     assert schema.field("labels").type.field(1).name == "traffic%20light"
     lm = LabelMap.from_schema(schema)

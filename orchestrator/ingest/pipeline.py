@@ -21,12 +21,15 @@ from orchestrator.ingest.records import build_row
 from orchestrator.ingest.report import IngestReport
 from orchestrator.ingest.sources import Rejection, Source
 from orchestrator.manifest import conform, label_field, now_utc
+from orchestrator.packs import DEFAULT_PACK_BYTES, group_into_packs
 from orchestrator.ray_runtime import ensure_ray, orchestrator_error_in
+from orchestrator.scan import read_table
 from orchestrator.storage_errors import store_call
 
 if TYPE_CHECKING:
     from orchestrator.blobs import BlobStore
     from orchestrator.handle import StoreHandle
+    from orchestrator.packs import PackStore
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,82 @@ def _upload_one(blobs: BlobStore, blob: str, path: str, size: int) -> tuple[bool
     return blobs.put(blob, data, replace=True), len(data)  # absent or wrong size: looked up above
 
 
+def pack_batch(batch: pa.Table, packs: PackStore) -> pa.Table:
+    """Ray Data stage: write one pack per row of the batch (a group of blobs, in manifest order,
+    with a path holding each); re-hash so a file that changed since it was probed is refused.
+    Returns each blob's (pack, offset) and whether its pack was uploaded (a pack of the same
+    bytes already there, left by a killed run, is re-used whole)."""
+    out: dict[str, list] = {"blob": [], "pack": [], "offset": [], "uploaded": [], "bytes": []}
+    for members in batch.column("members").to_pylist():
+        parts, offsets, at = [], [], 0
+        for m in members:
+            with open(m["path"], "rb") as f:
+                data = f.read()
+            if sha256_hex(data) != m["blob"]:
+                raise IngestError(
+                    f"{m['path']} changed while it was being ingested",
+                    hint="re-run the ingest once the files are no longer being written",
+                )
+            parts.append(data)
+            offsets.append(at)
+            at += len(data)
+        pack, uploaded = packs.put(b"".join(parts))
+        for m, offset, data in zip(members, offsets, parts, strict=True):
+            out["blob"].append(m["blob"])
+            out["pack"].append(pack)
+            out["offset"].append(offset)
+            out["uploaded"].append(uploaded)
+            out["bytes"].append(len(data) if uploaded else 0)
+    return pa.table(out)
+
+
+def _run_pack(store: StoreHandle, dataset: str, unique: dict[str, tuple[str, int]],
+              pack_bytes: int) -> tuple[dict[str, tuple[str, int]], int, int, int]:
+    """Pack the ``unique`` blobs (in their order) into packs of about ``pack_bytes``: returns
+    blob -> (pack, offset), and blobs uploaded, re-used, bytes uploaded."""
+    import ray.data
+
+    if not unique:
+        return {}, 0, 0, 0
+    groups = group_into_packs(((b, n) for b, (_, n) in unique.items()), pack_bytes)
+    records = [{"members": [{"blob": b, "path": unique[b][0]} for b in g]} for g in groups]
+    ds = ray.data.from_items(records, override_num_blocks=len(records)).map_batches(
+        pack_batch, batch_format="pyarrow", batch_size=1,
+        fn_kwargs={"packs": store.packs(dataset)}, num_cpus=0.5)
+    where: dict[str, tuple[str, int]] = {}
+    uploaded = reused = nbytes = 0
+    try:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for row in batch.to_pylist():
+                where[row["blob"]] = (row["pack"], row["offset"])
+                uploaded += bool(row["uploaded"])
+                reused += not row["uploaded"]
+                nbytes += row["bytes"]
+    except Exception as exc:  # a stage's error arrives wrapped in Ray's report: raise ours
+        raise _from_stage(exc) from None
+    if len(where) != len(unique):
+        raise IngestError(f"the pack stage lost {len(unique) - len(where)} blobs; nothing was committed")
+    return where, uploaded, reused, nbytes
+
+
+def _known_locations(store: StoreHandle, dataset: str) -> dict[str, tuple[str | None, int | None]]:
+    """Blob -> (pack, offset) for every blob the dataset's latest version reads (pack None: a
+    loose blob): what an ingest re-uses instead of storing the bytes again."""
+    manifest = store.manifest(dataset)
+    if not manifest.exists():
+        return {}
+    snapshot = manifest.snapshot()
+    table = read_table(store.location, snapshot, ["blob", "pack", "pack_offset", "size_bytes"])
+    known = {b: (p, o, n) for b, p, o, n in zip(*(table.column(c).to_pylist() for c in table.column_names),
+                                                strict=True)}
+    # A pack that is gone, or shorter than a row says, holds nothing to re-use: its blobs are
+    # packed again (so re-ingesting the items `verify` lists repairs them). One HEAD per pack.
+    packs = store.packs(dataset)
+    sizes = {p: packs.size(p) for p in {p for p, _, _ in known.values() if p is not None}}
+    return {b: (p, o) for b, (p, o, n) in known.items()
+            if p is None or (sizes[p] is not None and o + n <= sizes[p])}
+
+
 def _run_probe(items: list) -> list[Probe]:
     import ray.data
 
@@ -141,11 +220,15 @@ def _from_stage(exc: Exception) -> Exception:
 
 
 def ingest_source(
-    store: StoreHandle, dataset: str, source: Source, *, message: str, strict: bool, principal: str
+    store: StoreHandle, dataset: str, source: Source, *, message: str, strict: bool, principal: str,
+    pack: bool = False, pack_bytes: int = DEFAULT_PACK_BYTES,
 ) -> IngestReport:
     """Probe, upload and commit ``source`` into ``dataset`` as exactly one new version.
 
-    With ``strict``, any rejection raises ``IngestRejected`` before anything is uploaded.
+    With ``strict``, any rejection raises ``IngestRejected`` before anything is uploaded. With
+    ``pack``, media the dataset's latest version does not already hold are written into packs
+    of about ``pack_bytes`` (in manifest order, see ``orchestrator.packs``) instead of one
+    loose blob each; rows whose bytes the dataset already holds point at them either way.
     """
 
     started = time.monotonic()
@@ -191,8 +274,19 @@ def ingest_source(
         report.seconds = time.monotonic() - started
         return report
 
-    log.info("uploading %d distinct blobs", len(unique))
-    report.blobs_uploaded, report.blobs_reused, report.bytes_uploaded = _run_upload(store, dataset, unique)
+    if pack:
+        known = store_call(lambda: _known_locations(store, dataset), location=store.location,
+                           action="read the blobs of dataset", target=repr(dataset))
+        new = {b: v for b, v in unique.items() if b not in known}
+        log.info("packing %d new blobs (%d already in the dataset)", len(new), len(unique) - len(new))
+        packed, report.blobs_uploaded, reused, report.bytes_uploaded = _run_pack(store, dataset, new, pack_bytes)
+        report.blobs_reused = reused + len(unique) - len(new)
+        where = {**known, **packed}
+        for row in rows:
+            row["pack"], row["pack_offset"] = where[row["blob"]]
+    else:
+        log.info("uploading %d distinct blobs", len(unique))
+        report.blobs_uploaded, report.blobs_reused, report.bytes_uploaded = _run_upload(store, dataset, unique)
     table = conform(rows, labels)
     report.version = manifest.upsert(
         table, message=message, principal=principal, operation="ingest"

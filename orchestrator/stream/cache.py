@@ -216,6 +216,14 @@ class BlobCache:
 
     def get_or_fetch(self, key: str, fetch: Callable[[], bytes]) -> bytes:
         """The blob for ``key`` from memory, then disk, else ``fetch()`` (and cache it)."""
+        data = self.lookup(key)
+        if data is None:
+            data = fetch()
+            self.store(key, data)
+        return data
+
+    def lookup(self, key: str) -> bytes | None:
+        """The blob for ``key`` from memory, then disk (counted as a hit), or None."""
         data = self.memory.get(key)
         if data is not None:
             with self._lock:
@@ -228,7 +236,10 @@ class BlobCache:
                     self.stats.disk_hits += 1
                     self.stats.evictions += self.memory.put(key, data)
                 return data
-        data = fetch()
+        return None
+
+    def store(self, key: str, data: bytes) -> None:
+        """Cache bytes just fetched from the store (counted as a miss and as bytes fetched)."""
         evicted = self.memory.put(key, data)
         if self.disk is not None:
             evicted += self.disk.put(key, data)
@@ -236,7 +247,6 @@ class BlobCache:
             self.stats.misses += 1
             self.stats.bytes_fetched += len(data)
             self.stats.evictions += evicted
-        return data
 
 
 _node_cache: BlobCache | None = None

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from orchestrator.access.redact import redact
 from orchestrator.manifest_faults import manifest_file_errors
-from orchestrator.scan import FILE_INDEX, ROW_NUMBER
+from orchestrator.scan import FILE_INDEX, ROW_NUMBER, with_columns
 from orchestrator.storage_errors import retrying
 from orchestrator.store_location import filesystem_for
 from orchestrator.stream.item import ITEM_COLUMNS
@@ -104,9 +104,14 @@ class RowReader:
             return rows
         path = self.index.files[file_idx]
         location = self.plan.location
+
+        def read() -> pa.Table:
+            f = self._file(file_idx)
+            present = [c for c in ITEM_COLUMNS if c in f.schema_arrow.names]
+            return with_columns(f.read_row_group(group, columns=present), ITEM_COLUMNS)
+
         with manifest_file_errors(location, [path]):
-            rows = redact(retrying(lambda: self._file(file_idx).read_row_group(group, columns=ITEM_COLUMNS),
-                                   location=location, action="read manifest file",
+            rows = redact(retrying(read, location=location, action="read manifest file",
                                    target=path.rsplit("/", 1)[-1], policy=self.plan.retry), self.plan.access)
         self._groups[key] = rows
         while len(self._groups) > self.keep_groups:

@@ -33,8 +33,10 @@ import numpy as np
 
 from orchestrator.manifest import LabelMap
 
-#: Manifest columns an item is built from (they never change type across versions).
-ITEM_COLUMNS = ["item_id", "blob", "width", "height", "instances", "attributes", "tags"]
+#: Manifest columns an item is built from and its bytes found by (they never change type across
+#: versions; ``pack`` and ``pack_offset`` read as null in versions written before packs).
+ITEM_COLUMNS = ["item_id", "blob", "size_bytes", "pack", "pack_offset", "width", "height", "instances",
+                "attributes", "tags"]
 
 #: The item's fields, in the order documented above.
 ITEM_FIELDS = ("id", "image", "boxes", "labels", "label_names", "polygons", "instance_attributes",

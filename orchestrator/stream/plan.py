@@ -20,6 +20,7 @@ from orchestrator.blobs import BlobStore
 from orchestrator.errors import ConfigError
 from orchestrator.handle import StoreHandle
 from orchestrator.manifest import LabelMap, Snapshot
+from orchestrator.packs import PackStore
 from orchestrator.query.compile import CompiledQuery
 from orchestrator.retry import RetryPolicy
 from orchestrator.scan import ManifestRows, candidate_files, read_rows
@@ -43,7 +44,9 @@ class StreamOptions:
     ``retry_deadline`` is how many seconds to wait for a store that does not answer before
     raising ``StoreUnavailable`` (default: the store URI's, 120); ``skip_ledger`` names a shared
     ledger (a Ray actor) in which ``to_ray`` pipelines record skipped items, so that all the
-    pipelines of one training run count into one total."""
+    pipelines of one training run count into one total. ``read_ahead_mb``: how many MB of media an
+    iteration plans its requests over at a time (packed items in them are fetched with merged
+    range requests; at most two such chunks are held)."""
 
     prefetch: int = 16
     threads: int = 8
@@ -54,12 +57,13 @@ class StreamOptions:
     retry_deadline: float | None = None
     skip_ledger: str | None = None
     ray_fetch_actors: int = 8
+    read_ahead_mb: int = 16
 
     def __post_init__(self) -> None:
         if self.on_error not in ("skip", "raise"):
             raise ConfigError(f"on_error must be 'skip' or 'raise', got {self.on_error!r}")
-        if self.prefetch < 1 or self.threads < 1 or self.ray_fetch_actors < 1:
-            raise ConfigError("prefetch, threads and ray_fetch_actors must be >= 1")
+        if self.prefetch < 1 or self.threads < 1 or self.ray_fetch_actors < 1 or self.read_ahead_mb < 1:
+            raise ConfigError("prefetch, threads, ray_fetch_actors and read_ahead_mb must be >= 1")
         if self.retry_deadline is not None and (
                 isinstance(self.retry_deadline, bool) or not isinstance(self.retry_deadline, (int, float))
                 or self.retry_deadline < 0):
@@ -114,6 +118,11 @@ class ReadPlan:
     def blobs(self) -> BlobStore:
         """The dataset's blobs, read under this plan's retry policy."""
         return BlobStore(self.location, self.dataset)
+
+    @property
+    def packs(self) -> PackStore:
+        """The dataset's packs, read under this plan's retry policy."""
+        return PackStore(self.location, self.dataset)
 
     @property
     def what(self) -> str:

@@ -10,10 +10,11 @@ images are in memory beyond the one the consumer holds. Order is preserved.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -22,6 +23,7 @@ import numpy as np
 from orchestrator.blobs import BlobStore
 from orchestrator.errors import ItemError
 from orchestrator.manifest import LabelMap
+from orchestrator.packs import plan_reads
 from orchestrator.stream.cache import BlobCache, node_cache
 from orchestrator.stream.decode import decode_image
 from orchestrator.stream.index import ItemIndex, RowReader, build_index
@@ -41,15 +43,20 @@ def fetch_blob(blobs: BlobStore, cache: BlobCache, blob: str) -> bytes:
 
 
 class ItemLoader:
-    """Fetch and decode one manifest row into an item: the one fetch-and-decode step.
+    """Fetch and decode manifest rows into items: the one fetch-and-decode step.
 
-    Raises ``ItemError`` naming the item only for a missing, corrupt or undecodable blob; a
-    store that does not answer raises ``StoreUnavailable`` after the retry deadline, and every
-    other store error (access denied) as it is: those are never the item's fault. Picklable
-    (the cache is this process's node cache unless the plan's options name one)."""
+    A row's bytes come from the cache (by hash), else from its pack (a range of it) or its loose
+    blob, and are checked against the hash before they are cached or decoded. ``fetch_many``
+    fetches the bytes of many rows with as few requests as their layout allows (packed rows
+    coalesced by ``packs.plan_reads``). Raises (or returns) ``ItemError`` naming the item only
+    for a missing, corrupt or undecodable blob; a store that does not answer raises
+    ``StoreUnavailable`` after the retry deadline, and every other store error (access denied)
+    as it is: those are never the item's fault. Picklable (the cache is this process's node
+    cache unless the plan's options name one)."""
 
     def __init__(self, plan: ReadPlan) -> None:
         self.blobs = plan.blobs
+        self.packs = plan.packs
         self.label_map: LabelMap = plan.label_map
         self.version = plan.version
         self.decode = plan.options.decode
@@ -61,14 +68,75 @@ class ItemLoader:
 
     def __call__(self, row: dict) -> dict[str, Any]:
         try:
-            data = fetch_blob(self.blobs, self.cache, row["blob"])
-            image = decode_image(data, row["item_id"]) if self.decode else None
+            return self.item(row, self.media(row))
         except ItemError as exc:
-            if exc.message.startswith(f"item {row['item_id']!r}"):
-                raise
-            raise ItemError(f"item {row['item_id']!r}: {exc.message}", hint=exc.hint,
-                            reason=exc.reason) from None
+            raise _named(exc, row) from None
+
+    def media(self, row: dict) -> bytes:
+        """One row's bytes: cache, else one request (a pack range or the loose blob)."""
+        try:
+            return self.cache.get_or_fetch(row["blob"], lambda: self._read_one(row))
+        except ItemError as exc:
+            raise _named(exc, row) from None
+
+    def item(self, row: dict, data: bytes | ItemError) -> dict[str, Any]:
+        """The item of a row whose bytes were fetched (or whose fetch failed with ``data``)."""
+        if isinstance(data, ItemError):
+            raise data
+        image = decode_image(data, row["item_id"]) if self.decode else None
         return make_item(row, image, self.label_map, self.version)
+
+    def _read_one(self, row: dict) -> bytes:
+        if row.get("pack") is None:
+            return self.blobs.get(row["blob"])
+        start = row["pack_offset"]
+        return self._checked(self.packs.read_range(row["pack"], start, start + row["size_bytes"]), row)
+
+    def _checked(self, data: bytes, row: dict) -> bytes:
+        if hashlib.sha256(data).hexdigest() != row["blob"]:
+            raise ItemError(
+                f"its bytes in pack {row['pack']} of {self.packs.location.uri} are corrupt: the "
+                f"{len(data):,} bytes at offset {row['pack_offset']} do not hash to blob {row['blob']}",
+                reason="corrupt", hint="run `orchestrator verify NAME` to list the items it affects, "
+                "and re-ingest them")
+        return data
+
+    def fetch_many(self, rows: Sequence[dict]) -> list[bytes | ItemError]:
+        """The bytes of each row (or the ``ItemError`` that explains why not), in order: cached
+        rows from the cache, packed rows by merged range requests, loose ones a GET each."""
+        out: list[bytes | ItemError | None] = [self.cache.lookup(r["blob"]) for r in rows]
+        todo = [i for i, data in enumerate(out) if data is None]
+        reads = plan_reads([(rows[i].get("pack"), rows[i].get("pack_offset"), rows[i]["size_bytes"])
+                            for i in todo])
+        for read in reads:
+            members = [(todo[j], rel, n) for j, rel, n in read.members]
+            if read.pack is None:
+                (i, _, _), = members
+                try:
+                    out[i] = self.media(rows[i])
+                except ItemError as exc:
+                    out[i] = exc
+                continue
+            try:
+                data = self.packs.read_range(read.pack, read.start, read.end)
+            except ItemError as exc:
+                for i, _, _ in members:
+                    out[i] = _named(exc, rows[i])
+                continue
+            for i, rel, n in members:
+                try:
+                    out[i] = self._checked(data[rel:rel + n], rows[i])
+                    self.cache.store(rows[i]["blob"], out[i])  # type: ignore[arg-type]
+                except ItemError as exc:
+                    out[i] = _named(exc, rows[i])
+        return out  # type: ignore[return-value]
+
+
+def _named(exc: ItemError, row: dict) -> ItemError:
+    """``exc`` with the item's id in front (once)."""
+    if exc.message.startswith(f"item {row['item_id']!r}"):
+        return exc
+    return ItemError(f"item {row['item_id']!r}: {exc.message}", hint=exc.hint, reason=exc.reason)
 
 
 def apply_error_policy(exc: ItemError, on_error: OnError, record: Callable[[ItemError], None]) -> None:
@@ -148,47 +216,95 @@ class ItemStream:
                                            shard_id=shard_id, num_shards=num_shards))
 
     def iterate(self, positions: np.ndarray) -> Iterator[dict]:
-        """Items at ``positions`` in that order, fetched ahead on a thread pool.
+        """Items at ``positions`` in that order, fetched ahead on thread pools.
+
+        Positions are taken in chunks of about ``read_ahead_mb`` of media (at most two chunks are
+        fetched or held at a time); within a chunk, packed items are fetched by merged range
+        requests (``packs.plan_reads``), so a sequential pass makes about one request per
+        ``max_request`` bytes; ``prefetch`` items are decoded ahead of the consumer.
 
         Exactly once or not at all: an item is yielded, or skipped as an ``ItemError`` under
         ``on_error="skip"`` (counted in ``skips``, one summary warning when the pass ends), or
         the pass stops with the error. A store outage past the retry deadline always stops it.
         """
         opts = self.options
-        pending: deque[tuple[int, Future]] = deque()
         skipped_here = Skips()
 
         def record(exc: ItemError) -> None:
             skipped_here.add(exc)
             self.skips.add(exc)
 
-        pool = ThreadPoolExecutor(max_workers=opts.threads, thread_name_prefix="orchestrator-fetch")
+        fetch_pool = ThreadPoolExecutor(max_workers=opts.threads, thread_name_prefix="orchestrator-fetch")
+        decode_pool = ThreadPoolExecutor(max_workers=opts.threads, thread_name_prefix="orchestrator-decode")
+        chunks = self._chunks(positions, opts.read_ahead_mb << 20)
+        planned: deque[tuple[dict, Future, int]] = deque()
+        pending: deque[Future] = deque()
+        last_chunk = 0
+        more = True
         finished = False
+
+        def plan_next() -> bool:
+            nonlocal last_chunk
+            chunk = next(chunks, None)
+            if chunk is None:
+                return False
+            planned.extend(self._submit_fetches(fetch_pool, chunk))
+            last_chunk = len(chunk)
+            return True
+
         try:
-            it = iter(positions)
-            exhausted = False
+            more = plan_next()
             while True:
-                while not exhausted and len(pending) < opts.prefetch:
-                    try:
-                        pos = int(next(it))
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    pending.append((pos, pool.submit(self.load, self.rows.row(pos))))
+                if more and len(planned) <= last_chunk:  # into the newest chunk: fetch the next
+                    more = plan_next()
+                while len(pending) < opts.prefetch and planned:
+                    row, fut, k = planned.popleft()
+                    pending.append(decode_pool.submit(self._decode_member, row, fut, k))
                 if not pending:
                     finished = True
                     return
-                _, fut = pending.popleft()
                 try:
-                    item = fut.result()
+                    item = pending.popleft().result()
                 except ItemError as exc:
                     apply_error_policy(exc, opts.on_error, record)
                     continue
                 yield item
         finally:
-            # On an error or an abandoned pass, queued fetches are cancelled and running ones
-            # are not waited for (they end on their own within the store's outage deadline),
-            # so the error reaches the caller now, not after every in-flight fetch gave up too.
-            pool.shutdown(wait=finished, cancel_futures=True)
+            # On an error or an abandoned pass, queued work is cancelled and running work is
+            # not waited for (it ends on its own within the store's outage deadline), so the
+            # error reaches the caller now, not after every in-flight fetch gave up too.
+            decode_pool.shutdown(wait=finished, cancel_futures=True)
+            fetch_pool.shutdown(wait=finished, cancel_futures=True)
             if skipped_here.count:
                 warnings.warn(skipped_here.summary(self.plan.what), stacklevel=2)
+
+    def _chunks(self, positions: np.ndarray, budget: int) -> Iterator[list[dict]]:
+        """Manifest rows of ``positions`` in order, cut into chunks of about ``budget`` bytes of
+        media (at most 4,096 rows)."""
+        chunk: list[dict] = []
+        size = 0
+        for pos in positions:
+            row = self.rows.row(int(pos))
+            chunk.append(row)
+            size += row["size_bytes"] or 0
+            if size >= budget or len(chunk) >= 4096:
+                yield chunk
+                chunk, size = [], 0
+        if chunk:
+            yield chunk
+
+    def _submit_fetches(self, pool: ThreadPoolExecutor, rows: list[dict]) -> list[tuple[dict, Future, int]]:
+        """One fetch task per planned request of ``rows``; per row (in order): the row, the
+        future of its request's bytes and its index in that result."""
+        reads = plan_reads([(r.get("pack"), r.get("pack_offset"), r["size_bytes"]) for r in rows])
+        reads.sort(key=lambda read: min(i for i, _, _ in read.members))  # the consumer's order
+        where: list[tuple[Future, int] | None] = [None] * len(rows)
+        for read in reads:
+            members = [i for i, _, _ in read.members]
+            fut = pool.submit(self.load.fetch_many, [rows[i] for i in members])
+            for k, i in enumerate(members):
+                where[i] = (fut, k)
+        return [(row, *w) for row, w in zip(rows, where, strict=True)]  # type: ignore[misc]
+
+    def _decode_member(self, row: dict, fut: Future, k: int) -> dict[str, Any]:
+        return self.load.item(row, fut.result()[k])

@@ -42,6 +42,7 @@ from tests.conftest import BUCKET
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 CLEAN, DAMAGED = "contract", "contract-damaged"
+PACKED = "contract-packed"  # CLEAN's source ingested into packs (``ingest(pack=True)``)
 VERSION = 0  # both datasets are ingested once into a fresh store
 
 # -- the source -----------------------------------------------------------------------------
@@ -144,6 +145,10 @@ def contract_store(request: pytest.FixtureRequest, source: SourceFiles,
         report = store.ingest(name, jsonl=jsonl)
         assert report.version == VERSION and report.items == n and not report.rejected, report.summary()
         assert report.boxes_clipped == 0 and report.instances_dropped == 0, report.summary()
+
+    report = store.ingest(PACKED, jsonl=source.clean, pack=True, pack_mb=1)
+    assert report.version == VERSION and report.items == len(SOURCE), report.summary()
+    assert all(r["pack"] for r in store.dataset(PACKED).manifest_rows(["pack"]).to_pylist())
 
     blob_of = {r["item_id"]: r["blob"]
                for r in store.dataset(DAMAGED).manifest_rows(["item_id", "blob"]).to_pylist()}
@@ -410,10 +415,12 @@ def _assert_no_problems(path: str, problems: list[str]) -> None:
 
 
 # -- the contract ------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", [CLEAN, PACKED])
 @pytest.mark.parametrize("path", PATHS)
-def test_every_path_yields_the_source_items(contract_store, source, path):
-    """(a) the same ids, (b) the same value in every field of every item, no skips."""
-    ds = _open(contract_store, CLEAN)
+def test_every_path_yields_the_source_items(contract_store, source, path, layout):
+    """(a) the same ids, (b) the same value in every field of every item, no skips: from loose
+    blobs and from packs."""
+    ds = _open(contract_store, layout)
     truth = _truth_by_id(ds, source.folder)
     run = _read(path, ds)
     problems = _item_problems(run.items, truth)
