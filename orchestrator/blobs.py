@@ -24,11 +24,44 @@ from orchestrator.storage_errors import storage_errors, store_call
 from orchestrator.store_location import StoreLocation, filesystem_for
 
 _HASH = re.compile(r"^[0-9a-f]{64}$")
-_BLOB_METADATA = {"Content-Type": "application/octet-stream"}
+_METADATA = {"Content-Type": "application/octet-stream"}
 
 
-class BlobStore:
-    """Content-addressed blobs of one dataset; picklable (location and dataset name only)."""
+def stored_size(location: StoreLocation, path: str, what: str) -> int | None:
+    """Bytes stored at ``path`` (one HEAD on S3); None if nothing is there."""
+    with storage_errors("look up", what):
+        info = filesystem_for(location).get_file_info(path)
+    return info.size if info.type == pafs.FileType.File else None
+
+
+def write_whole(location: StoreLocation, dataset: str, path: str, data: bytes, what: str) -> None:
+    """Write ``data`` to ``path`` so that the name only ever receives a whole object: the bytes
+    go to a temporary name under ``datasets/<dataset>/_incoming/``, whose size is checked, and
+    are then renamed (moved: S3 CopyObject, which lands whole or not at all) to ``path``.
+    Writing straight to the final name on S3 is not safe: pyarrow completes the multipart
+    upload of an output stream whenever the stream is closed, so an exception (a worker's
+    SIGTERM, which Ray turns into SystemExit) between opening and writing stores 0 bytes under
+    the name, and a partial write stores a partial object. A killed upload leaves at most a
+    temporary object, never read (``vacuum`` removes it)."""
+    fs = filesystem_for(location)
+    tmp = location.join("datasets", dataset, "_incoming", f"{path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex}")
+    with storage_errors("upload", what):
+        if location.scheme == "file":
+            fs.create_dir(tmp.rsplit("/", 1)[0], recursive=True)
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(tmp, compression=None, metadata=_METADATA) as out:
+            out.write(data)
+        written = fs.get_file_info(tmp).size
+        if written != len(data):
+            fs.delete_file(tmp)
+            raise StoreError(f"upload of {what} stored {written} of {len(data)} bytes",
+                             hint="retry; nothing was stored under its name")
+        fs.move(tmp, path)
+
+
+class DatasetObjects:
+    """Immutable objects of one dataset in one store (its blobs, its packs); picklable
+    (location and dataset name only)."""
 
     def __init__(self, location: StoreLocation, dataset: str) -> None:
         self.location = location
@@ -37,6 +70,10 @@ class BlobStore:
     @property
     def fs(self) -> pafs.FileSystem:
         return filesystem_for(self.location)
+
+
+class BlobStore(DatasetObjects):
+    """Content-addressed blobs of one dataset."""
 
     def with_retry(self, retry: RetryPolicy) -> BlobStore:
         """The same blobs, read and written under another retry policy."""
@@ -49,9 +86,7 @@ class BlobStore:
 
     def size(self, blob: str) -> int | None:
         """Bytes stored under the blob's name (one HEAD on S3); None if nothing is there."""
-        with storage_errors("look up blob", blob[:12]):
-            info = self.fs.get_file_info(self.path(blob))
-        return info.size if info.type == pafs.FileType.File else None
+        return stored_size(self.location, self.path(blob), f"blob {blob[:12]}")
 
     def exists(self, blob: str, size: int | None = None) -> bool:
         """True if the blob is stored, and given ``size``, stored with exactly that many bytes:
@@ -65,34 +100,15 @@ class BlobStore:
 
         An object of the wrong size under the name is overwritten, and with ``replace`` so is
         one of the right size (``verify --repair-from``: bytes that do not hash to the name).
-        The name only ever receives a whole object: the bytes go to a temporary name under
-        ``datasets/<name>/_incoming/``, whose size is checked, and are then renamed (moved:
-        S3 CopyObject, which lands whole or not at all) to the final name. Writing straight
-        to the final name on S3 is not safe: pyarrow completes the multipart upload of an
-        output stream whenever the stream is closed, so an exception (a worker's SIGTERM,
-        which Ray turns into SystemExit) between opening and writing stores 0 bytes under the
-        name, and a partial write stores a partial object. A killed upload leaves at most a
-        temporary object, never read. Raises ``ItemError`` if ``data`` does not hash to ``blob``.
+        The name only ever receives a whole object (``write_whole``). Raises ``ItemError`` if
+        ``data`` does not hash to ``blob``.
         """
         if hashlib.sha256(data).hexdigest() != blob:
             raise ItemError(f"refusing to store {len(data):,} bytes under blob {blob}: they do not "
                             "hash to its name")
         if not replace and self.exists(blob, len(data)):
             return False
-        path = self.path(blob)
-        tmp = self.location.join("datasets", self.dataset, "_incoming", f"{blob}.{uuid.uuid4().hex}")
-        with storage_errors("upload blob", blob[:12]):
-            if self.location.scheme == "file":
-                self.fs.create_dir(tmp.rsplit("/", 1)[0], recursive=True)
-                self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-            with self.fs.open_output_stream(tmp, compression=None, metadata=_BLOB_METADATA) as out:
-                out.write(data)
-            written = self.fs.get_file_info(tmp).size
-            if written != len(data):
-                self.fs.delete_file(tmp)
-                raise StoreError(f"upload of blob {blob[:12]} stored {written} of {len(data)} bytes",
-                                 hint="retry the ingest; nothing was stored under the blob's name")
-            self.fs.move(tmp, path)
+        write_whole(self.location, self.dataset, self.path(blob), data, f"blob {blob[:12]}")
         return True
 
     def get(self, blob: str, *, verify: bool = True) -> bytes:

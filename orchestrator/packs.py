@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import pyarrow.fs as pafs
-
-from orchestrator.errors import ItemError, StoreError
+from orchestrator.blobs import DatasetObjects, stored_size, write_whole
+from orchestrator.errors import ItemError
 from orchestrator.storage_errors import storage_errors, store_call
-from orchestrator.store_location import StoreLocation, filesystem_for, read_range
+from orchestrator.store_location import read_range
 
 __all__ = ["DEFAULT_PACK_BYTES", "PackStore", "RangeRead", "group_into_packs", "plan_reads"]
 
@@ -44,19 +42,10 @@ DEFAULT_MERGE_GAP = 256 << 10
 DEFAULT_MAX_REQUEST = 8 << 20
 
 _ID = re.compile(r"^[0-9a-f]{64}$")
-_METADATA = {"Content-Type": "application/octet-stream"}
 
 
-class PackStore:
-    """The packs of one dataset; picklable (location and dataset name only)."""
-
-    def __init__(self, location: StoreLocation, dataset: str) -> None:
-        self.location = location
-        self.dataset = dataset
-
-    @property
-    def fs(self) -> pafs.FileSystem:
-        return filesystem_for(self.location)
+class PackStore(DatasetObjects):
+    """The packs of one dataset."""
 
     def path(self, pack: str) -> str:
         if not _ID.match(pack):
@@ -65,9 +54,7 @@ class PackStore:
 
     def size(self, pack: str) -> int | None:
         """Bytes stored under the pack's name; None if nothing is there."""
-        with storage_errors("look up pack", pack[:12]):
-            info = self.fs.get_file_info(self.path(pack))
-        return info.size if info.type == pafs.FileType.File else None
+        return stored_size(self.location, self.path(pack), f"pack {pack[:12]}")
 
     def put(self, data: bytes) -> tuple[str, bool]:
         """Store ``data`` as a pack; returns (pack id, whether it uploaded). A whole pack of
@@ -77,20 +64,7 @@ class PackStore:
         def write() -> bool:
             if self.size(pack) == len(data):
                 return False
-            path = self.path(pack)
-            tmp = self.location.join("datasets", self.dataset, "_incoming", f"pack-{pack}.{uuid.uuid4().hex}")
-            with storage_errors("upload pack", pack[:12]):
-                if self.location.scheme == "file":
-                    self.fs.create_dir(tmp.rsplit("/", 1)[0], recursive=True)
-                    self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-                with self.fs.open_output_stream(tmp, compression=None, metadata=_METADATA) as out:
-                    out.write(data)
-                written = self.fs.get_file_info(tmp).size
-                if written != len(data):
-                    self.fs.delete_file(tmp)
-                    raise StoreError(f"upload of pack {pack[:12]} stored {written} of {len(data)} bytes",
-                                     hint="retry the ingest; nothing was stored under the pack's name")
-                self.fs.move(tmp, path)
+            write_whole(self.location, self.dataset, self.path(pack), data, f"pack {pack[:12]}")
             return True
 
         uploaded = store_call(write, location=self.location, action="upload pack", target=pack[:12])
