@@ -27,14 +27,15 @@ _HASH = re.compile(r"^[0-9a-f]{64}$")
 _METADATA = {"Content-Type": "application/octet-stream"}
 
 
-def stored_size(location: StoreLocation, path: str, what: str) -> int | None:
+def stored_size(fs: pafs.FileSystem, path: str, what: str) -> int | None:
     """Bytes stored at ``path`` (one HEAD on S3); None if nothing is there."""
     with storage_errors("look up", what):
-        info = filesystem_for(location).get_file_info(path)
+        info = fs.get_file_info(path)
     return info.size if info.type == pafs.FileType.File else None
 
 
-def write_whole(location: StoreLocation, dataset: str, path: str, data: bytes, what: str) -> None:
+def write_whole(fs: pafs.FileSystem, location: StoreLocation, dataset: str, path: str, data: bytes,
+                what: str) -> None:
     """Write ``data`` to ``path`` so that the name only ever receives a whole object: the bytes
     go to a temporary name under ``datasets/<dataset>/_incoming/``, whose size is checked, and
     are then renamed (moved: S3 CopyObject, which lands whole or not at all) to ``path``.
@@ -42,8 +43,7 @@ def write_whole(location: StoreLocation, dataset: str, path: str, data: bytes, w
     upload of an output stream whenever the stream is closed, so an exception (a worker's
     SIGTERM, which Ray turns into SystemExit) between opening and writing stores 0 bytes under
     the name, and a partial write stores a partial object. A killed upload leaves at most a
-    temporary object, never read (``vacuum`` removes it)."""
-    fs = filesystem_for(location)
+    temporary object, never read (``vacuum`` removes it). ``fs`` is ``location``'s filesystem."""
     tmp = location.join("datasets", dataset, "_incoming", f"{path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex}")
     with storage_errors("upload", what):
         if location.scheme == "file":
@@ -86,7 +86,7 @@ class BlobStore(DatasetObjects):
 
     def size(self, blob: str) -> int | None:
         """Bytes stored under the blob's name (one HEAD on S3); None if nothing is there."""
-        return stored_size(self.location, self.path(blob), f"blob {blob[:12]}")
+        return stored_size(self.fs, self.path(blob), f"blob {blob[:12]}")
 
     def exists(self, blob: str, size: int | None = None) -> bool:
         """True if the blob is stored, and given ``size``, stored with exactly that many bytes:
@@ -108,7 +108,7 @@ class BlobStore(DatasetObjects):
                             "hash to its name")
         if not replace and self.exists(blob, len(data)):
             return False
-        write_whole(self.location, self.dataset, self.path(blob), data, f"blob {blob[:12]}")
+        write_whole(self.fs, self.location, self.dataset, self.path(blob), data, f"blob {blob[:12]}")
         return True
 
     def get(self, blob: str, *, verify: bool = True) -> bytes:

@@ -54,7 +54,7 @@ class PackStore(DatasetObjects):
 
     def size(self, pack: str) -> int | None:
         """Bytes stored under the pack's name; None if nothing is there."""
-        return stored_size(self.location, self.path(pack), f"pack {pack[:12]}")
+        return stored_size(self.fs, self.path(pack), f"pack {pack[:12]}")
 
     def put(self, data: bytes) -> tuple[str, bool]:
         """Store ``data`` as a pack; returns (pack id, whether it uploaded). A whole pack of
@@ -64,7 +64,7 @@ class PackStore(DatasetObjects):
         def write() -> bool:
             if self.size(pack) == len(data):
                 return False
-            write_whole(self.location, self.dataset, self.path(pack), data, f"pack {pack[:12]}")
+            write_whole(self.fs, self.location, self.dataset, self.path(pack), data, f"pack {pack[:12]}")
             return True
 
         uploaded = store_call(write, location=self.location, action="upload pack", target=pack[:12])
