@@ -647,6 +647,7 @@ CLASSES = {"ours-iter": OursIter, "ours-torch": OursTorch, "ours-ray": OursRay, 
 def measure(spec: dict) -> dict:
     """(subprocess) Setup, then ``spec["epochs"]`` timed epochs of one system."""
     probe = ServerProbe(spec["weed_pid"], spec["metrics_url"])
+    load_start = os.getloadavg()[0]
     system = CLASSES[spec["system"]](spec)
     t0 = time.perf_counter()
     system.setup()
@@ -678,6 +679,7 @@ def measure(spec: dict) -> dict:
                 "seconds": seconds, "items_per_s": n / seconds if seconds else 0.0, "ttfi_s": consumer.ttfi,
                 "checksum": consumer.checksum(), "server": ServerProbe.delta(after, before),
                 "consumer_peak_rss_mb": vm_hwm_mb(), **sampler.result(),
+                "loadavg_1min_end": os.getloadavg()[0],  # other load on the machine shows here
             })
             print(f"  epoch {epoch + 1}: {n} items in {seconds:.2f} s", file=sys.stderr, flush=True)
         extra = system.extra() if hasattr(system, "extra") else {}
@@ -685,7 +687,7 @@ def measure(spec: dict) -> dict:
         sampler.halt.set()
         system.close()
     return {"system": spec["system"], "round": spec["round"], "setup_s": setup_s, "base_rss_mb": base_rss,
-            "epochs": epochs, "extra": extra}
+            "loadavg_1min_start": load_start, "epochs": epochs, "extra": extra}
 
 
 # -- export the peers' copies (subprocess) ----------------------------------------------------------
@@ -909,7 +911,8 @@ def main() -> None:
                     print("  " + " | ".join(
                         f"epoch {e['epoch']}: {e['items_per_s']:.0f} items/s, TTFI {e['ttfi_s']:.2f} s, "
                         f"{e['server']['GET']} GETs, {e['server']['bytes_sent'] / 1e6:.1f} MB"
-                        for e in r["epochs"]) + f" | setup {r['setup_s']:.1f} s", flush=True)
+                        for e in r["epochs"]) + f" | setup {r['setup_s']:.1f} s | load "
+                        f"{r['loadavg_1min_start']:.1f}->{r['epochs'][-1]['loadavg_1min_end']:.1f}", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -995,14 +998,19 @@ def report(runs: list[dict], failures: list[dict], systems: list[str], args, dat
           "(VmHWM); workers MB: sum of its descendants' peaks (DataLoader workers, Ray daemons and workers, curl); "
           "tree PSS: peak PSS of the whole process tree (sampled each second); GETs: GET+HEAD requests SeaweedFS "
           "answered in the epoch; MB: bytes it sent; srv CPU: its CPU seconds.")
+    loads = [r["loadavg_1min_start"] for r in runs] + [e["loadavg_1min_end"] for r in runs for e in r["epochs"]]
+    if loads:
+        print(f"1-minute load average at the runs' starts and epochs' ends: {spread(loads, '{:.1f}')} "
+              f"({os.cpu_count()} cores; anything above ~2-3 is other work on the machine)")
     print("items/boxes per epoch: " + "; ".join(
         f"{k} {'/'.join(map(str, s['items']))}/{'/'.join(map(str, s['boxes']))}" for k, s in summary.items()))
     print("\nconfigurations:")
     for system in summary:
         print(f"  {system:<13} {CONFIG[system]}")
-    same = all(s["checksums"] == [reference] for s in summary.values())
-    print(f"\nchecksum {reference}: " + ("every system and epoch delivered the same items, pixels and boxes"
-                                         if same else "NOT every system delivered the same items, pixels and boxes"))
+    same = bool(summary) and all(s["checksums"] == [reference] for s in summary.values())
+    if summary:
+        verdict = "every system and epoch delivered" if same else "NOT every system delivered"
+        print(f"\nchecksum {reference}: {verdict} the same items, pixels and boxes")
     for f in failures:
         print(f"FAILED: {f['system']} round {f['round']}: {f['error']}")
     return {"checksum_reference": reference, "all_checksums_agree": same, "systems": summary}
