@@ -1001,7 +1001,7 @@ def report(runs: list[dict], failures: list[dict], systems: list[str], args, dat
     loads = [r["loadavg_1min_start"] for r in runs] + [e["loadavg_1min_end"] for r in runs for e in r["epochs"]]
     if loads:
         print(f"1-minute load average at the runs' starts and epochs' ends: {spread(loads, '{:.1f}')} "
-              f"({os.cpu_count()} cores; anything above ~2-3 is other work on the machine)")
+              f"({os.cpu_count()} cores; counts this benchmark, SeaweedFS and any other work on the machine)")
     print("items/boxes per epoch: " + "; ".join(
         f"{k} {'/'.join(map(str, s['items']))}/{'/'.join(map(str, s['boxes']))}" for k, s in summary.items()))
     print("\nconfigurations:")
