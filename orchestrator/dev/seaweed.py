@@ -162,9 +162,13 @@ class SeaweedServer:
         port: int | None = None,
         s3_config: Path | None = None,
         log_path: Path | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port
+        #: Prometheus metrics on ``http://127.0.0.1:<metrics_port>/metrics`` (``weed -metricsPort``;
+        #: request counts by type and bytes sent per bucket); None: no metrics endpoint.
+        self.metrics_port = metrics_port
         self.s3_config = Path(s3_config).resolve() if s3_config is not None else None
         self.log_path = Path(log_path) if log_path is not None else self.data_dir / "weed.log"
         self.ports: dict[str, int] = {}
@@ -228,6 +232,8 @@ class SeaweedServer:
         ]
         if self.s3_config is not None:
             cmd.append(f"-s3.config={self.s3_config}")
+        if self.metrics_port is not None:
+            cmd.append(f"-metricsPort={self.metrics_port}")
         return cmd
 
     def start(self, timeout: float = START_TIMEOUT_S) -> SeaweedServer:

@@ -113,3 +113,27 @@ def test_cli_store_serve_runs_until_sigterm(tmp_path: Path) -> None:
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
     assert "SeaweedFS stopped." in proc.stdout.read()
+
+
+@pytest.mark.s3
+def test_metrics_port_serves_request_counts(tmp_path: Path) -> None:
+    """benchmarks/peers.py counts GETs and bytes per epoch from these Prometheus counters."""
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
+    with SeaweedServer(tmp_path / "data", metrics_port=metrics_port) as server:
+        assert f"-metricsPort={metrics_port}" in server.command()
+        server.create_bucket("metrics-test")
+        s3 = server.client()
+        s3.put_object(Bucket="metrics-test", Key="k", Body=b"x" * 1000)
+        for _ in range(3):
+            assert s3.get_object(Bucket="metrics-test", Key="k")["Body"].read() == b"x" * 1000
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    gets = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith('SeaweedFS_s3_request_total{bucket="metrics-test"') and 'type="GET"' in line)
+    sent = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith('SeaweedFS_s3_bucket_traffic_sent_bytes_total{bucket="metrics-test"}')]
+    assert gets == 3
+    assert sent == [3000]
