@@ -467,7 +467,20 @@ def mosaic_items_class():
     return _MOSAIC_CLASS
 
 
-class Mosaic(System):
+class ShardLoaderSystem(System):
+    """A peer read through its own DataLoader of item dicts, with a local shard cache that each
+    run starts without (``self.loader``, ``self.cache``)."""
+
+    def iterate(self, epoch: int):
+        for batch in self.loader:
+            for s in batch:
+                yield s["id"], s["image"], s["boxes"]
+
+    def close(self) -> None:
+        shutil.rmtree(self.cache, ignore_errors=True)
+
+
+class Mosaic(ShardLoaderSystem):
     def setup(self) -> None:
         import torch.utils.data  # noqa: F401
 
@@ -486,13 +499,6 @@ class Mosaic(System):
         self.loader = torch.utils.data.DataLoader(ds, batch_size=BATCH, num_workers=WORKERS,
                                                   collate_fn=list_collate, persistent_workers=True)
 
-    def iterate(self, epoch: int):
-        for batch in self.loader:
-            for s in batch:
-                yield s["id"], s["image"], s["boxes"]
-
-    def close(self) -> None:
-        shutil.rmtree(self.cache, ignore_errors=True)
 
 
 def wds_decode(sample: dict) -> dict:
@@ -536,7 +542,7 @@ def import_litdata():
     return litdata
 
 
-class LitData(System):
+class LitData(ShardLoaderSystem):
     def setup(self) -> None:
         import torch.utils.data  # noqa: F401
 
@@ -553,13 +559,6 @@ class LitData(System):
         self.loader = litdata.StreamingDataLoader(ds, batch_size=BATCH, num_workers=WORKERS,
                                                   collate_fn=list_collate, persistent_workers=True)
 
-    def iterate(self, epoch: int):
-        for batch in self.loader:
-            for s in batch:
-                yield s["id"], s["image"], s["boxes"]
-
-    def close(self) -> None:
-        shutil.rmtree(self.cache, ignore_errors=True)
 
 
 class Naive(System):
