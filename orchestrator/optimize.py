@@ -12,7 +12,6 @@ in the store while earlier versions read them.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -127,13 +126,12 @@ def optimize_dataset(
 
 
 def _read_verified(handle: StoreHandle, dataset: str, row: dict) -> bytes:
-    """A blob's bytes from where ``row`` says they are, checked against its hash."""
-    if row["pack"] is None:
-        return handle.blobs(dataset).get(row["blob"])
-    start = row["pack_offset"]
-    data = handle.packs(dataset).read_range(row["pack"], start, start + row["size_bytes"])
-    if hashlib.sha256(data).hexdigest() != row["blob"]:
-        raise ItemError(f"item {row['item_id']!r}: its bytes in pack {row['pack']} do not hash to "
-                        f"blob {row['blob']}; nothing was committed", reason="corrupt",
-                        hint="run `orchestrator verify` and re-ingest the items it lists, then optimize")
-    return data
+    """A blob's bytes from where ``row`` says they are, checked against its hash (a bad one
+    stops the optimize before anything is committed)."""
+    try:
+        if row["pack"] is None:
+            return handle.blobs(dataset).get(row["blob"])
+        return handle.packs(dataset).get(row["pack"], row["pack_offset"], row["size_bytes"], row["blob"])
+    except ItemError as exc:
+        raise ItemError(f"item {row['item_id']!r}: {exc.message}; nothing was committed", reason=exc.reason,
+                        hint="run `orchestrator verify` and re-ingest the items it lists, then optimize") from None

@@ -90,6 +90,22 @@ class PackStore(DatasetObjects):
         return data
 
 
+    def checked(self, data: bytes, blob: str, pack: str, offset: int) -> bytes:
+        """``data`` if it hashes to ``blob`` (the bytes a row says are at ``offset`` of ``pack``);
+        else ``ItemError`` (reason ``corrupt``)."""
+        if hashlib.sha256(data).hexdigest() != blob:
+            raise ItemError(
+                f"its bytes in pack {pack} of {self.location.uri} are corrupt: the {len(data):,} "
+                f"bytes at offset {offset} do not hash to blob {blob}",
+                reason="corrupt", hint="run `orchestrator verify NAME` to list the items it affects, "
+                "and re-ingest them")
+        return data
+
+    def get(self, pack: str, offset: int, size: int, blob: str) -> bytes:
+        """One packed blob's bytes (one range GET), checked against its hash."""
+        return self.checked(self.read_range(pack, offset, offset + size), blob, pack, offset)
+
+
 @dataclass(frozen=True)
 class RangeRead:
     """One request: bytes ``[start, end)`` of ``pack`` (None: a loose blob, one item), and the

@@ -10,7 +10,6 @@ images are in memory beyond the one the consumer holds. Order is preserved.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from collections import deque
@@ -89,17 +88,7 @@ class ItemLoader:
     def _read_one(self, row: dict) -> bytes:
         if row.get("pack") is None:
             return self.blobs.get(row["blob"])
-        start = row["pack_offset"]
-        return self._checked(self.packs.read_range(row["pack"], start, start + row["size_bytes"]), row)
-
-    def _checked(self, data: bytes, row: dict) -> bytes:
-        if hashlib.sha256(data).hexdigest() != row["blob"]:
-            raise ItemError(
-                f"its bytes in pack {row['pack']} of {self.packs.location.uri} are corrupt: the "
-                f"{len(data):,} bytes at offset {row['pack_offset']} do not hash to blob {row['blob']}",
-                reason="corrupt", hint="run `orchestrator verify NAME` to list the items it affects, "
-                "and re-ingest them")
-        return data
+        return self.packs.get(row["pack"], row["pack_offset"], row["size_bytes"], row["blob"])
 
     def fetch_many(self, rows: Sequence[dict]) -> list[bytes | ItemError]:
         """The bytes of each row (or the ``ItemError`` that explains why not), in order: cached
@@ -125,7 +114,8 @@ class ItemLoader:
                 continue
             for i, rel, n in members:
                 try:
-                    out[i] = self._checked(data[rel:rel + n], rows[i])
+                    row = rows[i]
+                    out[i] = self.packs.checked(data[rel:rel + n], row["blob"], row["pack"], row["pack_offset"])
                     self.cache.store(rows[i]["blob"], out[i])  # type: ignore[arg-type]
                 except ItemError as exc:
                     out[i] = _named(exc, rows[i])
