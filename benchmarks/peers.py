@@ -33,7 +33,10 @@ for the others), so the checksums can agree.
 Systems (``--systems``, comma list; default all), each in its peer's recommended configuration:
 
 * ``ours-iter``: ``for item in store.dataset(name)`` with default options (prefetch 16, 8 fetch
-  threads, default memory ``BlobCache``, no disk tier).
+  threads, default memory ``BlobCache``, no disk tier) on a copy of the dataset ingested with
+  packed media (``ingest(pack=True)``): merged range GETs.
+* ``ours-loose``: the same loop on the dataset ingested with one object per item (loose blobs,
+  the layout of stores written before packs): a GET per item.
 * ``ours-torch``: ``DataLoader(ds.to_pytorch(), batch_size=32, num_workers=2,
   collate_fn=adapters.torch.collate_items, persistent_workers=True)``.
 * ``ours-ray``: ``ds.to_ray().iter_batches(batch_size=32)`` on a local Ray cluster started in the
@@ -131,10 +134,13 @@ BATCH = 32
 WORKERS = 2
 HEARTBEAT_S = 30.0
 
-SYSTEMS = ("ours-iter", "ours-torch", "ours-ray", "mosaic", "webdataset", "litdata", "naive", "ray-binary",
+SYSTEMS = ("ours-iter", "ours-loose", "ours-torch", "ours-ray", "mosaic", "webdataset", "litdata", "naive",
+           "ray-binary",
            "decode-limit")
 CONFIG = {
-    "ours-iter": "for item in store.dataset(name): defaults (prefetch 16, threads 8, memory BlobCache)",
+    "ours-iter": "for item in store.dataset(name): defaults (prefetch 16, threads 8, memory BlobCache); "
+                 "packed media",
+    "ours-loose": "as ours-iter, on the dataset ingested with loose blobs (one object per item)",
     "ours-torch": "DataLoader(ds.to_pytorch(), batch_size=32, num_workers=2, collate_fn=collate_items, "
                   "persistent_workers=True)",
     "ours-ray": "ds.to_ray().iter_batches(batch_size=32), local Ray cluster",
@@ -156,8 +162,8 @@ def pil_decode(data: bytes) -> np.ndarray:
     """H×W×3 uint8 RGB, EXIF orientation applied: the steps of ``orchestrator.stream.decode``."""
     from PIL import Image, ImageOps
 
-    with Image.open(io.BytesIO(data)) as opened:
-        img = ImageOps.exif_transpose(opened)
+    with Image.open(io.BytesIO(data)) as img:
+        ImageOps.exif_transpose(img, in_place=True)
         if img.mode != "RGB":
             img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "LA", "PA") else img.convert("RGB")
         return np.asarray(img, dtype=np.uint8)
@@ -390,8 +396,13 @@ class OursIter(System):
 
         self.store = orchestrator.connect(STORE_URI)
 
+    @property
+    def name(self) -> str:
+        """The packed copy (the default layout), unless this system reads the loose one."""
+        return self.spec["name"] if self.spec["system"] == "ours-loose" else self.spec["packed_name"]
+
     def open(self) -> None:
-        self.ds = self.store.dataset(self.spec["name"])
+        self.ds = self.store.dataset(self.name)
 
     def iterate(self, epoch: int):
         for item in self.ds:
@@ -407,7 +418,7 @@ class OursTorch(OursIter):
 
         from orchestrator.adapters.torch import collate_items
 
-        self.ds = self.store.dataset(self.spec["name"])
+        self.ds = self.store.dataset(self.name)
         self.loader = torch.utils.data.DataLoader(self.ds.to_pytorch(), batch_size=BATCH, num_workers=WORKERS,
                                                   collate_fn=collate_items, persistent_workers=True)
 
@@ -427,7 +438,7 @@ class OursRay(OursIter):
         init_ray()
 
     def open(self) -> None:
-        self.rds = self.store.dataset(self.spec["name"]).to_ray()
+        self.rds = self.store.dataset(self.name).to_ray()
 
     def iterate(self, epoch: int):
         for batch in self.rds.iter_batches(batch_size=BATCH):
@@ -638,7 +649,8 @@ class DecodeLimit(System):
                 yield from records
 
 
-CLASSES = {"ours-iter": OursIter, "ours-torch": OursTorch, "ours-ray": OursRay, "mosaic": Mosaic,
+CLASSES = {"ours-iter": OursIter, "ours-loose": OursIter, "ours-torch": OursTorch, "ours-ray": OursRay,
+           "mosaic": Mosaic,
            "webdataset": WebDataset, "litdata": LitData, "naive": Naive, "ray-binary": RayBinary,
            "decode-limit": DecodeLimit}
 
@@ -827,7 +839,7 @@ def main() -> None:
 
     if args.prep:
         p = json.loads(args.prep)
-        print(json.dumps(prep_store(p["uri"], Path(p["coco"]), Path(p["images"]), p["size"])), flush=True)
+        print(json.dumps(prep_store(p["uri"], Path(p["coco"]), Path(p["images"]), p["size"], p["pack"])), flush=True)
         return
     if args.export:
         print(json.dumps(export_peers(json.loads(args.export))), flush=True)
@@ -870,10 +882,13 @@ def main() -> None:
             os.environ["S3_ENDPOINT_URL"] = s3.endpoint_url  # MosaicML Streaming's endpoint variable
             print(f"SeaweedFS on {s3.endpoint_url} (pid {s3.pid}, metrics on :{metrics_port}, "
                   f"started in {s3.startup_seconds or 0:.1f} s)", flush=True)
-            r = run_child(["--prep", json.dumps({"uri": STORE_URI, "coco": str(coco), "images": str(demo / "images"),
-                                                 "size": args.n})], f"ingest {name}", errlog, args.timeout_s)
-            print(f"{'ingested' if r['ingested'] else 'reusing'} {name}: {r['items']:,} items"
-                  + (f" in {r['seconds']:.1f} s" if r["ingested"] else ""), flush=True)
+            for pack in (False, True):
+                job = {"uri": STORE_URI, "coco": str(coco), "images": str(demo / "images"), "size": args.n,
+                       "pack": pack}
+                r = run_child(["--prep", json.dumps(job)], f"ingest {name}", errlog,
+                              args.timeout_s)
+                print(f"{'ingested' if r['ingested'] else 'reusing'} {r['name']}: {r['items']:,} items"
+                      + (f" in {r['seconds']:.1f} s" if r["ingested"] else ""), flush=True)
             peers_prefix = f"peers/{name}-s{args.shard_mib}"
             marker = work / f"peers-{name}-s{args.shard_mib}.json"
             if marker.exists():
@@ -891,7 +906,8 @@ def main() -> None:
                       f"MDS {export['mds_objects']} objects {export['mds_bytes'] / 1e6:.1f} MB, "
                       f"WebDataset {export['wds_objects']} {export['wds_bytes'] / 1e6:.1f} MB, "
                       f"LitData {export['litdata_objects']} {export['litdata_bytes'] / 1e6:.1f} MB", flush=True)
-            base = {"name": name, "n": args.n, "epochs": args.epochs, "weed_pid": s3.pid,
+            base = {"name": name, "packed_name": f"{name}-packed", "n": args.n, "epochs": args.epochs,
+                    "weed_pid": s3.pid,
                     "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics", "peers_prefix": peers_prefix,
                     "wds_urls": [f"{s3.endpoint_url}/{BUCKET}/{k}" for k in export.get("wds_keys", [])],
                     "cache_dir": str(work / "cache")}

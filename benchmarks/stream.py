@@ -125,10 +125,11 @@ def write_subset(demo: Path, size: int) -> tuple[Path, int]:
     return path, nbytes
 
 
-def prep_store(uri: str, coco: Path, images: Path, size: int) -> dict:
-    """(subprocess) Ingest ``coco`` as ``dataset_name(size)`` unless it is already there."""
+def prep_store(uri: str, coco: Path, images: Path, size: int, pack: bool = False) -> dict:
+    """(subprocess) Ingest ``coco`` as ``dataset_name(size)`` (with ``-packed`` and packed media
+    if ``pack``) unless it is already there."""
     store = orchestrator.connect(uri)
-    name = dataset_name(size)
+    name = dataset_name(size) + ("-packed" if pack else "")
     if name in store.datasets():
         have = len(store.dataset(name))
         if have == size:
@@ -136,7 +137,7 @@ def prep_store(uri: str, coco: Path, images: Path, size: int) -> dict:
         raise SystemExit(f"{uri} already has dataset {name} with {have} items, not {size}; "
                          "remove the --keep directory and run again")
     t0 = time.perf_counter()
-    report = store.ingest(name, coco=coco, images=images)
+    report = store.ingest(name, coco=coco, images=images, pack=pack)
     dt = time.perf_counter() - t0
     return {"name": name, "ingested": True, "items": report.items, "seconds": dt,
             "rejected": len(report.rejected)}

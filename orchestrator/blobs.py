@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 from orchestrator.errors import ItemError, StoreError
 from orchestrator.retry import RetryPolicy
 from orchestrator.storage_errors import storage_errors, store_call
-from orchestrator.store_location import StoreLocation, filesystem_for
+from orchestrator.store_location import StoreLocation, filesystem_for, read_object
 
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 _METADATA = {"Content-Type": "application/octet-stream"}
@@ -123,12 +123,9 @@ class BlobStore(DatasetObjects):
         """
         path = self.path(blob)
 
-        def read() -> bytes | None:
-            try:
-                with self.fs.open_input_stream(path) as f:
-                    return f.read()
-            except FileNotFoundError:
-                return None
+        def read() -> bytes | None:  # one GET: pyarrow's input stream would HEAD first
+            with storage_errors("read blob", blob[:12]):
+                return read_object(self.location, path)
 
         data = store_call(read, location=self.location, action="read blob", target=blob[:12])
         if data is None:

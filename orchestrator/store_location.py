@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -231,11 +232,11 @@ def no_store_error(location: StoreLocation) -> StoreError:
     )
 
 
+_S3_CLIENT_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=16)
-def _s3_client(location: StoreLocation, pid: int) -> Any:
-    """A boto3 S3 client for range reads, one per location and process (like ``_filesystem``).
-    pyarrow's S3 file objects HEAD an object before every ranged read (its Python API cannot
-    be told the size), which would double the requests of a pack read; boto3 makes one GET."""
+def _s3_client_for(location: StoreLocation, pid: int) -> Any:
     import boto3
     from botocore.config import Config
 
@@ -250,23 +251,43 @@ def _s3_client(location: StoreLocation, pid: int) -> Any:
                         aws_session_token=creds.session_token or None, config=config)
 
 
+def _s3_client(location: StoreLocation) -> Any:
+    """A boto3 S3 client for object reads, one per location and process (like ``_filesystem``;
+    boto3 clients are thread-safe). pyarrow's S3 file objects HEAD an object before every read
+    (its Python API cannot be told the size), which would double the requests of a read; boto3
+    makes one GET. Created under a lock: the first reads come from many threads at once, and
+    each would otherwise build its own client (~0.1 s of CPU each)."""
+    with _S3_CLIENT_LOCK:
+        return _s3_client_for(location, os.getpid())
+
+
 def read_range(location: StoreLocation, path: str, start: int, end: int) -> bytes | None:
     """Bytes ``[start, end)`` of the object at ``path`` (a path in ``filesystem_for``'s terms)
     with one request; None if the object does not exist. Fewer bytes come back when the object
     is shorter. Errors are the clients' own (the caller translates and retries them)."""
+    return _read(location, path, start, end)
+
+
+def read_object(location: StoreLocation, path: str) -> bytes | None:
+    """The whole object at ``path`` with one GET (no HEAD); None if it does not exist. Errors
+    are the clients' own (the caller translates and retries them)."""
+    return _read(location, path, 0, None)
+
+
+def _read(location: StoreLocation, path: str, start: int, end: int | None) -> bytes | None:
     if location.scheme == "file":
         try:
             with open(path, "rb") as f:
                 f.seek(start)
-                return f.read(end - start)
-        except FileNotFoundError:
+                return f.read() if end is None else f.read(end - start)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
     from botocore.exceptions import ClientError
 
     bucket, _, key = path.partition("/")
+    ranged = {} if end is None else {"Range": f"bytes={start}-{end - 1}"}
     try:
-        answer = _s3_client(location, os.getpid()).get_object(Bucket=bucket, Key=key,
-                                                                Range=f"bytes={start}-{end - 1}")
+        answer = _s3_client(location).get_object(Bucket=bucket, Key=key, **ranged)
         return answer["Body"].read()
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "")
