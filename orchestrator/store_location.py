@@ -252,10 +252,10 @@ def _s3_client_for(location: StoreLocation, pid: int) -> Any:
 
 
 def _s3_client(location: StoreLocation) -> Any:
-    """A boto3 S3 client for object reads, one per location and process (like ``_filesystem``;
+    """A boto3 S3 client for range reads, one per location and process (like ``_filesystem``;
     boto3 clients are thread-safe). pyarrow's S3 file objects HEAD an object before every read
-    (its Python API cannot be told the size), which would double the requests of a read; boto3
-    makes one GET. Created under a lock: the first reads come from many threads at once, and
+    (its Python API cannot be told the size), which would double the requests of a pack read;
+    boto3 makes one GET. Created under a lock: the first reads come from many threads at once, and
     each would otherwise build its own client (~0.1 s of CPU each)."""
     with _S3_CLIENT_LOCK:
         return _s3_client_for(location, os.getpid())
@@ -265,29 +265,18 @@ def read_range(location: StoreLocation, path: str, start: int, end: int) -> byte
     """Bytes ``[start, end)`` of the object at ``path`` (a path in ``filesystem_for``'s terms)
     with one request; None if the object does not exist. Fewer bytes come back when the object
     is shorter. Errors are the clients' own (the caller translates and retries them)."""
-    return _read(location, path, start, end)
-
-
-def read_object(location: StoreLocation, path: str) -> bytes | None:
-    """The whole object at ``path`` with one GET (no HEAD); None if it does not exist. Errors
-    are the clients' own (the caller translates and retries them)."""
-    return _read(location, path, 0, None)
-
-
-def _read(location: StoreLocation, path: str, start: int, end: int | None) -> bytes | None:
     if location.scheme == "file":
         try:
             with open(path, "rb") as f:
                 f.seek(start)
-                return f.read() if end is None else f.read(end - start)
+                return f.read(end - start)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
     from botocore.exceptions import ClientError
 
     bucket, _, key = path.partition("/")
-    ranged = {} if end is None else {"Range": f"bytes={start}-{end - 1}"}
     try:
-        answer = _s3_client(location).get_object(Bucket=bucket, Key=key, **ranged)
+        answer = _s3_client(location).get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}")
         return answer["Body"].read()
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "")
