@@ -40,6 +40,26 @@ def test_shuffle_changes_with_epoch_and_seed():
     assert not np.array_equal(a, epoch_order(groups, shuffle=True, seed=1, epoch=0))
 
 
+def test_shuffle_reads_whole_runs_so_a_buffer_costs_one_request_per_run():
+    """Each buffer of the shuffled order is a handful of whole runs of adjacent items (adjacent
+    in a pack), mixed: packed, a buffer is fetched with one range request per run."""
+    from orchestrator.packs import plan_reads
+
+    groups = np.repeat(np.arange(8), 256)  # 8 row groups of 256 items
+    order = epoch_order(groups, shuffle=True, seed=5, epoch=2, window=4, run=64, buffer=256)
+    assert sorted(order.tolist()) == list(range(len(groups)))
+    for k in range(0, len(order), 256):
+        buf = order[k:k + 256]
+        runs = sorted({int(p) // 64 for p in buf})
+        assert len(runs) == 4 and all(set(buf) >= set(range(r * 64, r * 64 + 64)) for r in runs)
+        assert not np.array_equal(buf, np.sort(buf))  # items are mixed within the buffer
+        reads = plan_reads([("p" * 64, int(p) * 1000, 1000) for p in buf], merge_gap=0)
+        assert len(reads) <= 4
+    # runs come from across the 4-group window, not one group at a time
+    first = order[:256]
+    assert len({int(p) // 256 for p in first}) >= 2
+
+
 @settings(max_examples=200)
 @given(st.integers(0, 200), st.integers(1, 12))
 def test_shards_are_disjoint_balanced_and_cover_everything(n, k):

@@ -46,13 +46,17 @@ class StreamOptions:
     ledger (a Ray actor) in which ``to_ray`` pipelines record skipped items, so that all the
     pipelines of one training run count into one total. ``read_ahead_mb``: how many MB of media an
     iteration plans its requests over at a time (packed items in them are fetched with merged
-    range requests; at most two such chunks are held)."""
+    range requests; at most two such chunks are held). Shuffled iteration (``stream.order``)
+    permutes row groups, then runs of ``shuffle_run`` adjacent items within windows of
+    ``shuffle_window`` row groups, then items within buffers of ``shuffle_buffer`` items."""
 
     prefetch: int = 16
     threads: int = 8
     on_error: OnError = "skip"
     decode: bool = True
     shuffle_window: int = 4
+    shuffle_run: int = 64
+    shuffle_buffer: int = 1024
     cache: BlobCache | None = field(default=None, repr=False)
     retry_deadline: float | None = None
     skip_ledger: str | None = None
@@ -62,8 +66,11 @@ class StreamOptions:
     def __post_init__(self) -> None:
         if self.on_error not in ("skip", "raise"):
             raise ConfigError(f"on_error must be 'skip' or 'raise', got {self.on_error!r}")
-        if self.prefetch < 1 or self.threads < 1 or self.ray_fetch_actors < 1 or self.read_ahead_mb < 1:
-            raise ConfigError("prefetch, threads, ray_fetch_actors and read_ahead_mb must be >= 1")
+        counts = ("prefetch", "threads", "ray_fetch_actors", "read_ahead_mb", "shuffle_window", "shuffle_run",
+                  "shuffle_buffer")
+        if any(getattr(self, name) < 1 for name in counts):
+            raise ConfigError(f"{', '.join(counts)} must be >= 1, got "
+                              + ", ".join(str(getattr(self, name)) for name in counts))
         if self.retry_deadline is not None and (
                 isinstance(self.retry_deadline, bool) or not isinstance(self.retry_deadline, (int, float))
                 or self.retry_deadline < 0):

@@ -194,8 +194,9 @@ class ItemStream:
                   shard_id: int = 0, num_shards: int = 1) -> np.ndarray:
         """The positions one reader visits in one epoch (see ``orchestrator.stream.order``)."""
         keys = self.group_keys() if shuffle else np.arange(len(self.index))
-        order = epoch_order(keys, shuffle=shuffle, seed=seed, epoch=epoch,
-                            window=self.options.shuffle_window)
+        opts = self.options
+        order = epoch_order(keys, shuffle=shuffle, seed=seed, epoch=epoch, window=opts.shuffle_window,
+                            run=opts.shuffle_run, buffer=opts.shuffle_buffer)
         return shard(order, shard_id, num_shards)
 
     def iter_items(self, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
