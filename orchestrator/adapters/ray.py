@@ -145,7 +145,9 @@ class _LedgerActor:
 class FetchDecode:
     """Stages 2+3 as one callable class, so each Ray worker keeps its cache between batches.
 
-    The same ``ItemLoader`` and error policy as the SDK reader: a missing, corrupt or
+    The same ``ItemLoader`` and error policy as the SDK reader: a batch of manifest rows is
+    fetched with ``ItemLoader.fetch_many`` (packed rows by merged range requests: a batch of
+    adjacent items of one pack is one request), then decoded; a missing, corrupt or
     undecodable blob is skipped (recorded in the ``ledger``) or raised; a store outage past the
     retry deadline always raises ``StoreUnavailable``, which fails the pipeline instead of
     thinning it. Rows are ``stream.item.to_ray_row`` of the item."""
@@ -163,13 +165,19 @@ class FetchDecode:
         if self.ledger is not None:
             self.ledger.add(exc)
 
-    def __call__(self, row: dict) -> list[dict]:
-        try:
-            item = self.load(row)
-        except ItemError as exc:
-            apply_error_policy(exc, self.on_error, self._record)
-            return []
-        return [to_ray_row(item, self.node_id)]
+    def __call__(self, batch: pa.Table) -> pa.Table | dict[str, list]:
+        rows = batch.to_pylist()
+        out = []
+        for row, data in zip(rows, self.load.fetch_many(rows), strict=True):
+            try:
+                item = self.load.item(row, data)
+            except ItemError as exc:
+                apply_error_policy(exc, self.on_error, self._record)
+                continue
+            out.append(to_ray_row(item, self.node_id))
+        if not out:  # every item skipped: an empty block with no columns
+            return pa.table({})
+        return {name: [r[name] for r in out] for name in out[0]}
 
 
 ROWS_PER_BLOCK = 32
@@ -201,9 +209,10 @@ def to_ray_dataset(plan: ReadPlan, ledger: SkipLedger | None = None, split: Hash
         # decode run in parallel and the first batch reaches a consumer after a few items,
         # not after the whole file.
         .repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
-        .flat_map(FetchDecode, fn_constructor_kwargs={"plan": plan, "ledger": ledger},
-                  compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.options.ray_fetch_actors),
-                  num_cpus=0.5, **pinned)
+        .map_batches(FetchDecode, fn_constructor_kwargs={"plan": plan, "ledger": ledger},
+                     batch_size=ROWS_PER_BLOCK, batch_format="pyarrow",
+                     compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.options.ray_fetch_actors),
+                     num_cpus=0.5, **pinned)
     )
 
 
