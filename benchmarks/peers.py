@@ -94,6 +94,12 @@ shared pages counted once), S3 requests and bytes the server answered (SeaweedFS
 ``SeaweedFS_s3_bucket_traffic_sent_bytes_total``), and the SeaweedFS process's CPU seconds
 (utime + stime from ``/proc/<pid>/stat``). The server shares the machine's cores with the
 consumer. The table gives medians over rounds with [min–max].
+
+Random access (``--getitem K``, default 300; 0 skips it): in each round, after the systems, a
+fresh process per layout opens the packed and the loose copy and times ``ds[i]`` at ``K``
+distinct random indices (the same indices for both; each item read once, so every call misses
+the cache): one ranged GET of a pack against the loose layout's per-item GET (pyarrow: a HEAD
+and a GET). Printed: p50 and p90 latency in ms (medians over rounds) and the server's requests.
 """
 
 from __future__ import annotations
@@ -701,6 +707,45 @@ def measure(spec: dict) -> dict:
             "loadavg_1min_start": load_start, "epochs": epochs, "extra": extra}
 
 
+def measure_getitem(spec: dict) -> dict:
+    """(subprocess) ``ds[i]`` at ``spec["k"]`` distinct random indices of one layout's copy."""
+    import random
+
+    import orchestrator
+
+    probe = ServerProbe(spec["weed_pid"], spec["metrics_url"])
+    name = spec["packed_name"] if spec["layout"] == "packed" else spec["name"]
+    ds = orchestrator.connect(STORE_URI).dataset(name)
+    ds[0]  # opens the manifest and its first row group: not part of an item's latency
+    indices = random.Random(spec["seed"]).sample(range(1, len(ds)), min(spec["k"], len(ds) - 1))
+    before = probe.read()
+    latencies = []
+    for i in indices:
+        t0 = time.perf_counter()
+        item = ds[i]
+        latencies.append(time.perf_counter() - t0)
+        assert item["image"] is not None
+    server = ServerProbe.delta(probe.read(), before)
+    ms = np.asarray(latencies) * 1000
+    return {"layout": spec["layout"], "k": len(indices), "p50_ms": float(np.percentile(ms, 50)),
+            "p90_ms": float(np.percentile(ms, 90)), "mean_ms": float(ms.mean()), "server": server}
+
+
+def report_getitem(results: list[dict]) -> dict:
+    if not results:
+        return {}
+    out = {}
+    print("\nds[i] at random indices (each item once, cold cache); medians [min–max] over rounds:")
+    for layout in ("packed", "loose"):
+        mine = [r for r in results if r["layout"] == layout]
+        p50, p90 = [r["p50_ms"] for r in mine], [r["p90_ms"] for r in mine]
+        gets = statistics.median(r["server"]["GET"] / r["k"] for r in mine)
+        out[layout] = {"p50_ms": p50, "p90_ms": p90, "gets_per_item": gets}
+        print(f"  {layout:<7} p50 {spread(p50, '{:.2f}')} ms, p90 {spread(p90, '{:.2f}')} ms, "
+              f"{gets:.2f} requests per item")
+    return out
+
+
 # -- export the peers' copies (subprocess) ----------------------------------------------------------
 def litdata_export_item(index: int, src: str) -> dict:
     """Item ``index`` of the export: id, the blob's bytes, boxes as raw float32 bytes."""
@@ -833,7 +878,10 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=900, help="per measured subprocess (default: %(default)s)")
     parser.add_argument("--prep", help=argparse.SUPPRESS)
     parser.add_argument("--export", help=argparse.SUPPRESS)
+    parser.add_argument("--getitem", type=int, default=300,
+                        help="random ds[i] calls per layout and round (0: skip; default: %(default)s)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--getitem-one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
 
@@ -846,6 +894,9 @@ def main() -> None:
         return
     if args.one:
         print(json.dumps(measure(json.loads(args.one))), flush=True)
+        return
+    if args.getitem_one:
+        print(json.dumps(measure_getitem(json.loads(args.getitem_one))), flush=True)
         return
 
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -872,6 +923,7 @@ def main() -> None:
     name = dataset_name(args.n)
     runs: list[dict] = []
     failures: list[dict] = []
+    getitems: list[dict] = []
     try:
         demo = prepare_images(work, args.n, args.seed)
         coco, data_bytes = write_subset(demo, args.n)
@@ -928,16 +980,24 @@ def main() -> None:
                         f"{e['server']['GET']} GETs, {e['server']['bytes_sent'] / 1e6:.1f} MB"
                         for e in r["epochs"]) + f" | setup {r['setup_s']:.1f} s | load "
                         f"{r['loadavg_1min_start']:.1f}->{r['epochs'][-1]['loadavg_1min_end']:.1f}", flush=True)
+                for layout in ("packed", "loose") if args.getitem else ():
+                    spec = {**base, "layout": layout, "k": args.getitem, "seed": args.seed + rnd}
+                    r = run_child(["--getitem-one", json.dumps(spec)], f"round {rnd} ds[i] {layout}", errlog,
+                                  args.timeout_s)
+                    getitems.append({**r, "round": rnd})
+                    print(f"round {rnd}/{args.rounds} ds[i] {layout}: p50 {r['p50_ms']:.2f} ms, p90 "
+                          f"{r['p90_ms']:.2f} ms, {r['server']['GET']} GETs for {r['k']} items", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
     summary = report(runs, failures, systems, args, data_bytes)
+    summary["getitem"] = report_getitem(getitems)
     if args.json:
         args.json.write_text(json.dumps({
             "n": args.n, "rounds": args.rounds, "shard_mib": args.shard_mib, "seed": args.seed,
             "cores": os.cpu_count(), "dataset": name, "jpeg_bytes": data_bytes, "config": CONFIG,
-            "export": export, "summary": summary, "runs": runs, "failures": failures,
+            "export": export, "summary": summary, "runs": runs, "failures": failures, "getitem": getitems,
         }, indent=1))
         print(f"\nwrote {args.json}")
 

@@ -310,6 +310,10 @@ def main() -> None:
     parser.add_argument("--big-cache-mib", type=int, default=1024,
                         help="budget of the extra run on the smallest size (0: skip; default: %(default)s)")
     parser.add_argument("--keep", type=Path, help="keep images, stores and SeaweedFS data under DIR")
+    parser.add_argument("--layout", choices=("packed", "loose"), default="packed",
+                        help="ingest media into packs (datasets named street<N>k-packed) or one object "
+                             "per item (default: %(default)s)")
+    parser.add_argument("--methods", default="ours,naive", help="comma list of ours, naive (default: %(default)s)")
     parser.add_argument("--prep", help=argparse.SUPPRESS)  # JSON: uri, coco, images, size
     parser.add_argument("--one", help=argparse.SUPPRESS)  # JSON: a measure() spec
     args = parser.parse_args()
@@ -317,7 +321,8 @@ def main() -> None:
 
     if args.prep:
         p = json.loads(args.prep)
-        print(json.dumps(prep_store(p["uri"], Path(p["coco"]), Path(p["images"]), p["size"])), flush=True)
+        print(json.dumps(prep_store(p["uri"], Path(p["coco"]), Path(p["images"]), p["size"], p["pack"])),
+              flush=True)
         return
     if args.one:
         print(json.dumps(measure(json.loads(args.one))), flush=True)
@@ -326,6 +331,11 @@ def main() -> None:
     from orchestrator.dev.seaweed import SeaweedServer
 
     sizes = sorted(int(s) for s in args.sizes.split(",") if s.strip())
+    packed = args.layout == "packed"
+
+    def name_of(size: int) -> str:
+        return dataset_name(size) + ("-packed" if packed else "")
+
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
     work = (args.keep or Path(tempfile.mkdtemp(prefix="bench-stream-"))).resolve()
@@ -346,28 +356,29 @@ def main() -> None:
             backends = [b for b in backends if b[0].rstrip(":/") in args.backends.split(",")]
             for label, uri in backends:
                 for size in sizes:
-                    what = f"ingest {dataset_name(size)} into {label}"
+                    what = f"ingest {name_of(size)} into {label}"
                     print(f"{what} ...", flush=True)
                     r = in_subprocess(["--prep", json.dumps({"uri": uri, "coco": str(subsets[size]),
                                                              "images": str(demo / "images"),
-                                                             "size": size})], what, errlog)
+                                                             "size": size, "pack": packed})], what, errlog)
                     if r["ingested"]:
                         print(f"ingested {r['items']:,} items into {label} in {r['seconds']:.1f} s "
                               f"({r['items'] / r['seconds']:.0f} items/s)", flush=True)
                     else:
                         print(f"{label} already holds {r['name']} ({r['items']:,} items)", flush=True)
             runs = []
+            methods = [m for m in ("ours", "naive") if m in args.methods.split(",")]
             for label, uri in backends:
                 for size in sizes:
-                    for method in ("ours", "naive"):
+                    for method in methods:
                         runs.append((label, uri, size, method, args.budget_mib))
-                if args.big_cache_mib:
+                if args.big_cache_mib and "ours" in methods:
                     runs.append((label, uri, sizes[0], "ours", args.big_cache_mib))
             for label, uri, size, method, budget in runs:
-                spec = {"uri": uri, "name": dataset_name(size), "method": method,
+                spec = {"uri": uri, "name": name_of(size), "method": method,
                         "budget_mib": budget if method == "ours" else 0, "epochs": args.epochs,
                         "backend": label, "size": size}
-                what = f"{method} {label} {dataset_name(size)}" + (f" cache {budget} MiB" if method == "ours" else "")
+                what = f"{method} {label} {name_of(size)}" + (f" cache {budget} MiB" if method == "ours" else "")
                 print(f"measuring {what} ...", flush=True)
                 r = in_subprocess(["--one", json.dumps(spec)], what, errlog)
                 results.append(r)
