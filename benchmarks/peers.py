@@ -1067,7 +1067,7 @@ def report(runs: list[dict], failures: list[dict], systems: list[str], args, dat
               f"{s['consumer_peak_rss_mb']:>6.0f} {s['workers_peak_rss_mb_sum']:>10.0f} {s['tree_pss_peak_mb']:>8.0f} "
               f"{num(s['cold_gets'], '{:.0f}') + '/' + num(s['warm_gets'], '{:.0f}'):>14} "
               f"{num(s['cold_mb'], '{:.1f}') + '/' + num(s['warm_mb'], '{:.1f}'):>12} "
-              f"{num(s['cold_server_cpu_s'], '{:.1f}') + '/' + num(s['warm_server_cpu_s'], '{:.1f}'):>13}  "
+              f"{num(s['cold_server_cpu_s'], '{:.2f}') + '/' + num(s['warm_server_cpu_s'], '{:.2f}'):>13}  "
               f"{','.join(c[:12] for c in s['checksums'])} ({ok})")
     print("\nsetup s: imports, connect, Ray start (untimed, before epoch 1); RSS MB: the consumer's peak "
           "(VmHWM); workers MB: sum of its descendants' peaks (DataLoader workers, Ray daemons and workers, curl); "
