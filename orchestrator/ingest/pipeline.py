@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -165,6 +166,29 @@ def _known_locations(store: StoreHandle, dataset: str) -> dict[str, tuple[str | 
             if p is None or (sizes[p] is not None and o + n <= sizes[p])}
 
 
+def _without_damaged_loose(store: StoreHandle, dataset: str, known: dict[str, tuple[str | None, int | None]],
+                           unique: dict[str, tuple[str, int]]) -> dict[str, tuple[str | None, int | None]]:
+    """``known`` less the loose blobs of this source whose object is gone or of the wrong size
+    (an empty or cut object left by an older release's killed upload, say): their media are
+    packed again instead of re-used, as a loose ingest uploads them again (``upload_batch``).
+    One HEAD per loose blob the source re-uses, which is what a loose ingest makes, on a small
+    thread pool (the work is store round trips)."""
+    loose = [b for b in unique if b in known and known[b][0] is None]
+    if not loose:
+        return known
+    blobs = store.blobs(dataset)
+
+    def whole(blob: str) -> bool:
+        return store_call(lambda: blobs.exists(blob, unique[blob][1]), location=store.location,
+                          action="look up blob", target=f"{blob[:12]} of dataset {dataset!r}")
+
+    with ThreadPoolExecutor(max_workers=16, thread_name_prefix="ingest-lookup") as pool:
+        damaged = {b for b, ok in zip(loose, pool.map(whole, loose)) if not ok}
+    if damaged:
+        log.info("%d loose blobs are gone or of the wrong size: packing their media again", len(damaged))
+    return {b: where for b, where in known.items() if b not in damaged}
+
+
 def _run_probe(items: list) -> list[Probe]:
     import ray.data
 
@@ -277,6 +301,7 @@ def ingest_source(
     if pack:
         known = store_call(lambda: _known_locations(store, dataset), location=store.location,
                            action="read the blobs of dataset", target=repr(dataset))
+        known = _without_damaged_loose(store, dataset, known, unique)
         new = {b: v for b, v in unique.items() if b not in known}
         log.info("packing %d new blobs (%d already in the dataset)", len(new), len(unique) - len(new))
         packed, report.blobs_uploaded, reused, report.bytes_uploaded = _run_pack(store, dataset, new, pack_bytes)

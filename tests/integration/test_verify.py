@@ -15,8 +15,9 @@ from tests.conftest import run_cli
 
 
 def _ingest(store_uri, demo_small) -> tuple[orchestrator.Store, dict[str, str]]:
+    """The demo ingested loose (one object per item): the layout these tests damage and repair."""
     store = orchestrator.connect(store_uri)
-    store.ingest("street", coco=demo_small / "annotations.json", images=demo_small / "images")
+    store.ingest("street", coco=demo_small / "annotations.json", images=demo_small / "images", pack=False)
     rows = store.dataset("street").manifest_rows(["item_id", "blob"]).to_pylist()
     return store, {r["item_id"]: r["blob"] for r in rows}
 
@@ -78,16 +79,27 @@ def test_verify_finds_truncated_zeroed_and_swapped_blobs_and_repair_restores_the
         assert _reads_back(store, item_id)["id"] == item_id
 
 
-def test_reingest_reuploads_a_wrong_size_object_under_a_blobs_name(ray_cluster, store_uri, demo_small):
+@pytest.mark.parametrize("pack", [False, True], ids=["loose-reingest", "packed-reingest"])
+def test_reingest_reuploads_a_wrong_size_object_under_a_blobs_name(ray_cluster, store_uri, demo_small, pack):
+    """A loose dataset with a wrong-size object under two blobs' names: a loose re-ingest
+    uploads them again; a packed one packs their media and points the rows there,
+    instead of re-using the damaged objects."""
     store, blob_of = _ingest(store_uri, demo_small)
     empty_id, cut_id = sorted(blob_of)[:2]
     whole = _read(store, blob_of[cut_id])
     _overwrite(store, blob_of[empty_id], b"")  # what a killed upload left behind
     _overwrite(store, blob_of[cut_id], whole[:1000])
 
-    report = store.ingest("street", coco=demo_small / "annotations.json", images=demo_small / "images")
+    report = store.ingest("street", coco=demo_small / "annotations.json", images=demo_small / "images",
+                          pack=pack)
     assert (report.blobs_uploaded, report.blobs_reused) == (2, 58)
-    assert _read(store, blob_of[cut_id]) == whole
+    rows = {r["item_id"]: r["pack"] for r in store.dataset("street").manifest_rows(["item_id", "pack"]).to_pylist()}
+    if pack:
+        assert rows[empty_id] and rows[cut_id]  # the damaged two packed, the others still loose
+        assert sum(p is None for p in rows.values()) == 58
+    else:
+        assert _read(store, blob_of[cut_id]) == whole
+        assert all(p is None for p in rows.values())
     for item_id in (empty_id, cut_id):
         assert _reads_back(store, item_id)["id"] == item_id
     assert store.verify("street").ok
