@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from orchestrator.errors import AccessDenied, OrchestratorError
+from orchestrator.errors import AccessDenied, ConfigError, OrchestratorError
 
 EXIT_SYSTEM, EXIT_USER, EXIT_REJECTED, EXIT_DENIED = 1, 2, 3, 4
 _out = sys.stdout
@@ -62,8 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--message", default="", help="version message")
     p.add_argument("--strict", action="store_true", help="any rejected input: exit 3, commit nothing")
     p.add_argument("--pack", action="store_true",
-                   help="write new media into packs (one request per run of items when read)")
-    p.add_argument("--pack-mb", type=int, default=32, metavar="MB", help="target pack size (default 32)")
+                   help="write new media into packs, one request per run of items when read (the default; "
+                        "accepted so that scripts written when packs were opt-in keep working)")
+    p.add_argument("--loose", action="store_true",
+                   help="write one object per item instead of packs (the layout of stores written before "
+                        "packs; for tools that want one file per image)")
+    p.add_argument("--pack-mb", type=int, default=None, metavar="MB", help="target pack size (default 32)")
     p.add_argument("--json", action="store_true", help="print the ingest report as JSON")
 
     p = sub.add_parser("delete", help="remove items as one new version")
@@ -208,13 +212,22 @@ def _print_table(rows: list[dict], columns: Sequence[str]) -> None:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from orchestrator.ingest.pipeline import IngestRejected
+    from orchestrator.packs import DEFAULT_PACK_BYTES
 
+    # Checked before the store is opened: a contradictory command writes nothing.
+    if args.loose and args.pack:
+        raise ConfigError("--pack and --loose contradict each other",
+                          hint="packs are the default: pass --loose alone for one object per item, "
+                               "or neither for packs")
+    if args.loose and args.pack_mb is not None:
+        raise ConfigError("--pack-mb sets the size of packs, and --loose writes none",
+                          hint="drop --pack-mb, or drop --loose to write packs")
     store = _need_store(args, writes=True)
     try:
         report = store.ingest(
             args.dataset, coco=args.coco, images=args.images, jsonl=args.jsonl,
             message=args.message, strict=args.strict, allow_roots=args.allow_roots,
-            pack=args.pack, pack_mb=args.pack_mb,
+            pack=not args.loose, pack_mb=DEFAULT_PACK_BYTES >> 20 if args.pack_mb is None else args.pack_mb,
         )
     except IngestRejected as exc:
         if args.json and exc.report is not None:

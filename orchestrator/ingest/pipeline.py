@@ -1,10 +1,12 @@
-"""Ingest as Ray Data stages: probe files → upload each new blob once → one Delta commit.
+"""Ingest as Ray Data stages: probe files → store each new blob once → one Delta commit.
 
 Stage 1 reads, hashes and fully decodes every file in parallel (bytes do not travel back to the
 driver, only the probe). The driver then builds the manifest rows, applies the bad-input policy
-and de-duplicates blobs. Stage 2 uploads each distinct blob that the store does not hold yet.
-Only then is the manifest committed, in exactly one Delta commit: a killed ingest leaves at most
-some uploaded blobs (which a rerun re-uses) and never a partial version.
+and de-duplicates blobs. Stage 2 stores each distinct blob that the dataset does not hold yet:
+by default packed (one Ray task per pack of about ``pack_bytes``, ``pack_batch``), or with
+``pack=False`` one loose object each (``upload_batch``). Only then is the manifest committed,
+in exactly one Delta commit: a killed ingest leaves at most some uploaded packs or blobs (which
+a rerun re-uses) and never a partial version.
 """
 
 from __future__ import annotations
@@ -245,14 +247,15 @@ def _from_stage(exc: Exception) -> Exception:
 
 def ingest_source(
     store: StoreHandle, dataset: str, source: Source, *, message: str, strict: bool, principal: str,
-    pack: bool = False, pack_bytes: int = DEFAULT_PACK_BYTES,
+    pack: bool = True, pack_bytes: int = DEFAULT_PACK_BYTES,
 ) -> IngestReport:
     """Probe, upload and commit ``source`` into ``dataset`` as exactly one new version.
 
     With ``strict``, any rejection raises ``IngestRejected`` before anything is uploaded. With
-    ``pack``, media the dataset's latest version does not already hold are written into packs
-    of about ``pack_bytes`` (in manifest order, see ``orchestrator.packs``) instead of one
-    loose blob each; rows whose bytes the dataset already holds point at them either way.
+    ``pack`` (the default), media the dataset's latest version does not already hold are
+    written into packs of about ``pack_bytes`` (in manifest order, see ``orchestrator.packs``);
+    with ``pack=False``, as one loose blob each. Rows whose bytes the dataset already holds
+    point at them either way.
     """
 
     started = time.monotonic()

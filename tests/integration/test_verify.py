@@ -82,7 +82,7 @@ def test_verify_finds_truncated_zeroed_and_swapped_blobs_and_repair_restores_the
 @pytest.mark.parametrize("pack", [False, True], ids=["loose-reingest", "packed-reingest"])
 def test_reingest_reuploads_a_wrong_size_object_under_a_blobs_name(ray_cluster, store_uri, demo_small, pack):
     """A loose dataset with a wrong-size object under two blobs' names: a loose re-ingest
-    uploads them again; a packed one packs their media and points the rows there,
+    uploads them again; a packed one (the default) packs their media and points the rows there,
     instead of re-using the damaged objects."""
     store, blob_of = _ingest(store_uri, demo_small)
     empty_id, cut_id = sorted(blob_of)[:2]
