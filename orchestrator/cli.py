@@ -113,8 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--version", type=int, default=None, help="version number (default: latest)")
     p.add_argument("--repair-from", "--repair", dest="repair_from", type=Path, metavar="DIR",
-                   help="re-upload bad blobs from the files under DIR (e.g. the COCO images folder); "
-                        "items whose bytes DIR lacks are listed for re-ingest")
+                   help="re-upload bad loose blobs from the files under DIR (e.g. the COCO images folder); "
+                        "items whose bytes DIR lacks, and packed items (packs are never rewritten), are "
+                        "listed for re-ingest")
     p.add_argument("--threads", type=int, default=8, help="parallel blob reads (default 8)")
     p.add_argument("--json", action="store_true", help="print the verify report as JSON")
 
@@ -313,11 +314,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
     emit(json.dumps(report.as_dict(), indent=2) if args.json else report.summary())
     if report.ok:
         return 0
-    fix = (f"put their files in a folder and run `orchestrator verify {args.name} --repair-from DIR`"
-           if args.repair_from is None else f"{args.repair_from} does not hold their bytes: "
-           "repair from a folder that does (a re-ingest re-uploads only missing or wrong-size blobs)")
+    fixes = []
+    if any(b.pack is None for b in report.remaining):
+        fixes.append(f"put their files in a folder and run `orchestrator verify {args.name} --repair-from DIR`"
+                     if args.repair_from is None else f"{args.repair_from} does not hold their bytes: "
+                     "repair from a folder that does (a re-ingest re-uploads only missing or wrong-size blobs)")
+    if report.packed_reingest:
+        fixes.append(f"ingest the source of the {len(report.packed_reingest)} packed items listed again "
+                     "(packs are never repaired in place; their media are packed again)")
+    if report.packed_delete_first:
+        fixes.append(f"delete the {len(report.packed_delete_first)} packed items listed with wrong bytes "
+                     f"(`orchestrator delete --dataset {args.name} --items ...`), then ingest their source again")
     print(f"error: {len(report.remaining)} bad blobs remain in dataset {args.name!r} version "
-          f"{report.version}, read by {len(report.reingest)} items\n  fix: {fix}", file=sys.stderr)
+          f"{report.version}, read by {len(report.reingest)} items"
+          + "".join(f"\n  fix: {f}" for f in fixes), file=sys.stderr)
     return EXIT_SYSTEM
 
 

@@ -169,7 +169,8 @@ class Store:
         threads: int = 8, progress: bool | None = None,
     ) -> VerifyReport:
         """Check the size and sha256 of every blob that a version (default: latest) reads;
-        with ``repair_from`` (a folder) re-upload bad blobs whose bytes a file there holds.
+        with ``repair_from`` (a folder) re-upload bad loose blobs whose bytes a file there holds
+        (packs are immutable: their bad items are listed with what fixes them, never rewritten).
         The report names each bad blob with its items; see ``orchestrator.verify``.
         Only the items this principal may read are checked; repair needs write access."""
         check_dataset_name(name)
