@@ -6,9 +6,11 @@
                                 [--fault-at 0.25] [--work-dir DIR] [--no-ingest]
 
 Data: ``--n`` demo images (``make_demo_data``, seed 0, 2 workers; drawn once and kept under
-``--work-dir/demo`` for the next run) are ingested once as ``street`` into a SeaweedFS of this
-script's own (``tests.support.faulty_server.FaultyServer``: the server is killed -9, restarted
-on the same port with the same data, SIGSTOPped and SIGCONTed). Every reader uses
+``--work-dir/demo`` for the next run) are ingested once as ``street``, as loose blobs (one object
+per item, so that a fault placed after a share of the items still finds requests to hit; packed,
+a few range requests fetch the whole dataset ahead), into a SeaweedFS of this script's own
+(``tests.support.faulty_server.FaultyServer``: the server is killed -9, restarted on the same
+port with the same data, SIGSTOPped and SIGCONTed). Every reader uses
 ``cache=BlobCache(memory_budget=1)``, so every item is fetched from the server during the fault.
 
 Scenarios, in order (the fault is injected once ``--fault-at`` of the items have been delivered;
@@ -328,7 +330,9 @@ class Bench:
         watcher.start()
         signal.alarm(int(a.scenario_timeout_s))
         try:
-            report = store.ingest(name, coco=self.demo / "annotations.json", images=self.demo / "images")
+            # Loose: the fault lands once a share of the blobs is stored (one object per item).
+            report = store.ingest(name, coco=self.demo / "annotations.json", images=self.demo / "images",
+                                  pack=False)
         except Exception as exc:
             out.exception, out.store_unavailable = describe(exc)
         finally:
@@ -577,7 +581,10 @@ def main() -> None:
         print(f"SeaweedFS on {faulty.server.endpoint_url}; work dir {work}", flush=True)
         bench = Bench(args, faulty, demo)
         t0 = time.perf_counter()
-        report = bench.store().ingest(DATASET, coco=demo / "annotations.json", images=demo / "images")
+        # Loose: each read scenario puts its fault after a share of the items, which needs one
+        # request per item (packed, a few range requests fetch the whole dataset ahead).
+        report = bench.store().ingest(DATASET, coco=demo / "annotations.json", images=demo / "images",
+                                      pack=False)
         print(f"ingested {report.items:,} items in {time.perf_counter() - t0:.1f} s", flush=True)
         bench.expected_ids = sorted(bench.store().dataset(DATASET).item_ids())
 

@@ -1,9 +1,11 @@
 """Ingest throughput into both backends: items/s and MB/s, first import and re-import.
 
-    python benchmarks/ingest.py [--n 2000] [--seed 0]
+    python benchmarks/ingest.py [--n 2000] [--seed 0] [--loose]
 
 Draws N demo images once, then for file:// and s3:// (a SeaweedFS started on loopback) runs a
 first ingest (every blob uploaded) and a second ingest of the same input (every blob re-used).
+Media go into packs (the default layout), or with ``--loose`` one object per item (the layout
+the README's table was measured on, before packs were the default).
 Times include Ray Data stage start-up but not Ray cluster start-up. Prints a table and the
 driver's peak RSS.
 """
@@ -27,12 +29,12 @@ from orchestrator.dev.seaweed import SeaweedServer  # noqa: E402
 from orchestrator.ray_runtime import ensure_ray  # noqa: E402
 
 
-def run(store_uri: str, data: Path, label: str) -> list[dict]:
+def run(store_uri: str, data: Path, label: str, pack: bool) -> list[dict]:
     store = orchestrator.connect(store_uri)
     rows = []
     for attempt in ("first import", "re-import"):
         t0 = time.perf_counter()
-        report = store.ingest("street", coco=data / "annotations.json", images=data / "images")
+        report = store.ingest("street", coco=data / "annotations.json", images=data / "images", pack=pack)
         dt = time.perf_counter() - t0
         mb = sum(f.stat().st_size for f in (data / "images").iterdir()) / 1e6
         rows.append({
@@ -47,6 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loose", action="store_true", help="one object per item instead of packs")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
@@ -56,11 +59,12 @@ def main() -> None:
     print(f"drew {args.n} demo images in {time.perf_counter() - t0:.1f} s", flush=True)
     ensure_ray()
 
-    results = run(f"file://{work / 'store'}", data, "file://")
+    print(f"layout: {'loose blobs' if args.loose else 'packs'}", flush=True)
+    results = run(f"file://{work / 'store'}", data, "file://", not args.loose)
     with SeaweedServer(work / "seaweed") as s3:
         s3.create_bucket("bench", "bench", "bench")
         os.environ.update(s3.env("bench", "bench"))
-        results += run("s3://bench/store", data, "s3:// (SeaweedFS)")
+        results += run("s3://bench/store", data, "s3:// (SeaweedFS)", not args.loose)
 
     cols = ["backend", "run", "items", "seconds", "items/s", "MB/s", "uploaded", "reused"]
     print("\n" + "  ".join(f"{c:>18}" for c in cols))

@@ -59,7 +59,9 @@ def open_dataset(args: argparse.Namespace, work: Path):
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        store.ingest("street", coco=work / "demo" / "annotations.json", images=work / "demo" / "images")
+        # Loose: per_core times fetch_blob, the read of one loose blob by its hash.
+        store.ingest("street", coco=work / "demo" / "annotations.json", images=work / "demo" / "images",
+                     pack=False)
     finally:
         ray.shutdown()
     return store.dataset("street")

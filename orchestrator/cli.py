@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from orchestrator.errors import AccessDenied, OrchestratorError
+from orchestrator.errors import AccessDenied, ConfigError, OrchestratorError
 
 EXIT_SYSTEM, EXIT_USER, EXIT_REJECTED, EXIT_DENIED = 1, 2, 3, 4
 _out = sys.stdout
@@ -62,8 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--message", default="", help="version message")
     p.add_argument("--strict", action="store_true", help="any rejected input: exit 3, commit nothing")
     p.add_argument("--pack", action="store_true",
-                   help="write new media into packs (one request per run of items when read)")
-    p.add_argument("--pack-mb", type=int, default=32, metavar="MB", help="target pack size (default 32)")
+                   help="write new media into packs, one request per run of items when read (the default; "
+                        "accepted so that scripts written when packs were opt-in keep working)")
+    p.add_argument("--loose", action="store_true",
+                   help="write one object per item instead of packs (the layout of stores written before "
+                        "packs; for tools that want one file per image)")
+    p.add_argument("--pack-mb", type=int, default=None, metavar="MB", help="target pack size (default 32)")
     p.add_argument("--json", action="store_true", help="print the ingest report as JSON")
 
     p = sub.add_parser("delete", help="remove items as one new version")
@@ -109,8 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--version", type=int, default=None, help="version number (default: latest)")
     p.add_argument("--repair-from", "--repair", dest="repair_from", type=Path, metavar="DIR",
-                   help="re-upload bad blobs from the files under DIR (e.g. the COCO images folder); "
-                        "items whose bytes DIR lacks are listed for re-ingest")
+                   help="re-upload bad loose blobs from the files under DIR (e.g. the COCO images folder); "
+                        "items whose bytes DIR lacks, and packed items (packs are never rewritten), are "
+                        "listed for re-ingest")
     p.add_argument("--threads", type=int, default=8, help="parallel blob reads (default 8)")
     p.add_argument("--json", action="store_true", help="print the verify report as JSON")
 
@@ -208,13 +213,22 @@ def _print_table(rows: list[dict], columns: Sequence[str]) -> None:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from orchestrator.ingest.pipeline import IngestRejected
+    from orchestrator.packs import DEFAULT_PACK_BYTES
 
+    # Checked before the store is opened: a contradictory command writes nothing.
+    if args.loose and args.pack:
+        raise ConfigError("--pack and --loose contradict each other",
+                          hint="packs are the default: pass --loose alone for one object per item, "
+                               "or neither for packs")
+    if args.loose and args.pack_mb is not None:
+        raise ConfigError("--pack-mb sets the size of packs, and --loose writes none",
+                          hint="drop --pack-mb, or drop --loose to write packs")
     store = _need_store(args, writes=True)
     try:
         report = store.ingest(
             args.dataset, coco=args.coco, images=args.images, jsonl=args.jsonl,
             message=args.message, strict=args.strict, allow_roots=args.allow_roots,
-            pack=args.pack, pack_mb=args.pack_mb,
+            pack=not args.loose, pack_mb=DEFAULT_PACK_BYTES >> 20 if args.pack_mb is None else args.pack_mb,
         )
     except IngestRejected as exc:
         if args.json and exc.report is not None:
@@ -300,11 +314,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
     emit(json.dumps(report.as_dict(), indent=2) if args.json else report.summary())
     if report.ok:
         return 0
-    fix = (f"put their files in a folder and run `orchestrator verify {args.name} --repair-from DIR`"
-           if args.repair_from is None else f"{args.repair_from} does not hold their bytes: "
-           "repair from a folder that does (a re-ingest re-uploads only missing or wrong-size blobs)")
+    fixes = []
+    if any(b.pack is None for b in report.remaining):
+        fixes.append(f"put their files in a folder and run `orchestrator verify {args.name} --repair-from DIR`"
+                     if args.repair_from is None else f"{args.repair_from} does not hold their bytes: "
+                     "repair from a folder that does (a re-ingest re-uploads only missing or wrong-size blobs)")
+    if report.packed_reingest:
+        fixes.append(f"ingest the source of the {len(report.packed_reingest)} packed items listed again "
+                     "(packs are never repaired in place; their media are packed again)")
+    if report.packed_delete_first:
+        fixes.append(f"delete the {len(report.packed_delete_first)} packed items listed with wrong bytes "
+                     f"(`orchestrator delete --dataset {args.name} --items ...`), then ingest their source again")
     print(f"error: {len(report.remaining)} bad blobs remain in dataset {args.name!r} version "
-          f"{report.version}, read by {len(report.reingest)} items\n  fix: {fix}", file=sys.stderr)
+          f"{report.version}, read by {len(report.reingest)} items"
+          + "".join(f"\n  fix: {f}" for f in fixes), file=sys.stderr)
     return EXIT_SYSTEM
 
 

@@ -5,8 +5,9 @@ charge on S3, server CPU everywhere). Ingest therefore writes the new media of a
 packs, ``datasets/<name>/packs/<pack id>``, of about ``DEFAULT_PACK_BYTES`` each, in manifest
 order; each manifest row records ``pack`` and ``pack_offset`` next to ``blob`` (the sha256, still
 the item's identity: dedup, cache key and verification are by hash) and ``size_bytes``. Rows
-with no ``pack`` are loose blobs (``orchestrator.blobs``): stores written before packs, read as
-before.
+with no ``pack`` are loose blobs (``orchestrator.blobs``): stores written before packs (read as
+before), and ingests that opt out with ``pack=False`` (``orchestrator ingest --loose``) for tools
+that want one object per image.
 
 A pack's id is the sha256 of its bytes, so a pack is written whole or not at all (through
 ``_incoming/`` and a move, like a blob), a rerun of a killed ingest that packs the same media

@@ -169,7 +169,8 @@ class Store:
         threads: int = 8, progress: bool | None = None,
     ) -> VerifyReport:
         """Check the size and sha256 of every blob that a version (default: latest) reads;
-        with ``repair_from`` (a folder) re-upload bad blobs whose bytes a file there holds.
+        with ``repair_from`` (a folder) re-upload bad loose blobs whose bytes a file there holds
+        (packs are immutable: their bad items are listed with what fixes them, never rewritten).
         The report names each bad blob with its items; see ``orchestrator.verify``.
         Only the items this principal may read are checked; repair needs write access."""
         check_dataset_name(name)
@@ -188,15 +189,17 @@ class Store:
         message: str = "",
         strict: bool = False,
         allow_roots: Sequence[str | Path] = (),
-        pack: bool = False,
+        pack: bool = True,
         pack_mb: int = DEFAULT_PACK_BYTES >> 20,
     ) -> IngestReport:
         """Ingest a COCO or JSONL source as one new version; see ``orchestrator.ingest``.
 
         Only files inside ``images`` (COCO; for JSONL, ``images`` or else the JSONL file's
         folder) are read; absolute paths and links are read only under an ``allow_roots`` folder.
-        With ``pack``, new media go into packs of about ``pack_mb`` MB (see ``orchestrator.packs``):
-        a cold read then makes one request per run of items instead of one per item.
+        New media go into packs of about ``pack_mb`` MB (see ``orchestrator.packs``), because a
+        cold read then makes one request per run of items instead of one per item.
+        ``pack=False`` writes one loose blob per item instead: the layout of stores written
+        before packs, for tools that want one object per image (``pack_mb`` is then unused).
         """
         check_dataset_name(dataset)
         self.access.check("write", dataset)  # before anything is read or uploaded

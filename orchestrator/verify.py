@@ -8,16 +8,23 @@ while it hashes), with at most ``4 * threads`` checks queued, so a version of mi
 does not queue millions of futures. A store that fails to answer aborts the check with
 ``StoreError`` rather than reporting a blob as bad that may be fine.
 
-Packed bytes (``orchestrator.packs``) are checked by range: each pack is read in requests of at
-most ``packs.DEFAULT_MAX_REQUEST`` bytes and each item's slice hashed; a pack that is gone makes
-all its items missing. Packs are immutable, so repair does not rewrite them: their bad items
-are listed for re-ingest.
+Packed bytes (``orchestrator.packs``, the default ingest layout) are checked by range: each pack
+is read in requests of at most ``packs.DEFAULT_MAX_REQUEST`` bytes and each item's slice hashed;
+a pack that is gone makes all its items missing.
 
 Repair reads a folder the user names (the source the items were ingested from, or any folder
-holding copies): only files whose size equals a bad blob's recorded size are hashed, a file
-whose hash is a bad blob's name is uploaded over it (``BlobStore.put(replace=True)``, which
+holding copies): only files whose size equals a bad loose blob's recorded size are hashed, a
+file whose hash is a bad blob's name is uploaded over it (``BlobStore.put(replace=True)``, which
 refuses bytes that do not hash to the name and lands whole or not at all), and the blob is
 checked again. Items whose bytes the folder does not hold are reported for re-ingest.
+
+Repair never touches packed bytes: a pack is immutable and named by the hash of its bytes, so
+new bytes cannot be written under its name, and rewriting it would change what every other
+item in it (and every earlier version) reads. Packed bad items are listed instead, with what
+fixes them: re-ingest where the pack is gone or ends before the item (an ingest re-uses only
+packs that still hold the bytes a row points at, so it packs those media again); where the
+pack is whole but the item's bytes in it are wrong, a re-ingest alone would point at the same
+bytes again, so the items must be deleted first (``orchestrator delete``) and then ingested.
 """
 
 from __future__ import annotations
@@ -83,9 +90,27 @@ class VerifyReport:
 
     @property
     def remaining(self) -> list[BadBlob]:
-        """Bad blobs that no repair fixed."""
-        fixed = set(self.repaired)
-        return [b for b in self.bad if b.blob not in fixed]
+        """Bad blobs that no repair fixed (``repaired`` names loose blobs only: packed bytes are
+        never repaired, even where the same hash is also a repaired loose blob)."""
+        return [b for b in self.bad if not self._was_repaired(b)]
+
+    def _was_repaired(self, bad: BadBlob) -> bool:
+        return bad.pack is None and bad.blob in self.repaired
+
+    @property
+    def packed_reingest(self) -> list[str]:
+        """Ids of the items whose packed bytes are gone (or cut short), sorted: an ingest of
+        their source packs them again."""
+        return sorted({i for b in self.remaining if b.pack is not None and b.problem != WRONG_CONTENT
+                       for i in b.items})
+
+    @property
+    def packed_delete_first(self) -> list[str]:
+        """Ids of the items whose bytes in a whole pack are wrong, sorted: an ingest alone
+        would point them at the same bytes again (it re-uses a pack that still holds a row's
+        range), so they must be deleted first and then ingested."""
+        return sorted({i for b in self.remaining if b.pack is not None and b.problem == WRONG_CONTENT
+                       for i in b.items})
 
     @property
     def reingest(self) -> list[str]:
@@ -102,6 +127,7 @@ class VerifyReport:
                 "blobs_checked": self.blobs_checked, "bytes_checked": self.bytes_checked,
                 "bad": [b.as_dict() for b in self.bad], "repaired": list(self.repaired),
                 "repair_source": self.repair_source, "reingest": self.reingest,
+                "packed_reingest": self.packed_reingest, "packed_delete_first": self.packed_delete_first,
                 "seconds": round(self.seconds, 3)}
 
     def summary(self) -> str:
@@ -114,19 +140,28 @@ class VerifyReport:
         for b in self.bad[:20]:
             stored = "absent" if b.actual_size is None else f"{b.actual_size:,} bytes stored"
             items = ", ".join(b.items[:3]) + (f" (+{len(b.items) - 3})" if len(b.items) > 3 else "")
-            fixed = "  [repaired]" if b.blob in self.repaired else ""
-            lines.append(f"  {b.problem:13s} {b.blob[:16]}  {b.expected_size:,} bytes expected, "
+            fixed = "  [repaired]" if self._was_repaired(b) else ""
+            held = f" in pack {b.pack[:12]}" if b.pack is not None else ""
+            lines.append(f"  {b.problem:13s} {b.blob[:16]}{held}  {b.expected_size:,} bytes expected, "
                          f"{stored}; items: {items}{fixed}")
         if len(self.bad) > 20:
             lines.append(f"  ... and {len(self.bad) - 20} more (use --json for all)")
+        packed = [b for b in self.bad if b.pack is not None]
         if self.repair_source is not None:
-            lines.append(f"repaired {len(self.repaired)} of {len(self.bad)} from {self.repair_source}")
+            loose = len(self.bad) - len(packed)
+            lines.append(f"repaired {len(self.repaired)} of {loose} loose blobs from {self.repair_source}"
+                         + (f"; {len(packed)} packed blobs cannot be repaired in place (packs are immutable)"
+                            if packed else ""))
         if self.ok:
             lines.append(f"all {self.blobs_checked} blobs of {where} now verify")
-        else:
-            shown = self.reingest[:10]
-            lines.append(f"items to re-ingest ({len(self.reingest)}): {', '.join(shown)}"
-                         + (" ..." if len(self.reingest) > len(shown) else ""))
+            return "\n".join(lines)
+        loose_items = sorted({i for b in self.remaining if b.pack is None for i in b.items})
+        for label, ids in (("items to re-ingest", loose_items),
+                           ("packed items to re-ingest (their media are packed again)", self.packed_reingest),
+                           ("packed items to delete, then re-ingest (a re-ingest alone would point at the "
+                            "same damaged bytes)", self.packed_delete_first)):
+            if ids:
+                lines.append(f"{label} ({len(ids)}): {', '.join(ids[:10])}" + (" ..." if len(ids) > 10 else ""))
         return "\n".join(lines)
 
 
@@ -257,10 +292,13 @@ def check_pack_range(
 
 
 def repair_from_folder(blobs: BlobStore, bad: list[BadBlob], folder: Path, threads: int) -> list[str]:
-    """Re-upload each bad blob whose bytes a file under ``folder`` holds; the blobs repaired
-    (uploaded and checked again), sorted. Only files of a size some bad blob has are hashed."""
-    by_blob = {b.blob: b for b in bad if b.pack is None}  # packed bytes: re-ingest (packs are immutable)
-    sizes = {b.expected_size for b in bad}
+    """Re-upload each bad loose blob whose bytes a file under ``folder`` holds; the blobs
+    repaired (uploaded and checked again), sorted. Only files of a size some bad loose blob has
+    are hashed; packed ones are skipped (see the module docstring)."""
+    by_blob = {b.blob: b for b in bad if b.pack is None}  # packed bytes: never rewritten (see above)
+    if not by_blob:
+        return []
+    sizes = {b.expected_size for b in by_blob.values()}
     candidates = [p for p in _files(folder) if _size(p) in sizes]
     found: dict[str, Path] = {}
     for path, digest in _bounded_map(lambda p: (p, _file_sha256(p)), candidates, threads):

@@ -1,16 +1,19 @@
-"""Ingest as Ray Data stages: probe files → upload each new blob once → one Delta commit.
+"""Ingest as Ray Data stages: probe files → store each new blob once → one Delta commit.
 
 Stage 1 reads, hashes and fully decodes every file in parallel (bytes do not travel back to the
 driver, only the probe). The driver then builds the manifest rows, applies the bad-input policy
-and de-duplicates blobs. Stage 2 uploads each distinct blob that the store does not hold yet.
-Only then is the manifest committed, in exactly one Delta commit: a killed ingest leaves at most
-some uploaded blobs (which a rerun re-uses) and never a partial version.
+and de-duplicates blobs. Stage 2 stores each distinct blob that the dataset does not hold yet:
+by default packed (one Ray task per pack of about ``pack_bytes``, ``pack_batch``), or with
+``pack=False`` one loose object each (``upload_batch``). Only then is the manifest committed,
+in exactly one Delta commit: a killed ingest leaves at most some uploaded packs or blobs (which
+a rerun re-uses) and never a partial version.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -165,6 +168,29 @@ def _known_locations(store: StoreHandle, dataset: str) -> dict[str, tuple[str | 
             if p is None or (sizes[p] is not None and o + n <= sizes[p])}
 
 
+def _without_damaged_loose(store: StoreHandle, dataset: str, known: dict[str, tuple[str | None, int | None]],
+                           unique: dict[str, tuple[str, int]]) -> dict[str, tuple[str | None, int | None]]:
+    """``known`` less the loose blobs of this source whose object is gone or of the wrong size
+    (an empty or cut object left by an older release's killed upload, say): their media are
+    packed again instead of re-used, as a loose ingest uploads them again (``upload_batch``).
+    One HEAD per loose blob the source re-uses, which is what a loose ingest makes, on a small
+    thread pool (the work is store round trips)."""
+    loose = [b for b in unique if b in known and known[b][0] is None]
+    if not loose:
+        return known
+    blobs = store.blobs(dataset)
+
+    def whole(blob: str) -> bool:
+        return store_call(lambda: blobs.exists(blob, unique[blob][1]), location=store.location,
+                          action="look up blob", target=f"{blob[:12]} of dataset {dataset!r}")
+
+    with ThreadPoolExecutor(max_workers=16, thread_name_prefix="ingest-lookup") as pool:
+        damaged = {b for b, ok in zip(loose, pool.map(whole, loose)) if not ok}
+    if damaged:
+        log.info("%d loose blobs are gone or of the wrong size: packing their media again", len(damaged))
+    return {b: where for b, where in known.items() if b not in damaged}
+
+
 def _run_probe(items: list) -> list[Probe]:
     import ray.data
 
@@ -221,14 +247,15 @@ def _from_stage(exc: Exception) -> Exception:
 
 def ingest_source(
     store: StoreHandle, dataset: str, source: Source, *, message: str, strict: bool, principal: str,
-    pack: bool = False, pack_bytes: int = DEFAULT_PACK_BYTES,
+    pack: bool = True, pack_bytes: int = DEFAULT_PACK_BYTES,
 ) -> IngestReport:
     """Probe, upload and commit ``source`` into ``dataset`` as exactly one new version.
 
     With ``strict``, any rejection raises ``IngestRejected`` before anything is uploaded. With
-    ``pack``, media the dataset's latest version does not already hold are written into packs
-    of about ``pack_bytes`` (in manifest order, see ``orchestrator.packs``) instead of one
-    loose blob each; rows whose bytes the dataset already holds point at them either way.
+    ``pack`` (the default), media the dataset's latest version does not already hold are
+    written into packs of about ``pack_bytes`` (in manifest order, see ``orchestrator.packs``);
+    with ``pack=False``, as one loose blob each. Rows whose bytes the dataset already holds
+    point at them either way.
     """
 
     started = time.monotonic()
@@ -277,6 +304,7 @@ def ingest_source(
     if pack:
         known = store_call(lambda: _known_locations(store, dataset), location=store.location,
                            action="read the blobs of dataset", target=repr(dataset))
+        known = _without_damaged_loose(store, dataset, known, unique)
         new = {b: v for b, v in unique.items() if b not in known}
         log.info("packing %d new blobs (%d already in the dataset)", len(new), len(unique) - len(new))
         packed, report.blobs_uploaded, reused, report.bytes_uploaded = _run_pack(store, dataset, new, pack_bytes)

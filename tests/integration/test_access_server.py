@@ -146,7 +146,7 @@ def test_raw_s3_with_a_readers_keys_cannot_write_or_read_other_datasets(secured)
     server, _ = secured
     bob = server.client("bob-key", KEYS["bob-key"])
     listed = bob.list_objects_v2(Bucket=BUCKET, Prefix="team/datasets/street/")["Contents"]
-    some_blob = next(o["Key"] for o in listed if "/blobs/" in o["Key"])
+    some_blob = next(o["Key"] for o in listed if "/packs/" in o["Key"])  # media: packed by default
     assert _code(lambda: bob.get_object(Bucket=BUCKET, Key=some_blob)) == "OK"  # its own dataset
     assert _code(lambda: bob.put_object(Bucket=BUCKET, Key=some_blob, Body=b"x")) == "AccessDenied"
     assert _code(lambda: bob.delete_object(Bucket=BUCKET, Key=some_blob)) == "AccessDenied"

@@ -77,6 +77,10 @@ def test_strict_refuses_rejections_and_commits_nothing(store_uri, demo_small, tm
           "--images", "/tmp"], "annotation file not found"),
         (["ingest", "--store", "file:///tmp/o-cli", "--dataset", "d", "--coco", "/nonexistent/ann.json"],
          "needs images=DIR"),
+        (["ingest", "--store", "file:///tmp/o-cli", "--dataset", "d", "--jsonl", "x.jsonl", "--pack", "--loose"],
+         "--pack and --loose contradict each other"),
+        (["ingest", "--store", "file:///tmp/o-cli", "--dataset", "d", "--jsonl", "x.jsonl", "--loose",
+          "--pack-mb", "8"], "--pack-mb sets the size of packs, and --loose writes none"),
         (["info", "--store", "file:///tmp/o-cli-empty", "nope", "--version", "3"], "does not exist"),
         (["datasets"], "no store given"),
     ],
@@ -86,6 +90,32 @@ def test_user_errors_are_one_clear_line_not_a_traceback(args, needle):
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert needle in r.stderr and "Traceback" not in r.stderr
     assert "fix:" in r.stderr or "error:" in r.stderr
+
+
+def test_ingest_packs_by_default_and_loose_opts_out(demo_small, tmp_path):
+    """No flag and ``--pack`` (accepted, the default) write packs; ``--loose`` one object per
+    item under blobs/ and rows with no pack; the same items either way."""
+    import orchestrator
+
+    uri = f"file://{tmp_path / 'store'}"
+    coco, images = str(demo_small / "annotations.json"), str(demo_small / "images")
+    for name, flags in (("default", []), ("pack", ["--pack", "--pack-mb", "1"]), ("loose", ["--loose"])):
+        r = run_cli("ingest", "--store", uri, "--dataset", name, "--coco", coco, "--images", images, *flags)
+        assert r.returncode == 0, r.stderr[-3000:]
+    store = orchestrator.connect(uri)
+    objects = {name: {kind: sorted(p.name for p in (tmp_path / "store" / "datasets" / name / kind).rglob("*")
+                                   if p.is_file())
+                      for kind in ("blobs", "packs")} for name in ("default", "pack", "loose")}
+    packs = {name: [r["pack"] for r in store.dataset(name).manifest_rows(["pack"]).to_pylist()]
+             for name in objects}
+    assert len(objects["default"]["packs"]) == 1 and objects["default"]["blobs"] == []  # one 32 MB pack
+    assert len(objects["pack"]["packs"]) >= 2 and objects["pack"]["blobs"] == []  # --pack-mb 1
+    assert set(packs["default"]) == set(objects["default"]["packs"])
+    assert set(packs["pack"]) == set(objects["pack"]["packs"])
+    assert objects["loose"]["packs"] == [] and len(objects["loose"]["blobs"]) == 60
+    assert packs["loose"] == [None] * 60
+    ids = store.dataset("default").item_ids()
+    assert store.dataset("pack").item_ids() == ids == store.dataset("loose").item_ids() and len(ids) == 60
 
 
 def test_unknown_version_lists_the_range(store_uri, demo_small):

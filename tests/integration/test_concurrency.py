@@ -8,6 +8,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -101,38 +102,55 @@ def test_two_concurrent_cli_ingests_on_s3(seaweed, demo_small, tmp_path):
     assert [v.items for v in store.versions("street")][-1] == 60
 
 
-def _count_blobs(store: orchestrator.Store) -> int:
-    sel = pafs.FileSelector(store.location.join("datasets", "street", "blobs"), allow_not_found=True, recursive=True)
-    return sum(1 for i in store.fs.get_file_info(sel) if i.type == pafs.FileType.File)
+def _stored(store: orchestrator.Store, where: str) -> dict[str, int]:
+    """Path -> size of the objects under ``datasets/street/<where>/`` (blobs or packs)."""
+    sel = pafs.FileSelector(store.location.join("datasets", "street", where), allow_not_found=True, recursive=True)
+    return {i.path: i.size for i in store.fs.get_file_info(sel) if i.type == pafs.FileType.File}
 
 
 @pytest.mark.slow
-def test_killed_ingest_leaves_no_version_and_rerun_reuses_blobs(seaweed, demo_2000):
+@pytest.mark.parametrize("layout", ["loose", "packed"])
+def test_killed_ingest_leaves_no_version_and_rerun_reuses_uploads(seaweed, demo_2000, layout):
+    """Loose: the rerun re-uses the blobs the killed run stored. Packed (1 MB packs, so that
+    the kill lands between packs): it groups the same media into the same packs, named by
+    their bytes, so every pack the killed run stored is re-used whole and none is left over."""
     uri = f"s3://orchestrator-test/killed-{os.getpid()}-{time.time_ns()}"
     store = orchestrator.connect(uri)
+    where, option, enough = ("blobs", ["--loose"], 50) if layout == "loose" else ("packs", ["--pack-mb", "1"], 5)
     args = ["ingest", "--store", uri, "--dataset", "street", "--coco",
-            str(demo_2000 / "annotations.json"), "--images", str(demo_2000 / "images"), "--json"]
+            str(demo_2000 / "annotations.json"), "--images", str(demo_2000 / "images"), *option, "--json"]
     exe = str(Path(os.sys.executable).parent / "orchestrator")
     proc = subprocess.Popen([exe, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     deadline = time.monotonic() + 240
     seen = 0
     while time.monotonic() < deadline and proc.poll() is None:
-        seen = _count_blobs(store)
-        if seen >= 50:
+        seen = len(_stored(store, where))
+        if seen >= enough:
             break
         time.sleep(0.05)
     assert proc.poll() is None, "ingest finished before it could be killed: the test proves nothing"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     time.sleep(1.0)  # uploads already in flight in Ray workers may still land
-    partial = _count_blobs(store)
-    assert 50 <= partial < 2000, partial
+    partial = _stored(store, where)
     assert store.datasets() == []  # no version was committed
 
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     assert report["version"] == 0 and report["items"] == 2000
-    assert report["blobs_reused"] >= partial - 5  # a blob half-written at the kill is redone
-    assert report["blobs_uploaded"] + report["blobs_reused"] == _count_blobs(store)
+    if layout == "loose":
+        assert enough <= len(partial) < 2000, len(partial)
+        assert report["blobs_reused"] >= len(partial) - 5  # a blob half-written at the kill is redone
+        assert report["blobs_uploaded"] + report["blobs_reused"] == len(_stored(store, where))
+        return
+    assert report["blobs_uploaded"] + report["blobs_reused"] == 2000
+    rows = store.dataset("street").manifest_rows(["pack"]).to_pylist()
+    members = Counter(r["pack"] for r in rows)  # pack id -> items in it (no duplicates in the demo)
+    packs = _stored(store, where)
+    assert {p.rsplit("/", 1)[-1] for p in packs} == set(members), "a pack no row reads was left over"
+    assert enough <= len(partial) < len(packs), (len(partial), len(packs))
+    assert set(partial) <= set(packs) and all(packs[p] == n for p, n in partial.items())
+    # Every pack the killed run stored holds the same media as the rerun's (same name): re-used whole.
+    assert report["blobs_reused"] >= sum(members[p.rsplit("/", 1)[-1]] for p in partial)

@@ -12,9 +12,10 @@ the library's own decoders of those paths' encodings, ``stream.item.from_ray_row
 structure, compared with one function. Every field of the SDK item dict is checked on every
 path: a path that leaves a field out, or adds one, breaks the contract.
 
-Damage (one blob deleted, one overwritten with another valid PNG's bytes) is applied to a second
-dataset whose two damaged items have images of their own, made fresh for each run, so that no
-blob cache can hold their good bytes.
+Damage is applied to datasets whose two damaged items have images of their own, made fresh for
+each run, so that no blob cache can hold their good bytes: loose (one blob deleted, one
+overwritten with another valid PNG's bytes) and packed, the default layout (the pack holding
+only the missing item deleted, one byte flipped in the pack holding only the corrupt one).
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ from tests.conftest import BUCKET
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
-CLEAN, DAMAGED = "contract", "contract-damaged"
-PACKED = "contract-packed"  # CLEAN's source ingested into packs (``ingest(pack=True)``)
+CLEAN, DAMAGED = "contract", "contract-damaged"  # loose blobs (``ingest(pack=False)``)
+PACKED = "contract-packed"  # CLEAN's source ingested into packs (the default)
+DAMAGED_PACKED = "contract-damaged-packed"  # DAMAGED's source ingested into packs
+PACK_MB = 1
 VERSION = 0  # both datasets are ingested once into a fresh store
 
 # -- the source -----------------------------------------------------------------------------
@@ -84,7 +87,9 @@ SOURCE: list[tuple[dict, str, tuple[int, int]]] = [
       "attributes": {"split": "val"}, "tags": ["unlabeled"]},
      "RGB", (32, 24)),
 ]
-# Only in the damaged dataset; their blobs are damaged before anything reads them.
+# Only in the damaged datasets; their blobs are damaged before anything reads them. The missing
+# item's image is larger than a pack (PACK_MB), so that packed it has a pack of its own, and so
+# does the corrupt one after it: each can be damaged without touching another item.
 BROKEN: dict[str, dict] = {
     "missing": {"item_id": "x-missing", "path": "images/x.png",
                 "instances": [{"label": "car", "kind": "box", "bbox": [1, 1, 5, 5]}], "tags": ["day"]},
@@ -119,8 +124,9 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> SourceFiles:
     for n, (record, mode, size) in enumerate(SOURCE):
         _image(mode, size, seed=n).save(folder / record["path"], format="PNG")
     run_seed = int.from_bytes(os.urandom(8), "little")  # no cache anywhere can know these bytes
-    for n, record in enumerate(BROKEN.values()):
-        _image("RGB", (32, 24), seed=run_seed + n).save(folder / record["path"], format="PNG")
+    for n, (reason, record) in enumerate(BROKEN.items()):
+        size = (640, 640) if reason == "missing" else (32, 24)  # random pixels: ~1.2 MB as PNG
+        _image("RGB", size, seed=run_seed + n).save(folder / record["path"], format="PNG")
     clean = folder / "clean.jsonl"
     clean.write_text("".join(json.dumps(r) + "\n" for r, _, _ in SOURCE), encoding="utf-8")
     damaged = folder / "damaged.jsonl"
@@ -132,8 +138,9 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> SourceFiles:
 @pytest.fixture(scope="module", params=["file", pytest.param("s3", marks=pytest.mark.s3)])
 def contract_store(request: pytest.FixtureRequest, source: SourceFiles,
                        tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A fresh store on each backend holding CLEAN and DAMAGED (one blob deleted, one replaced
-    by another image's bytes), ingested once for every test of the module."""
+    """A fresh store on each backend holding CLEAN and DAMAGED (loose: one blob deleted, one
+    replaced by another image's bytes), PACKED and DAMAGED_PACKED (one item's pack deleted, one
+    byte flipped in another's), ingested once for every test of the module."""
     if request.param == "file":
         uri = f"file://{tmp_path_factory.mktemp('contract-store') / 'store'}"
     else:
@@ -142,13 +149,16 @@ def contract_store(request: pytest.FixtureRequest, source: SourceFiles,
     store = orchestrator.connect(uri)
     for name, jsonl, n in ((CLEAN, source.clean, len(SOURCE)),
                            (DAMAGED, source.damaged, len(SOURCE) + len(BROKEN))):
-        report = store.ingest(name, jsonl=jsonl)
+        report = store.ingest(name, jsonl=jsonl, pack=False)
         assert report.version == VERSION and report.items == n and not report.rejected, report.summary()
         assert report.boxes_clipped == 0 and report.instances_dropped == 0, report.summary()
+        assert not any(r["pack"] for r in store.dataset(name).manifest_rows(["pack"]).to_pylist())
 
-    report = store.ingest(PACKED, jsonl=source.clean, pack=True, pack_mb=1)
-    assert report.version == VERSION and report.items == len(SOURCE), report.summary()
-    assert all(r["pack"] for r in store.dataset(PACKED).manifest_rows(["pack"]).to_pylist())
+    for name, jsonl, n in ((PACKED, source.clean, len(SOURCE)),
+                           (DAMAGED_PACKED, source.damaged, len(SOURCE) + len(BROKEN))):
+        report = store.ingest(name, jsonl=jsonl, pack_mb=PACK_MB)
+        assert report.version == VERSION and report.items == n and not report.rejected, report.summary()
+        assert all(r["pack"] for r in store.dataset(name).manifest_rows(["pack"]).to_pylist())
 
     blob_of = {r["item_id"]: r["blob"]
                for r in store.dataset(DAMAGED).manifest_rows(["item_id", "blob"]).to_pylist()}
@@ -158,6 +168,19 @@ def contract_store(request: pytest.FixtureRequest, source: SourceFiles,
     wrong = (source.folder / SOURCE[0][0]["path"]).read_bytes()
     with store.fs.open_output_stream(blobs.path(blob_of[BROKEN_ID["corrupt"]])) as out:
         out.write(wrong)
+
+    rows = store.dataset(DAMAGED_PACKED).manifest_rows(["item_id", "pack", "pack_offset", "size_bytes"]).to_pylist()
+    pack_of = {r["item_id"]: r["pack"] for r in rows}
+    for item_id in BROKEN_ID.values():  # each alone in its pack
+        assert [r["item_id"] for r in rows if r["pack"] == pack_of[item_id]] == [item_id], rows
+    packs = store.handle.packs(DAMAGED_PACKED)
+    store.fs.delete_file(packs.path(pack_of[BROKEN_ID["missing"]]))
+    corrupt = packs.path(pack_of[BROKEN_ID["corrupt"]])
+    with store.fs.open_input_stream(corrupt) as f:
+        data = bytearray(f.read())
+    data[len(data) // 2] ^= 0xFF
+    with store.fs.open_output_stream(corrupt) as out:
+        out.write(bytes(data))
     return uri
 
 
@@ -429,11 +452,12 @@ def test_every_path_yields_the_source_items(contract_store, source, path, layout
     _assert_no_problems(path, problems)
 
 
+@pytest.mark.parametrize("damaged", [DAMAGED, DAMAGED_PACKED])
 @pytest.mark.parametrize("path", PATHS)
-def test_bad_blobs_under_on_error_skip(contract_store, source, path):
+def test_bad_blobs_under_on_error_skip(contract_store, source, path, damaged):
     """(c, d) Exactly the good items, and one missing plus one corrupt accounted for: as skips
-    (sequential paths) or as one ItemError each (ds[i])."""
-    ds = _open(contract_store, DAMAGED, on_error="skip")
+    (sequential paths) or as one ItemError each (ds[i]); loose and packed."""
+    ds = _open(contract_store, damaged, on_error="skip")
     truth = _truth_by_id(ds, source.folder)
     run = _read(path, ds)
     problems = []
@@ -451,11 +475,12 @@ def test_bad_blobs_under_on_error_skip(contract_store, source, path):
     _assert_no_problems(path, problems)
 
 
+@pytest.mark.parametrize("damaged", [DAMAGED, DAMAGED_PACKED])
 @pytest.mark.parametrize("path", PATHS)
-def test_bad_blobs_under_on_error_raise(contract_store, source, path, monkeypatch):
+def test_bad_blobs_under_on_error_raise(contract_store, source, path, monkeypatch, damaged):
     """(c) A sequential path stops with ItemError (reached through Ray's and the DataLoader's
     wrappers) whose ``reason`` fits the bad item it names, after only good items and with
-    nothing counted as skipped; ds[i] behaves as under 'skip'."""
+    nothing counted as skipped; ds[i] behaves as under 'skip'; loose and packed."""
     if path == "torch_workers":
         # After a worker raised, the DataLoader (torch 2.13) joins a worker it no longer sends
         # the stop signal to for this interval (5 s) before killing it. Speed only: skipped
@@ -463,7 +488,7 @@ def test_bad_blobs_under_on_error_raise(contract_store, source, path, monkeypatc
         import torch.utils.data._utils as torch_data_utils
 
         monkeypatch.setattr(torch_data_utils, "MP_STATUS_CHECK_INTERVAL", 0.5, raising=False)
-    ds = _open(contract_store, DAMAGED, on_error="raise")
+    ds = _open(contract_store, damaged, on_error="raise")
     truth = _truth_by_id(ds, source.folder)
     run = _read(path, ds, expect_error=path != "getitem")
     problems = []

@@ -15,6 +15,7 @@ import orchestrator
 from orchestrator.blobs import BlobStore
 from orchestrator.errors import QueryError
 from orchestrator.manifest import manifest_schema
+from orchestrator.packs import PackStore
 from tests.conftest import run_cli
 from tests.integration.test_ingest import plain_parquet_rows
 
@@ -100,7 +101,11 @@ def test_slice_is_lazy_chainable_and_never_fetches_blobs(store_uri, demo_small, 
     def no_blobs(self, blob):
         raise AssertionError("slicing fetched a blob")
 
+    def no_packs(self, pack, start, end):
+        raise AssertionError("slicing read a pack")
+
     monkeypatch.setattr(BlobStore, "get", no_blobs)
+    monkeypatch.setattr(PackStore, "read_range", no_packs)  # where the default layout's media are
     ds = store.dataset("street")
     both = ds.slice("labels.car > 3").slice("labels.pedestrian >= 1")
     assert both.query == "(labels.car > 3) and (labels.pedestrian >= 1)"

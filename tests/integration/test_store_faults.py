@@ -4,6 +4,12 @@ or raises ``StoreUnavailable``; it never finishes with fewer items and no error.
 Against a real SeaweedFS of this module's own, killed -9 and restarted, or SIGSTOPped, while
 items are read through ``ds[i]``, iteration, a 2-worker DataLoader, ``to_tensorflow`` and
 ``to_ray`` (training goes through ``to_ray``; ingest is in test_ingest_faults.py).
+
+Faults that land between two items of a pass (after the 10th item, during a stall) read the
+items loose (``street``: one object, so one request, per item): packed, the 60 items are one
+range request fetched before the first item is consumed, and nothing would be read during the
+fault. Faults that come before any media is read run on both layouts (``either``: packed, the
+default, and loose).
 """
 
 from __future__ import annotations
@@ -34,13 +40,31 @@ def _store(faulty: FaultyServer, prefix: str, **options: float) -> orchestrator.
     return orchestrator.connect(faulty.uri(prefix, **options), credentials=faulty.credentials())
 
 
-@pytest.fixture(scope="module")
-def street(faulty, demo_small: Path, ray_cluster) -> tuple[str, list[str]]:
-    """60 demo items ingested into the faulty server once: (prefix, item ids)."""
+def _ingest(faulty: FaultyServer, demo_small: Path, *, pack: bool) -> tuple[str, list[str]]:
     prefix = uuid.uuid4().hex[:10]
     store = _store(faulty, prefix)
-    store.ingest("street", coco=demo_small / "annotations.json", images=demo_small / "images")
+    store.ingest("street", coco=demo_small / "annotations.json", images=demo_small / "images", pack=pack)
+    assert all((r["pack"] is not None) == pack
+               for r in store.dataset("street").manifest_rows(["pack"]).to_pylist())
     return prefix, sorted(store.dataset("street").item_ids())
+
+
+@pytest.fixture(scope="module")
+def street(faulty, demo_small: Path, ray_cluster) -> tuple[str, list[str]]:
+    """60 demo items ingested loose into the faulty server once: (prefix, item ids)."""
+    return _ingest(faulty, demo_small, pack=False)
+
+
+@pytest.fixture(scope="module")
+def street_packed(faulty, demo_small: Path, ray_cluster) -> tuple[str, list[str]]:
+    """The same 60 items packed (the default layout): (prefix, item ids)."""
+    return _ingest(faulty, demo_small, pack=True)
+
+
+@pytest.fixture(params=["packed", "loose"])
+def either(request: pytest.FixtureRequest) -> tuple[str, list[str]]:
+    """``street_packed``, then ``street``: for faults that come before any media is read."""
+    return request.getfixturevalue("street_packed" if request.param == "packed" else "street")
 
 
 def _fresh(faulty, street, **uri_options) -> orchestrator.Dataset:
@@ -79,10 +103,10 @@ def test_iteration_rides_out_a_killed_and_restarted_server(faulty, street):
     assert took >= RESTART_AFTER_S  # the outage was waited out, not skipped
 
 
-def test_random_access_waits_for_the_server(faulty, street):
-    ds = _fresh(faulty, street)
+def test_random_access_waits_for_the_server(faulty, either):
+    ds = _fresh(faulty, either)
     expected = ds[7]["id"]
-    ds = _fresh(faulty, street)
+    ds = _fresh(faulty, either)
     faulty.kill_and_restart_after(RESTART_AFTER_S)
     assert ds[7]["id"] == expected
     faulty.wait_idle()
@@ -100,13 +124,13 @@ def test_dataloader_with_two_workers_rides_out_a_killed_server(faulty, street):
     assert took >= RESTART_AFTER_S
 
 
-def test_ray_pipeline_started_during_an_outage_delivers_everything(faulty, street):
-    ds = _fresh(faulty, street)
+def test_ray_pipeline_started_during_an_outage_delivers_everything(faulty, either):
+    ds = _fresh(faulty, either)
     rds = ds.to_ray()
     faulty.kill_and_restart_after(RESTART_AFTER_S)  # down before the first manifest read
     seen = [row["id"] for row in rds.iter_rows()]
     faulty.wait_idle()
-    _assert_exactly_once(seen, street[1])
+    _assert_exactly_once(seen, either[1])
     assert ds.skipped == 0
 
 
@@ -139,18 +163,18 @@ def test_a_stall_longer_than_the_deadline_raises_instead_of_hanging(faulty, stre
     assert "check that the S3 server is running" in str(err.value)
 
 
-def test_a_dead_server_raises_on_every_read_path(faulty, street):
+def test_a_dead_server_raises_on_every_read_path(faulty, either):
     """Past the deadline each path raises the store error (none returns a shorter epoch)."""
     from torch.utils.data import DataLoader
 
     paths = {
-        "getitem": lambda ds: [ds[i]["id"] for i in range(len(street[1]))],
+        "getitem": lambda ds: [ds[i]["id"] for i in range(len(either[1]))],
         "iteration": lambda ds: [it["id"] for it in ds],
         "dataloader": lambda ds: [it["id"] for it in DataLoader(
             ds.to_pytorch(), batch_size=1, num_workers=2, collate_fn=lambda b: b[0])],
         "ray": lambda ds: [row["id"] for row in ds.to_ray().iter_rows()],
     }
-    datasets = {name: _fresh(faulty, street, retry_deadline=2, request_timeout=1, connect_timeout=1)
+    datasets = {name: _fresh(faulty, either, retry_deadline=2, request_timeout=1, connect_timeout=1)
                 for name in paths}
     for ds in datasets.values():
         len(ds.stream.index)  # manifest indexed while the server is up: only blob reads remain
@@ -166,8 +190,8 @@ def test_a_dead_server_raises_on_every_read_path(faulty, street):
         faulty.wait_idle()
 
 
-def test_tensorflow_path_raises_the_store_error(faulty, street):
-    ds = _fresh(faulty, street, retry_deadline=2, request_timeout=1, connect_timeout=1)
+def test_tensorflow_path_raises_the_store_error(faulty, either):
+    ds = _fresh(faulty, either, retry_deadline=2, request_timeout=1, connect_timeout=1)
     tfds = ds.to_tensorflow()
     len(ds.stream.index)
     faulty.kill()

@@ -158,16 +158,49 @@ def test_second_epoch_fetches_nothing_and_a_small_cache_stays_in_budget(street):
     assert small.stats.evictions > 0 and small.stats.bytes_fetched > budget
 
 
-def test_missing_and_corrupt_blobs_skip_with_warning_or_raise(store_uri, demo_small, ray_cluster):
-    store = orchestrator.connect(store_uri)
-    store.ingest("street", coco=demo_small / "annotations.json", images=demo_small / "images")
-    ds = store.dataset("street", cache=BlobCache(memory_budget=1))
-    victims = {r["item_id"]: r["blob"] for r in ds.manifest_rows(["item_id", "blob"]).to_pylist()[:2]}
-    (missing_id, missing_blob), (corrupt_id, corrupt_blob) = victims.items()
-    fs = store.fs
-    fs.delete_file(store.blobs("street").path(missing_blob))
-    with fs.open_output_stream(store.blobs("street").path(corrupt_blob)) as out:
+def _damage_loose(store: orchestrator.Store, demo: Path, tmp_path: Path) -> tuple[str, str]:
+    """Loose: the first item's blob deleted, the second's overwritten. (missing id, corrupt id)."""
+    store.ingest("street", coco=demo / "annotations.json", images=demo / "images", pack=False)
+    rows = store.dataset("street").manifest_rows(["item_id", "blob"]).to_pylist()[:2]
+    store.fs.delete_file(store.blobs("street").path(rows[0]["blob"]))
+    with store.fs.open_output_stream(store.blobs("street").path(rows[1]["blob"])) as out:
         out.write(b"\xff\xd8 not really a jpeg")
+    return rows[0]["item_id"], rows[1]["item_id"]
+
+
+def _damage_packed(store: orchestrator.Store, demo: Path, tmp_path: Path) -> tuple[str, str]:
+    """Packed (the default): the first item ingested after the others, so that its pack holds
+    it alone, and that pack deleted; one byte flipped in the second item's bytes in the pack of
+    the others. (missing id, corrupt id)."""
+    doc = json.loads((demo / "annotations.json").read_text())
+    alone = doc["images"][0]
+    rest = dict(doc, images=doc["images"][1:],
+                annotations=[a for a in doc["annotations"] if a["image_id"] != alone["id"]])
+    (tmp_path / "rest.json").write_text(json.dumps(rest))
+    store.ingest("street", coco=tmp_path / "rest.json", images=demo / "images")
+    store.ingest("street", coco=demo / "annotations.json", images=demo / "images")  # adds the first
+    rows = store.dataset("street").manifest_rows(["item_id", "pack", "pack_offset"]).to_pylist()[:2]
+    assert rows[0]["item_id"] == alone["file_name"] and rows[0]["pack"] != rows[1]["pack"]
+    packs = store.handle.packs("street")
+    store.fs.delete_file(packs.path(rows[0]["pack"]))
+    path = packs.path(rows[1]["pack"])
+    with store.fs.open_input_stream(path) as f:
+        data = bytearray(f.read())
+    data[rows[1]["pack_offset"] + 5] ^= 0xFF
+    with store.fs.open_output_stream(path) as out:
+        out.write(bytes(data))
+    return rows[0]["item_id"], rows[1]["item_id"]
+
+
+@pytest.mark.parametrize("damage, corrupt_message", [
+    (_damage_loose, "is corrupt: its .* bytes do not hash to its name"),
+    (_damage_packed, "are corrupt: the .* bytes at offset .* do not hash to blob"),
+], ids=["loose", "packed"])
+def test_missing_and_corrupt_blobs_skip_with_warning_or_raise(store_uri, demo_small, ray_cluster, tmp_path,
+                                                             damage, corrupt_message):
+    store = orchestrator.connect(store_uri)
+    missing_id, corrupt_id = damage(store, demo_small, tmp_path)
+    ds = store.dataset("street", cache=BlobCache(memory_budget=1))
 
     with pytest.warns(UserWarning, match="skipped") as caught:
         ids = [it["id"] for it in ds]
@@ -197,7 +230,7 @@ def test_missing_and_corrupt_blobs_skip_with_warning_or_raise(store_uri, demo_sm
         list(strict)
     position = strict.item_ids().index(corrupt_id)
     # The bytes are caught by the hash check before anyone tries to decode them.
-    with pytest.raises(ItemError, match="is corrupt: its .* bytes do not hash to its name") as bad:
+    with pytest.raises(ItemError, match=corrupt_message) as bad:
         strict[position]
     assert bad.value.reason == "corrupt"
 

@@ -195,8 +195,9 @@ def test_ray_job_submit_runs_jobs_train_py(ray_cluster, tmp_path, demo_small):
 
 
 def test_a_skipped_item_is_counted_in_lineage_and_workers_stay_in_step(demo_small, tmp_path):
-    """A missing blob in one worker's shard: the run finishes (no DDP worker left waiting in an
-    all-reduce for a step the other never takes) and its lineage counts the skip by reason."""
+    """A corrupt item in one worker's shard (a byte flipped in its bytes in the pack, the
+    default layout): the run finishes (no DDP worker left waiting in an all-reduce for a step
+    the other never takes) and its lineage counts the skip by reason."""
     uri = f"file://{tmp_path / 'store'}"
     store = orchestrator.connect(uri)
     store.ingest("street", coco=demo_small / "annotations.json", images=demo_small / "images")
@@ -205,13 +206,18 @@ def test_a_skipped_item_is_counted_in_lineage_and_workers_stay_in_step(demo_smal
     # One batch short of two per worker: the full shard takes 2 steps, the one missing an item 1.
     plan = plan_run(_settings("street_torch.yaml", uri, "train.epochs=1", f"train.batch_size={shard - 1}"))
     victim = plan.train_ids[0]
-    blob = {r["item_id"]: r["blob"] for r in
-            store.dataset("street").manifest_rows(["item_id", "blob"]).to_pylist()}[victim]
-    store.fs.delete_file(store.blobs("street").path(blob))
+    row = {r["item_id"]: r for r in
+           store.dataset("street").manifest_rows(["item_id", "pack", "pack_offset"]).to_pylist()}[victim]
+    path = store.handle.packs("street").path(row["pack"])
+    with store.fs.open_input_stream(path) as f:
+        data = bytearray(f.read())
+    data[row["pack_offset"] + 5] ^= 0xFF
+    with store.fs.open_output_stream(path) as out:
+        out.write(bytes(data))
 
     lineage = run(plan)
     assert lineage.status == "finished"
-    assert lineage.skipped_items == 1 and lineage.skipped["by_reason"] == {"missing": 1}
+    assert lineage.skipped_items == 1 and lineage.skipped["by_reason"] == {"corrupt": 1}
     assert victim in lineage.skipped["examples"][0]
     # Each worker stopped at the shortest shard's step count (without that, the full shard's
     # extra step leaves its peer waiting in DDP's all-reduce: the run hangs).

@@ -1,5 +1,9 @@
 """A blob in the store is what its name says: verify finds damage, repair and re-ingest fix it,
-and an interrupted upload never leaves a partial object under a blob's final name."""
+and an interrupted upload never leaves a partial object under a blob's final name.
+
+``--repair-from`` rewrites loose blobs only, so the repair tests ingest loose (``pack=False``);
+on the packed default layout verify lists the bad items with the fix that works instead.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +19,9 @@ from tests.conftest import run_cli
 
 
 def _ingest(store_uri, demo_small) -> tuple[orchestrator.Store, dict[str, str]]:
+    """The demo ingested loose (one object per item): the layout these tests damage and repair."""
     store = orchestrator.connect(store_uri)
-    store.ingest("street", coco=demo_small / "annotations.json", images=demo_small / "images")
+    store.ingest("street", coco=demo_small / "annotations.json", images=demo_small / "images", pack=False)
     rows = store.dataset("street").manifest_rows(["item_id", "blob"]).to_pylist()
     return store, {r["item_id"]: r["blob"] for r in rows}
 
@@ -78,19 +83,85 @@ def test_verify_finds_truncated_zeroed_and_swapped_blobs_and_repair_restores_the
         assert _reads_back(store, item_id)["id"] == item_id
 
 
-def test_reingest_reuploads_a_wrong_size_object_under_a_blobs_name(ray_cluster, store_uri, demo_small):
+@pytest.mark.parametrize("pack", [False, True], ids=["loose-reingest", "packed-reingest"])
+def test_reingest_reuploads_a_wrong_size_object_under_a_blobs_name(ray_cluster, store_uri, demo_small, pack):
+    """A loose dataset with a wrong-size object under two blobs' names: a loose re-ingest
+    uploads them again; a packed one (the default) packs their media and points the rows there,
+    instead of re-using the damaged objects."""
     store, blob_of = _ingest(store_uri, demo_small)
     empty_id, cut_id = sorted(blob_of)[:2]
     whole = _read(store, blob_of[cut_id])
     _overwrite(store, blob_of[empty_id], b"")  # what a killed upload left behind
     _overwrite(store, blob_of[cut_id], whole[:1000])
 
-    report = store.ingest("street", coco=demo_small / "annotations.json", images=demo_small / "images")
+    report = store.ingest("street", coco=demo_small / "annotations.json", images=demo_small / "images",
+                          pack=pack)
     assert (report.blobs_uploaded, report.blobs_reused) == (2, 58)
-    assert _read(store, blob_of[cut_id]) == whole
+    rows = {r["item_id"]: r["pack"] for r in store.dataset("street").manifest_rows(["item_id", "pack"]).to_pylist()}
+    if pack:
+        assert rows[empty_id] and rows[cut_id]  # the damaged two packed, the others still loose
+        assert sum(p is None for p in rows.values()) == 58
+    else:
+        assert _read(store, blob_of[cut_id]) == whole
+        assert all(p is None for p in rows.values())
     for item_id in (empty_id, cut_id):
         assert _reads_back(store, item_id)["id"] == item_id
     assert store.verify("street").ok
+
+
+def test_verify_never_repairs_packed_bytes_and_says_what_fixes_them(ray_cluster, store_uri, demo_small):
+    """Packed (the default): one item's bytes flipped inside a whole pack, another pack deleted.
+    ``--repair-from`` a folder holding every source file repairs nothing and rewrites no pack;
+    it lists the lost pack's items for re-ingest and the flipped item for delete-then-re-ingest,
+    and both pieces of advice are then followed and shown to be what fixes them."""
+    store = orchestrator.connect(store_uri)
+    coco, images = demo_small / "annotations.json", demo_small / "images"
+    store.ingest("street", coco=coco, images=images, pack_mb=1)  # >= 2 packs of the 60 images
+    rows = sorted(store.dataset("street").manifest_rows(["item_id", "pack", "pack_offset"]).to_pylist(),
+                  key=lambda r: (r["pack"], r["pack_offset"]))
+    assert all(r["pack"] for r in rows)
+    packs = store.handle.packs("street")
+    kept, gone = rows[0]["pack"], rows[-1]["pack"]
+    assert kept != gone
+    victim = rows[1]["item_id"]
+    with store.fs.open_input_stream(packs.path(kept)) as f:
+        flipped = bytearray(f.read())
+    flipped[rows[1]["pack_offset"] + 5] ^= 0xFF
+    with store.fs.open_output_stream(packs.path(kept)) as out:
+        out.write(bytes(flipped))
+    store.fs.delete_file(packs.path(gone))
+    lost = sorted(r["item_id"] for r in rows if r["pack"] == gone)
+
+    result = run_cli("verify", "street", "--store", store_uri, "--repair-from", str(images), "--json")
+    assert result.returncode == 1, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["repaired"] == [] and not report["ok"]
+    assert report["packed_reingest"] == lost and report["packed_delete_first"] == [victim]
+    assert report["reingest"] == sorted([*lost, victim])
+    assert all(b["pack"] in (kept, gone) for b in report["bad"])
+    fixes = [line for line in result.stderr.splitlines() if "fix:" in line]
+    assert len(fixes) == 2 and "--repair-from" not in result.stderr, result.stderr
+    assert f"ingest the source of the {len(lost)} packed items" in fixes[0]
+    assert "orchestrator delete --dataset street" in fixes[1]
+    with store.fs.open_input_stream(packs.path(kept)) as f:
+        assert f.read() == bytes(flipped)  # not rewritten
+    assert store.fs.get_file_info(packs.path(gone)).type == pafs.FileType.NotFound
+
+    text = run_cli("verify", "street", "--store", store_uri, "--repair-from", str(images)).stdout
+    assert f"repaired 0 of 0 loose blobs from {images}; {len(lost) + 1} packed blobs cannot be " \
+           "repaired in place (packs are immutable)" in text, text
+    assert f"packed items to re-ingest (their media are packed again) ({len(lost)}): " in text, text
+    assert f"packed items to delete, then re-ingest (a re-ingest alone would point at the same damaged " \
+           f"bytes) (1): {victim}" in text, text
+    assert "[repaired]" not in text
+
+    store.ingest("street", coco=coco, images=images, pack_mb=1)  # the advice for the lost pack
+    again = store.verify("street", progress=False)
+    assert again.reingest == [victim] and again.packed_delete_first == [victim]  # re-ingest alone: not fixed
+    store.delete("street", [victim])  # the advice for the flipped item
+    store.ingest("street", coco=coco, images=images, pack_mb=1)
+    fixed = store.verify("street", progress=False)
+    assert fixed.ok and fixed.blobs_checked == 60, fixed.summary()
 
 
 class _Interrupted(BaseException):
