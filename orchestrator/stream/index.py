@@ -130,3 +130,21 @@ class RowReader:
         f = int(self.index.file_of[position])
         group, offset = self.locate(f, int(self.index.row_of[position]))
         return self.group_rows(f, group).slice(offset, 1).to_pylist()[0]
+
+    def rows(self, positions: np.ndarray) -> list[dict]:
+        """The rows of ``positions``, in that order: one Arrow ``take`` per row group they touch
+        (a pass converts rows in blocks; one ``row`` call per item cost ~3% of a pass's CPU)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        out: list[dict | None] = [None] * len(positions)
+        files = self.index.file_of[positions]
+        rows = self.index.row_of[positions]
+        for f in np.unique(files):
+            sel = np.flatnonzero(files == f)
+            bounds = self.bounds(int(f))
+            groups = np.searchsorted(bounds, rows[sel], side="right") - 1
+            for g in np.unique(groups):
+                members = sel[groups == g]
+                taken = self.group_rows(int(f), int(g)).take(rows[members] - bounds[g]).to_pylist()
+                for i, row in zip(members.tolist(), taken, strict=True):
+                    out[i] = row
+        return out  # type: ignore[return-value]

@@ -11,6 +11,7 @@ workers; readers built from it in another process see exactly the same rows.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -35,7 +36,10 @@ class StreamOptions:
     """How items are read.
 
     SDK paths (``ds[i]``, iteration, ``to_pytorch``, ``to_tensorflow``): ``prefetch`` items are
-    fetched ahead of the consumer by ``threads`` fetch-and-decode threads. Ray path
+    fetched ahead of the consumer by ``threads`` fetch threads and ``decode_threads`` decode
+    threads (default: this process's usable cores + 1, at most ``threads``: decoding holds a
+    core, and more decode threads than cores only contend for the GIL between images; measured
+    on 2 cores, 3 decode threads delivered ~20% more items/s than 8). Ray path
     (``to_ray``, training): at most ``ray_fetch_actors`` fetch-and-decode actors; how far it reads
     ahead is Ray Data's (``iter_batches(prefetch_batches=...)`` on the consumer side), so
     ``prefetch`` and ``threads`` do not apply there. Everywhere: ``on_error`` ``skip``s a missing, corrupt or
@@ -52,6 +56,7 @@ class StreamOptions:
 
     prefetch: int = 16
     threads: int = 8
+    decode_threads: int | None = None
     on_error: OnError = "skip"
     decode: bool = True
     shuffle_window: int = 4
@@ -66,6 +71,8 @@ class StreamOptions:
     def __post_init__(self) -> None:
         if self.on_error not in ("skip", "raise"):
             raise ConfigError(f"on_error must be 'skip' or 'raise', got {self.on_error!r}")
+        if self.decode_threads is not None and self.decode_threads < 1:
+            raise ConfigError(f"decode_threads must be >= 1 (or None for the default), got {self.decode_threads}")
         counts = ("prefetch", "threads", "ray_fetch_actors", "read_ahead_mb", "shuffle_window", "shuffle_run",
                   "shuffle_buffer")
         if any(getattr(self, name) < 1 for name in counts):
@@ -75,6 +82,13 @@ class StreamOptions:
                 isinstance(self.retry_deadline, bool) or not isinstance(self.retry_deadline, (int, float))
                 or self.retry_deadline < 0):
             raise ConfigError(f"retry_deadline must be a number of seconds >= 0, got {self.retry_deadline!r}")
+
+    @property
+    def decoders(self) -> int:
+        """Decode threads: ``decode_threads``, else usable cores + 1, at most ``threads``."""
+        if self.decode_threads is not None:
+            return self.decode_threads
+        return min(self.threads, len(os.sched_getaffinity(0)) + 1)
 
     def retry_policy(self, location: StoreLocation) -> RetryPolicy:
         """The store's retry policy with this reader's deadline, if it sets one."""

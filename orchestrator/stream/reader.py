@@ -226,7 +226,7 @@ class ItemStream:
             self.skips.add(exc)
 
         fetch_pool = ThreadPoolExecutor(max_workers=opts.threads, thread_name_prefix="orchestrator-fetch")
-        decode_pool = ThreadPoolExecutor(max_workers=opts.threads, thread_name_prefix="orchestrator-decode")
+        decode_pool = ThreadPoolExecutor(max_workers=opts.decoders, thread_name_prefix="orchestrator-decode")
         chunks = self._chunks(positions, opts.read_ahead_mb << 20)
         planned: deque[tuple[dict, Future, int]] = deque()
         pending: deque[Future] = deque()
@@ -274,13 +274,13 @@ class ItemStream:
         media (at most 4,096 rows)."""
         chunk: list[dict] = []
         size = 0
-        for pos in positions:
-            row = self.rows.row(int(pos))
-            chunk.append(row)
-            size += row["size_bytes"] or 0
-            if size >= budget or len(chunk) >= 4096:
-                yield chunk
-                chunk, size = [], 0
+        for start in range(0, len(positions), 256):
+            for row in self.rows.rows(positions[start:start + 256]):
+                chunk.append(row)
+                size += row["size_bytes"] or 0
+                if size >= budget or len(chunk) >= 4096:
+                    yield chunk
+                    chunk, size = [], 0
         if chunk:
             yield chunk
 

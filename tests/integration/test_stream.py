@@ -252,3 +252,8 @@ def test_reader_holds_a_few_row_groups_not_the_manifest(store_uri, demo_small, m
     for _ in ds.iter_items(shuffle=True, seed=1):
         held = max(held, reader.stats()["row_groups_kept"])
     assert 1 <= held <= reader.keep_groups < groups
+    # Rows read in blocks (one Arrow take per row group) are the rows read one at a time.
+    import numpy as np
+
+    positions = np.random.default_rng(0).permutation(len(ds))[:40]
+    assert reader.rows(positions) == [reader.row(int(p)) for p in positions]
