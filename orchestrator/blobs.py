@@ -124,9 +124,9 @@ class BlobStore(DatasetObjects):
         path = self.path(blob)
 
         # pyarrow's C++ client (a HEAD and a GET, with the GIL released), not one boto3 GET:
-        # boto3 spends ~2.5 ms of CPU under the GIL per request, which capped a pass over
-        # loose blobs at 352 items/s against 466 (benchmarks/peers.py, ours-loose). Packs need
-        # few requests, so they take boto3's single range GET (``packs.PackStore.read_range``).
+        # boto3 spends over 1 ms of CPU under the GIL per request, which capped a pass over
+        # loose blobs at 352 items/s against 466 (benchmarks/peers.py, ours-loose). Packs are
+        # opened once and then read one GET per range (``store_location.read_range``).
         def read() -> bytes | None:
             try:
                 with self.fs.open_input_stream(path) as f:

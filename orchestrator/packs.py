@@ -16,8 +16,8 @@ so storage permissions keep following dataset grants.
 
 ``plan_reads`` turns the rows a reader must deliver into range requests: rows of one pack sorted
 by offset, neighbours merged when the gap between them is at most ``merge_gap`` bytes and the
-request stays within ``max_request`` bytes. ``read_range`` issues one range GET (no HEAD: the
-object's size is not needed: ``store_location.read_range``), under the store's retry policy.
+request stays within ``max_request`` bytes. ``read_range`` issues one range GET (a process opens
+each pack once, one HEAD: ``store_location.read_range``), under the store's retry policy.
 """
 
 from __future__ import annotations

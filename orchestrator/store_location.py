@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -232,56 +233,68 @@ def no_store_error(location: StoreLocation) -> StoreError:
     )
 
 
-_S3_CLIENT_LOCK = threading.Lock()
+#: Open S3 files of this process, by (location, path, pid): a pack's size is learnt once (one
+#: HEAD), then every range of it is one GET.
+_OPEN_FILES: OrderedDict[tuple[StoreLocation, str, int], Any] = OrderedDict()
+_OPEN_FILES_LOCK = threading.Lock()
+_OPEN_FILES_MAX = 256
 
 
-@functools.lru_cache(maxsize=16)
-def _s3_client_for(location: StoreLocation, pid: int) -> Any:
-    import boto3
-    from botocore.config import Config
+def _open_file(location: StoreLocation, path: str) -> Any | None:
+    key = (location, path, os.getpid())
+    with _OPEN_FILES_LOCK:
+        f = _OPEN_FILES.get(key)
+        if f is not None:
+            _OPEN_FILES.move_to_end(key)
+            return f
+    try:
+        f = filesystem_for(location).open_input_file(path)  # one HEAD
+    except FileNotFoundError:
+        return None
+    with _OPEN_FILES_LOCK:
+        _OPEN_FILES[key] = f
+        while len(_OPEN_FILES) > _OPEN_FILES_MAX:
+            _OPEN_FILES.popitem(last=False)
+    return f
 
-    creds = location.credentials or S3Credentials.from_env()
-    config = Config(retries={"max_attempts": 1, "mode": "standard"},  # orchestrator.retry retries
-                    connect_timeout=location.retry.connect_timeout_s,
-                    read_timeout=location.retry.request_timeout_s,
-                    max_pool_connections=64, s3={"addressing_style": "path"})
-    return boto3.client("s3", endpoint_url=creds.endpoint_url or None, region_name=creds.region,
-                        aws_access_key_id=creds.access_key or None,
-                        aws_secret_access_key=creds.secret_key or None,
-                        aws_session_token=creds.session_token or None, config=config)
 
-
-def _s3_client(location: StoreLocation) -> Any:
-    """A boto3 S3 client for range reads, one per location and process (like ``_filesystem``;
-    boto3 clients are thread-safe). pyarrow's S3 file objects HEAD an object before every read
-    (its Python API cannot be told the size), which would double the requests of a pack read;
-    boto3 makes one GET. Created under a lock: the first reads come from many threads at once, and
-    each would otherwise build its own client (~0.1 s of CPU each)."""
-    with _S3_CLIENT_LOCK:
-        return _s3_client_for(location, os.getpid())
+def _forget_file(location: StoreLocation, path: str) -> None:
+    with _OPEN_FILES_LOCK:
+        _OPEN_FILES.pop((location, path, os.getpid()), None)
 
 
 def read_range(location: StoreLocation, path: str, start: int, end: int) -> bytes | None:
-    """Bytes ``[start, end)`` of the object at ``path`` (a path in ``filesystem_for``'s terms)
-    with one request; None if the object does not exist. Fewer bytes come back when the object
-    is shorter. Errors are the clients' own (the caller translates and retries them)."""
+    """Bytes ``[start, end)`` of the object at ``path`` (a path in ``filesystem_for``'s terms);
+    None if the object does not exist. Fewer bytes come back when the object is shorter. Errors
+    are the clients' own (the caller translates and retries them).
+
+    On S3 the object is opened once per process (pyarrow's C++ client: one HEAD, kept in a
+    small LRU of open files), then each range is one GET with the GIL released. boto3 makes
+    one GET without the HEAD but spends ~1.2 ms of CPU under the GIL on each, against ~0.3 ms
+    here: measured, that was most of ``ds[i]``'s time after the server's. Immutable objects
+    (packs) only: a cached size would be stale for an object that is rewritten. A read that
+    fails on an open file forgets it and opens the object again once, so an object deleted
+    since it was opened reads as missing."""
     if location.scheme == "file":
         try:
-            with open(path, "rb") as f:
-                f.seek(start)
-                return f.read(end - start)
+            with open(path, "rb") as local:
+                local.seek(start)
+                return local.read(end - start)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
-    from botocore.exceptions import ClientError
-
-    bucket, _, key = path.partition("/")
-    try:
-        answer = _s3_client(location).get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}")
-        return answer["Body"].read()
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        if code in ("NoSuchKey", "404", "NotFound"):
+    for attempt in (1, 2):
+        remote = _open_file(location, path)
+        if remote is None:
             return None
-        if code == "InvalidRange":  # the object ends before ``start``
+        size = remote.size()
+        if start >= size:
             return b""
-        raise
+        try:
+            return remote.read_at(min(end, size) - start, start)
+        except OSError:
+            # Opened earlier, failing now: the object may be gone since (then the fresh open
+            # says so); any other failure is the caller's to translate and retry.
+            _forget_file(location, path)
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
