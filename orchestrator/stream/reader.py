@@ -165,8 +165,9 @@ class ItemStream:
     @property
     def rows(self) -> RowReader:
         if self._rows is None:
-            self._rows = RowReader(self.plan, self.index,
-                                   keep_groups=max(4, self.options.shuffle_window * 2))
+            # A shuffled pass reads rows from the ``shuffle_window`` row groups of its window;
+            # one more covers a block straddling two windows. More would only hold memory.
+            self._rows = RowReader(self.plan, self.index, keep_groups=self.options.shuffle_window + 1)
         return self._rows
 
     def __len__(self) -> int:
