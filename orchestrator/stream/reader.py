@@ -27,6 +27,7 @@ from orchestrator.stream.cache import BlobCache, node_cache
 from orchestrator.stream.decode import decode_image
 from orchestrator.stream.index import ItemIndex, RowReader, build_index
 from orchestrator.stream.item import make_item
+from orchestrator.stream.memory import trim_heap
 from orchestrator.stream.order import epoch_order, shard
 from orchestrator.stream.plan import OnError, ReadPlan, StreamOptions
 from orchestrator.stream.skips import Skips
@@ -240,6 +241,7 @@ class ItemStream:
             chunk = next(chunks, None)
             if chunk is None:
                 return False
+            trim_heap()  # the previous chunk's request buffers are freed by now (stream.memory)
             planned.extend(self._submit_fetches(fetch_pool, chunk))
             last_chunk = len(chunk)
             return True
