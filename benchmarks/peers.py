@@ -203,26 +203,24 @@ def list_collate(batch: list) -> list:
 
 
 # -- measuring (in the consumer subprocess) ---------------------------------------------------------
-def vm_hwm_mb(pid: int | str = "self") -> float | None:
+def proc_mb(path: str, field: str) -> float | None:
+    """A ``kB`` field of a /proc file in MB; None if the process or the field is gone."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field):
                     return int(line.split()[1]) / 1024
     except OSError:
         return None
     return None
 
 
+def vm_hwm_mb(pid: int | str = "self") -> float | None:
+    return proc_mb(f"/proc/{pid}/status", "VmHWM:")
+
+
 def pss_mb(pid: int | str) -> float:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    return proc_mb(f"/proc/{pid}/smaps_rollup", "Pss:") or 0.0
 
 
 def proc_cpu_s(pid: int) -> float:
