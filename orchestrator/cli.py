@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -502,7 +503,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         import ray
 
         if ray.is_initialized():
-            ray.shutdown()  # stops a local cluster this process started
+            # Stops a local cluster this process started. Bounded: after a Ctrl-C the driver's
+            # connection can be half torn down, and a shutdown that never returns would keep an
+            # interrupted command alive; the process exits below either way.
+            done = threading.Thread(target=ray.shutdown, name="ray shutdown", daemon=True)
+            done.start()
+            done.join(timeout=10)
     _out.flush()
     sys.stdout.flush()
     sys.stderr.flush()

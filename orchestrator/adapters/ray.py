@@ -106,13 +106,15 @@ class SkipLedger:
         one.add(exc)
         ray.get(self._actor(create=True).add.remote(one.as_dict()))
 
-    def read(self) -> Skips:
+    def read(self, timeout: float | None = None) -> Skips:
+        """The skips recorded so far (``timeout``: seconds to wait for the ledger's answer;
+        ``GetTimeoutError`` past it)."""
         import ray
 
         skips = Skips()
         actor = self._actor(create=False)
         if actor is not None:
-            skips.merge(ray.get(actor.read.remote()))
+            skips.merge(ray.get(actor.read.remote(), timeout=timeout))
         return skips
 
     def close(self) -> None:

@@ -39,7 +39,10 @@ log = logging.getLogger(__name__)
 WAITING_STATES = frozenset({"InitializingState", "SchedulingState", "ReschedulingState",
                             "RestartingState", "ResizingState"})
 ABORT_TIMEOUT_S = 20.0  # a controller busy waiting on a placement group cannot answer abort
-STOP_WAIT_S = 60.0  # how long a stopped fit may take to wind down
+#: Everything a stop does (find the controller, abort or kill it, remove its placement groups,
+#: wait for the fit to end) shares this budget. Each step had its own bound before, and on a
+#: busy cluster they added up past two minutes: an interrupted run must be gone well within one.
+STOP_BUDGET_S = 30.0
 
 
 class RunMailbox:
@@ -125,14 +128,15 @@ class RunWatch:
         """Seconds the worker group has been waiting to be placed and started, or None."""
         return None if self.waiting_since is None else self.clock() - self.waiting_since
 
-    def poll(self, *, write: bool = True) -> None:
-        """Read new messages; write the lineage when an epoch arrived or the heartbeat is due.
-        Store trouble is logged, not raised: the run goes on and the next poll writes again."""
+    def poll(self, *, write: bool = True, timeout: float = 30.0) -> None:
+        """Read new messages (waiting at most ``timeout`` for the mailbox); write the lineage
+        when an epoch arrived or the heartbeat is due. Store trouble is logged, not raised: the
+        run goes on and the next poll writes again."""
         import ray
 
         if self.mailbox is not None:
             try:
-                messages = ray.get(self.mailbox.read.remote(self._read), timeout=30)
+                messages = ray.get(self.mailbox.read.remote(self._read), timeout=max(0.1, timeout))
             except ray.exceptions.GetTimeoutError:
                 messages = []
             except ray.exceptions.RayError as exc:  # the mailbox is gone or never started
@@ -158,35 +162,39 @@ class RunWatch:
         """The controller's handle, waiting up to ``timeout`` for it to be posted."""
         deadline = self.clock() + timeout
         while self.controller is None and self.clock() < deadline:
-            self.poll(write=False)
+            self.poll(write=False, timeout=deadline - self.clock())
             if self.controller is None:
                 time.sleep(0.2)
         return self.controller
 
-    def stop(self, *, graceful: bool) -> None:
-        """End a fit that is still going and wait (bounded) until it has wound down: ``abort``
-        the controller (workers shut down, their placement group removed, as Ray's own Ctrl-C
-        handler does), or ``ray.kill`` it when ``graceful`` is off or abort gets no answer (its
-        workers are owned by it and die with it; its placement groups are removed here)."""
+    def stop(self, *, graceful: bool, budget: float = STOP_BUDGET_S) -> None:
+        """End a fit that is still going and wait until it has wound down, all within ``budget``
+        seconds: ``abort`` the controller (workers shut down, their placement group removed, as
+        Ray's own Ctrl-C handler does), or ``ray.kill`` it when ``graceful`` is off or abort gets
+        no answer (its workers are owned by it and die with it; its placement groups are removed
+        here)."""
         if not self.fit_running or self.fit_done.is_set():
             return
-        self._end_controller(graceful)
+        deadline = self.clock() + budget
+        self._end_controller(graceful, deadline)
         if self.controller_id:  # abort removes them too, unless it came mid-start; a kill never does
             _remove_placement_groups_of(self.controller_id)
-        if not self.fit_done.wait(STOP_WAIT_S):
-            log.warning("run %s: the fit did not wind down within %.0f s", self.lineage.run_id, STOP_WAIT_S)
+        if not self.fit_done.wait(max(0.0, deadline - self.clock())):
+            log.warning("run %s: the fit did not wind down within %.0f s", self.lineage.run_id, budget)
 
-    def _end_controller(self, graceful: bool) -> None:
+    def _end_controller(self, graceful: bool, deadline: float) -> None:
         import ray
 
-        controller = self.await_controller(10.0)
+        controller = self.await_controller(min(10.0, max(0.0, deadline - self.clock())))
         if controller is None:
             log.warning("run %s: no controller to stop", self.lineage.run_id)
             return
         if graceful:
             log.info("run %s: aborting the controller", self.lineage.run_id)
             try:
-                ray.get(controller.abort.remote(), timeout=ABORT_TIMEOUT_S)
+                # Leave a third of what is left for the kill and the wait that follow.
+                ray.get(controller.abort.remote(),
+                        timeout=max(1.0, min(ABORT_TIMEOUT_S, (deadline - self.clock()) * 2 / 3)))
                 log.info("run %s: abort returned", self.lineage.run_id)
                 return
             except ray.exceptions.GetTimeoutError:

@@ -168,7 +168,7 @@ def _record_skips(lineage: Lineage) -> None:
         from orchestrator.adapters.ray import SkipLedger
 
         ledger = SkipLedger(skip_ledger_name(lineage.run_id), None)
-        skips = ledger.read()
+        skips = ledger.read(timeout=5.0)
         ledger.close()
     except Exception:  # noqa: BLE001 - Ray gone, ledger never created
         log.warning("run %s: could not read its skipped-item ledger", lineage.run_id, exc_info=True)
@@ -257,7 +257,7 @@ def _wind_down(watch: RunWatch | None) -> None:
         return
     try:
         watch.stop(graceful=True)
-        watch.poll(write=False)
+        watch.poll(write=False, timeout=5.0)  # the last reports, if the mailbox still answers
     except Exception:  # noqa: BLE001 - recording the end matters more
         log.warning("run %s: stopping the fit failed", watch.lineage.run_id, exc_info=True)
 

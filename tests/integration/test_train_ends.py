@@ -48,6 +48,17 @@ def _lineage_files(uri: str, prefix: str) -> list[Path]:
     return sorted(root.glob(f"{prefix}-*/lineage.json"))
 
 
+def _stacks_of(pid: int) -> str:
+    """Every thread's stack in a live process (py-spy, from the dev extra), to tell where a run
+    that should have exited is stuck."""
+    spy = Path(sys.executable).parent / "py-spy"
+    try:
+        done = subprocess.run([str(spy), "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"(py-spy dump failed: {exc})"
+    return (done.stdout + done.stderr)[-12000:]
+
+
 def _leftovers(job_id: str) -> tuple[list[str], list[str]]:
     """Alive actors and unremoved placement groups that the job ``job_id`` created."""
     from ray.util.state import list_actors, list_placement_groups
@@ -89,7 +100,14 @@ def test_sigint_records_interrupted_with_the_finished_epochs_and_leaves_nothing_
         job_id = workers[0].job_id
         interrupted_at = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
+        try:
+            out, err = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            stacks = _stacks_of(proc.pid)
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"the interrupted run did not exit within 90 s of SIGINT; its threads then:\n{stacks}\n"
+                        f"its stderr:\n{err[-4000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
