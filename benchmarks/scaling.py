@@ -133,8 +133,9 @@ def run_fit(ds, k: int, mode: str, args: argparse.Namespace, work: Path) -> list
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from orchestrator.adapters.ray import to_ray_dataset
     from orchestrator.stream.split import HashSplit
-    from orchestrator.train.data import NodeLocalDataConfig, RunData, prepare_row
+    from orchestrator.train.data import Examples, NodeLocalDataConfig, RunData
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     if mode == "node-local":
@@ -143,8 +144,9 @@ def run_fit(ds, k: int, mode: str, args: argparse.Namespace, work: Path) -> list
                        image_size=args.image_size, max_boxes=args.max_boxes)
         pipe, dconf = data.pipeline("train", 0, 1, None, [[]]), NodeLocalDataConfig(data)
     else:  # one unpinned pipeline (as many fetch actors in all), split by streaming_split
-        pipe = ds.with_options(ray_fetch_actors=args.threads * k).to_ray(HashSplit(0.0, 0, validation=False)).map(
-            prepare_row, fn_kwargs={"size": args.image_size, "max_boxes": args.max_boxes}, num_cpus=0.25)
+        wide = ds.with_options(ray_fetch_actors=args.threads * k)
+        pipe = to_ray_dataset(wide.plan, wide.ray_skip_ledger(), HashSplit(0.0, 0, validation=False),
+                              batch_fn=Examples(args.image_size, args.max_boxes))
         dconf = ray.train.DataConfig(datasets_to_split=["train"])
     out = Path(tempfile.mkdtemp(dir=work))
     trainer = TorchTrainer(

@@ -7,15 +7,44 @@
 
 ``ds.plan`` is the slice's ``ReadPlan`` (picklable: what the framework adapters and Ray tasks
 receive) and ``store.handle`` the store's low-level ``StoreHandle``.
+
+The names below are imported on first use: a Ray worker or DataLoader worker that unpickles a
+read plan imports the reader's modules only, not the facade, ingest and query compiler (about a
+second of a fresh worker's start, which is time to a first item).
 """
 
-from orchestrator import errors
-from orchestrator.dataset import Dataset
-from orchestrator.handle import StoreHandle
-from orchestrator.ingest.report import IngestReport
-from orchestrator.manifest import LabelMap, VersionInfo
-from orchestrator.store import Store, connect
-from orchestrator.stream.plan import ReadPlan, StreamOptions
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from orchestrator import errors
+    from orchestrator.dataset import Dataset
+    from orchestrator.handle import StoreHandle
+    from orchestrator.ingest.report import IngestReport
+    from orchestrator.manifest import LabelMap, VersionInfo
+    from orchestrator.store import Store, connect
+    from orchestrator.stream.plan import ReadPlan, StreamOptions
+
+_HOMES = {"errors": "orchestrator.errors", "Dataset": "orchestrator.dataset", "StoreHandle": "orchestrator.handle",
+          "IngestReport": "orchestrator.ingest.report", "LabelMap": "orchestrator.manifest",
+          "VersionInfo": "orchestrator.manifest", "Store": "orchestrator.store", "connect": "orchestrator.store",
+          "ReadPlan": "orchestrator.stream.plan", "StreamOptions": "orchestrator.stream.plan"}
 
 __all__ = ["Dataset", "IngestReport", "LabelMap", "ReadPlan", "Store", "StoreHandle", "StreamOptions",
            "VersionInfo", "connect", "errors"]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'orchestrator' has no attribute {name!r}")
+    module = importlib.import_module(home)
+    value = module if name == "errors" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

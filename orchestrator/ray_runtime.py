@@ -48,7 +48,8 @@ def ensure_ray() -> None:
 
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": {k: os.environ.get(k, v) for k, v in S3_COMPAT_ENV.items()}}
+    runtime_env = {"env_vars": {k: os.environ.get(k, v) for k, v in S3_COMPAT_ENV.items()},
+                   "worker_process_setup_hook": "orchestrator.ray_runtime.prepare_worker"}
     address, explicit = running_cluster_address()
     if address:
         try:
@@ -70,6 +71,26 @@ def ensure_ray() -> None:
     ray.init(num_cpus=local_cpus(), include_dashboard=False, log_to_driver=False,
              runtime_env=runtime_env)
     log.info("started a local Ray cluster with %d logical CPUs", local_cpus())
+
+
+#: What a worker imports when it starts (``prepare_worker``), before any task reaches it.
+WORKER_MODULES = ("ray.data", "orchestrator.adapters.ray")
+
+
+def prepare_worker() -> None:
+    """Ray's ``worker_process_setup_hook``: import the read path while the worker starts.
+
+    A fresh worker spends about a second importing Ray Data, pyarrow's dataset layer and the
+    reader; done in its first read task, that second is the first item's wait in a pipeline's
+    first epoch. Workers start with the cluster (and the job), so it is paid before anyone
+    waits. An import error is left for the task that needs the module to raise."""
+    import importlib
+
+    for name in WORKER_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # pragma: no cover - raised again, with context, where it is used
+            log.debug("could not pre-import %s", name, exc_info=True)
 
 
 def anchor_data_actors() -> None:

@@ -1,76 +1,56 @@
-"""Ray Data: the slice as a ``ray.data.Dataset`` built from three stages over a read plan.
+"""Ray Data: the slice as a ``ray.data.Dataset`` whose read tasks fetch and decode.
 
-1. manifest scan: a Ray ``Datasource`` with one read task per manifest file that the Delta
-   statistics leave in (row counts from the Delta log), through the one manifest reader
-   (``scan.read_rows``): the columns an item needs, the exact slice predicate, the access view;
-2. blob fetch through this node's cache and 3. decode: the SDK's ``ItemLoader``, with the same
-   error policy; rows are the item encoded by ``stream.item.to_ray_row``.
+The driver indexes the slice (one scan of the query's columns, ``stream.index``: where each item
+lives) and cuts it into read tasks of adjacent items; each task is the SDK reader itself
+(``ItemStream.iterate`` over its items: merged range requests for packed media, the node cache,
+decode threads, the one error policy) and yields Arrow blocks of ``ROWS_PER_BLOCK`` rows as it
+goes. One stage, so nothing but finished rows crosses the object store, and no actor pool has to
+start before the first item: tasks run in Ray's already-started workers, whose node cache (memory
+tier per process, disk tier per node) serves later epochs.
 
-Ready for ``streaming_split`` and Ray Train's ``datasets=``. Nothing is fetched until consumed.
+Rows are ``stream.item.to_ray_row`` of the item (plus ``fetch_node``), or the columns a
+``batch_fn`` makes of a block's items (training: fixed-shape examples, ``train.data.Examples``). Ready for
+``streaming_split`` and Ray Train's ``datasets=``. Nothing is fetched until consumed.
 """
 
 from __future__ import annotations
 
-import functools
+import os
 import uuid
+import warnings
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 
 from orchestrator.errors import ItemError
-from orchestrator.scan import candidate_files
-from orchestrator.stream.item import ITEM_COLUMNS, to_ray_row
+from orchestrator.stream.index import ItemIndex, build_index
+from orchestrator.stream.item import to_ray_row
 from orchestrator.stream.plan import ReadPlan
-from orchestrator.stream.reader import ItemLoader, apply_error_policy
+from orchestrator.stream.reader import ItemStream
 from orchestrator.stream.skips import Skips
 from orchestrator.stream.split import HashSplit
 
 if TYPE_CHECKING:
     import ray.data
 
-
-def scan_manifest_file(plan: ReadPlan, path: str, split: HashSplit | None = None,
-                       item_ids: frozenset[str] | None = None) -> pa.Table:
-    """Stage 1 for one manifest file: its rows that match the slice (and the split, and the
-    shard's ``item_ids``), read by the one manifest reader."""
-    table = plan.rows(ITEM_COLUMNS, files=[path]).table
-    if split is not None:
-        table = table.filter(pa.array(split.keep(table.column("item_id").to_pylist()), type=pa.bool_()))
-    if item_ids is not None:
-        table = table.filter(pa.array([i in item_ids for i in table.column("item_id").to_pylist()],
-                                      type=pa.bool_()))
-    return table
+#: Rows per Arrow block a read task yields: small, so the first batch reaches a consumer after
+#: a few items, not after a whole task.
+ROWS_PER_BLOCK = 32
+#: Items per read task: adjacent items (a task's reads merge into few requests), few enough that
+#: tasks spread over the cores and a slow one does not hold the epoch's end.
+TASK_ITEMS = 128
 
 
-def manifest_datasource(plan: ReadPlan, split: HashSplit | None = None,
-                        item_ids: frozenset[str] | None = None) -> Any:
-    """A Ray ``Datasource`` over the slice's manifest rows: one read task per manifest file that
-    the Delta statistics leave in, each running ``scan_manifest_file``. The row count of a task
-    comes from the Delta log when nothing filters the file's rows (no query, row filter, split
-    or shard), so Ray Data plans with real sizes; otherwise it is unknown until read."""
-    from ray.data.block import BlockMetadata
-    from ray.data.datasource import Datasource, ReadTask
-
-    class ManifestDatasource(Datasource):
-        def __init__(self) -> None:
-            self.files = candidate_files(plan.snapshot, plan.query)
-
-        def estimate_inmemory_data_size(self) -> int | None:
-            return None
-
-        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
-                           data_context: Any = None) -> list[ReadTask]:
-            exact = plan.query is None and split is None and item_ids is None
-            return [ReadTask(functools.partial(lambda p: [scan_manifest_file(plan, p, split, item_ids)], path),
-                             BlockMetadata(num_rows=stats.num_records if exact else None, size_bytes=None,
-                                           exec_stats=None, input_files=(path,)),
-                             per_task_row_limit=per_task_row_limit)
-                    for path, stats in self.files]
-
-        def get_name(self) -> str:
-            return f"Manifest({plan.dataset!r} v{plan.version})"
-
-    return ManifestDatasource()
+def read_task_count(items: int, concurrency: int) -> int:
+    """How many read tasks a slice of ``items`` is cut into: about ``TASK_ITEMS`` each, but at
+    least two per concurrent slot while every task still fills one block."""
+    if items == 0:
+        return 0
+    by_size = -(-items // TASK_ITEMS)
+    by_slots = min(-(-items // ROWS_PER_BLOCK), 2 * concurrency)
+    return max(by_size, by_slots)
 
 
 class SkipLedger:
@@ -100,11 +80,15 @@ class SkipLedger:
         return ray.remote(_LedgerActor).options(**options).remote()
 
     def add(self, exc: ItemError) -> None:
-        import ray
-
         one = Skips()
         one.add(exc)
-        ray.get(self._actor(create=True).add.remote(one.as_dict()))
+        self.merge(one)
+
+    def merge(self, skips: Skips) -> None:
+        """Record ``skips`` (waits for the ledger's answer, so a consumer that finished sees them)."""
+        import ray
+
+        ray.get(self._actor(create=True).add.remote(skips.as_dict()))
 
     def read(self, timeout: float | None = None) -> Skips:
         """The skips recorded so far (``timeout``: seconds to wait for the ledger's answer;
@@ -144,78 +128,141 @@ class _LedgerActor:
         return self.skips.as_dict()
 
 
-class FetchDecode:
-    """Stages 2+3 as one callable class, so each Ray worker keeps its cache between batches.
-
-    The same ``ItemLoader`` and error policy as the SDK reader: a batch of manifest rows is
-    fetched with ``ItemLoader.fetch_many`` (packed rows by merged range requests: a batch of
-    adjacent items of one pack is one request), then decoded; a missing, corrupt or
-    undecodable blob is skipped (recorded in the ``ledger``) or raised; a store outage past the
-    retry deadline always raises ``StoreUnavailable``, which fails the pipeline instead of
-    thinning it. Rows are ``stream.item.to_ray_row`` of the item."""
-
-    def __init__(self, plan: ReadPlan, ledger: SkipLedger | None = None) -> None:
-        self.load = ItemLoader(plan)
-        self.on_error = plan.options.on_error
-        self.ledger = ledger
-        import ray
-
-        # Stamped on every row: which node fetched it (shard locality is checked with it).
-        self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-
-    def _record(self, exc: ItemError) -> None:
-        if self.ledger is not None:
-            self.ledger.add(exc)
-
-    def __call__(self, batch: pa.Table) -> pa.Table | dict[str, list]:
-        rows = batch.to_pylist()
-        out = []
-        for row, data in zip(rows, self.load.fetch_many(rows), strict=True):
-            try:
-                item = self.load.item(row, data)
-            except ItemError as exc:
-                apply_error_policy(exc, self.on_error, self._record)
-                continue
-            out.append(to_ray_row(item, self.node_id))
-        if not out:  # every item skipped: an empty block with no columns
-            return pa.table({})
-        return {name: [r[name] for r in out] for name in out[0]}
+#: Turns a block's items into its columns (numpy arrays or lists of B rows): how a training run
+#: gets fixed-shape examples made in the read task (``train.data.Examples``).
+BatchFn = Callable[[list[dict]], dict[str, Any]]
 
 
-ROWS_PER_BLOCK = 32
+def _block(items: list[dict], node_id: str, batch_fn: BatchFn | None) -> pa.Table:
+    """One Arrow block of items: ``to_ray_row`` columns, or ``batch_fn``'s (plus ``id`` and
+    ``fetch_node``). Arrays of one shape become one fixed-shape tensor column."""
+    from ray.data.block import BlockAccessor
+
+    if batch_fn is not None:
+        columns = dict(batch_fn(items))
+        columns["id"] = [item["id"] for item in items]
+        columns["fetch_node"] = [node_id] * len(items)
+    else:
+        rows = [to_ray_row(item, node_id) for item in items]
+        columns = {name: [r[name] for r in rows] for name in rows[0]}
+    out: dict[str, np.ndarray] = {}
+    for name, values in columns.items():
+        if isinstance(values, np.ndarray):
+            out[name] = values
+        elif isinstance(values[0], np.ndarray) and all(v.shape == values[0].shape for v in values):
+            out[name] = np.stack(values)
+        elif isinstance(values[0], (np.ndarray, str)):
+            column = np.empty(len(values), dtype=object)
+            column[:] = values
+            out[name] = column
+        else:
+            out[name] = np.asarray(values)
+    return BlockAccessor.batch_to_block(out)
+
+
+def read_items(plan: ReadPlan, index: ItemIndex, ledger: SkipLedger | None, batch_fn: BatchFn | None,
+               ) -> Iterator[pa.Table]:
+    """The body of one read task: every item of ``index`` through the SDK reader, as blocks.
+
+    Skipped items (missing, corrupt, undecodable blob under ``on_error="skip"``) are recorded in
+    ``ledger`` before the block that would have held them is handed on; a store outage past the
+    retry deadline raises ``StoreUnavailable`` and fails the pipeline instead of thinning it."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    if os.environ.get("OT_DT"):
+        import dataclasses
+        plan = dataclasses.replace(plan, options=plan.options.replace(decode_threads=int(os.environ["OT_DT"]), threads=int(os.environ.get("OT_TH", "8"))))
+    stream = ItemStream(plan, index=index)
+    items: list[dict] = []
+
+    def flush() -> Iterator[pa.Table]:
+        nonlocal items
+        skipped, stream.skips = stream.skips, Skips()  # the reader records into the new one
+        if ledger is not None and skipped.count:
+            ledger.merge(skipped)
+        if items:
+            yield _block(items, node_id, batch_fn)
+        items = []
+
+    with warnings.catch_warnings():  # skips are counted in the ledger, not warned per task
+        warnings.simplefilter("ignore")
+        for item in stream.iterate(np.arange(len(index))):
+            items.append(item)
+            if len(items) == ROWS_PER_BLOCK:
+                yield from flush()
+    yield from flush()
+
+
+def item_datasource(plan: ReadPlan, ledger: SkipLedger | None = None, split: HashSplit | None = None,
+                    item_ids: frozenset[str] | None = None, batch_fn: BatchFn | None = None) -> Any:
+    """A Ray ``Datasource`` over the slice: the index is built here, on the driver (one scan of
+    the query's columns, with ``split`` and ``item_ids`` applied to the ids, so other items are
+    never fetched), and ``get_read_tasks`` cuts it into tasks of adjacent items."""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    keep: Callable[[list[str]], np.ndarray] | None = None
+    if split is not None or item_ids is not None:
+        def keep(ids: list[str]) -> np.ndarray:
+            mask = np.ones(len(ids), dtype=bool) if split is None else np.asarray(split.keep(ids), dtype=bool)
+            if item_ids is not None:
+                mask &= np.fromiter((i in item_ids for i in ids), dtype=bool, count=len(ids))
+            return mask
+
+    index = build_index(plan, keep)
+
+    class ItemDatasource(Datasource):
+        def __init__(self) -> None:
+            self.index = index
+
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                           data_context: Any = None) -> list[ReadTask]:
+            """``parallelism`` tasks of adjacent items, near-equal in size (``to_ray_dataset``
+            asks for exactly the count of ``read_task_count``, so Ray Data does not split
+            blocks after the read)."""
+            n = len(self.index)
+            tasks = []
+            for span in np.array_split(np.arange(n), max(1, min(parallelism, n))):
+                sub = self.index.subset(span)
+                # Row count unknown until read: skipped items do not become rows.
+                meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None,
+                                     input_files=tuple(sub.files))
+                tasks.append(ReadTask(lambda sub=sub: read_items(plan, sub, ledger, batch_fn), meta,
+                                      per_task_row_limit=per_task_row_limit))
+            return tasks
+
+        def get_name(self) -> str:
+            return f"Items({plan.dataset!r} v{plan.version})"
+
+    return ItemDatasource()
 
 
 def to_ray_dataset(plan: ReadPlan, ledger: SkipLedger | None = None, split: HashSplit | None = None, *,
-                   item_ids: frozenset[str] | None = None,
-                   node_id: str | None = None) -> ray.data.Dataset:
-    """Items of ``plan`` as a lazy Ray Data pipeline of ``to_ray_row`` rows (order not
-    preserved); skipped items are recorded in ``ledger``.
+                   item_ids: frozenset[str] | None = None, node_id: str | None = None,
+                   batch_fn: BatchFn | None = None) -> ray.data.Dataset:
+    """Items of ``plan`` as a lazy Ray Data pipeline of ``to_ray_row`` rows (or ``batch_fn``'s
+    columns), order not preserved; skipped items are recorded in ``ledger``.
 
-    ``split`` keeps one side of a hash split and ``item_ids`` one worker's shard, both applied in
-    the scan: other items' blobs are never fetched. ``node_id`` pins every stage to that node
-    (a train worker's), so its blobs are fetched into that node's cache and no decoded image
-    crosses the network. At most ``plan.options.ray_fetch_actors`` fetch actors run."""
+    ``split`` keeps one side of a hash split and ``item_ids`` one worker's shard, both applied
+    to the index: other items' blobs are never fetched. ``node_id`` pins every read task to that
+    node (a train worker's), so its blobs are fetched into that node's cache and no decoded image
+    crosses the network. At most ``plan.options.ray_fetch_actors`` read tasks run at once."""
     import ray.data
 
     from orchestrator.ray_runtime import ensure_ray
 
     ensure_ray()
-    source = manifest_datasource(plan, split, item_ids)
-    if not source.files:
+    source = item_datasource(plan, ledger, split, item_ids, batch_fn)
+    concurrency = int(os.environ.get("OT_CONC", 0)) or plan.options.ray_fetch_actors
+    tasks = read_task_count(len(source.index), concurrency)
+    if tasks == 0:
         return ray.data.from_items([])
-    pinned = pinned_to(node_id)
-    return (
-        ray.data.read_datasource(source, override_num_blocks=len(source.files), num_cpus=0.25,
-                                 ray_remote_args=pinned)
-        # One manifest file can hold the whole slice: cut it into small blocks so fetch and
-        # decode run in parallel and the first batch reaches a consumer after a few items,
-        # not after the whole file.
-        .repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
-        .map_batches(FetchDecode, fn_constructor_kwargs={"plan": plan, "ledger": ledger},
-                     batch_size=ROWS_PER_BLOCK, batch_format="pyarrow",
-                     compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.options.ray_fetch_actors),
-                     num_cpus=0.5, **pinned)
-    )
+    return ray.data.read_datasource(source, override_num_blocks=tasks, num_cpus=0.5,
+                                    concurrency=min(concurrency, tasks), ray_remote_args=pinned_to(node_id))
 
 
 def pinned_to(node_id: str | None) -> dict:

@@ -12,6 +12,7 @@ manifest written before row groups were capped has one group per file; it is the
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,13 +42,26 @@ class ItemIndex:
     def __len__(self) -> int:
         return len(self.file_of)
 
+    def subset(self, positions: np.ndarray) -> ItemIndex:
+        """The index of ``positions`` only (in that order), naming only the files they use:
+        what one Ray read task needs, without the other items' 12 bytes each."""
+        files = self.file_of[positions]
+        used = np.unique(files)
+        renumber = np.full(len(self.files), -1, dtype=np.int32)
+        renumber[used] = np.arange(len(used), dtype=np.int32)
+        return ItemIndex(tuple(self.files[i] for i in used), renumber[files], self.row_of[positions])
 
-def build_index(plan: ReadPlan) -> ItemIndex:
+
+def build_index(plan: ReadPlan, keep: Callable[[list[str]], np.ndarray] | None = None) -> ItemIndex:
     """Scan the slice once (only the query's columns) and record every match's location.
-    Transient store faults are retried under the plan's retry policy."""
+    ``keep``: given the matches' item ids, a boolean mask of those to index (a train/validation
+    split, one worker's shard). Transient store faults are retried under the plan's retry policy."""
     rows = plan.rows(["item_id"], row_numbers=True)
     file_of = rows.table.column(FILE_INDEX).to_numpy()
     row_of = rows.table.column(ROW_NUMBER).to_numpy()
+    if keep is not None:
+        mask = np.asarray(keep(rows.table.column("item_id").to_pylist()), dtype=bool)
+        file_of, row_of = file_of[mask], row_of[mask]
     used = np.unique(file_of)  # files with at least one match, in path order
     renumber = np.full(len(rows.files), -1, dtype=np.int32)
     renumber[used] = np.arange(len(used), dtype=np.int32)

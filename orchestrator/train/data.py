@@ -16,9 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import ray.train
 
-from orchestrator.adapters.ray import SkipLedger, pinned_to, to_ray_dataset
+from orchestrator.adapters.ray import SkipLedger, to_ray_dataset
 from orchestrator.stream.plan import ReadPlan
 from orchestrator.stream.split import HashSplit, balanced_shards
 
@@ -40,15 +41,15 @@ class RunData:
 
     def pipeline(self, name: str, rank: int, world_size: int, node_id: str | None,
                  shards: list[list[str]] | None = None) -> ray.data.Dataset:
-        """``train``: rank's shard; ``validation``: the whole validation side (read by rank 0)."""
+        """``train``: rank's shard; ``validation``: the whole validation side (read by rank 0).
+        Rows are the model's fixed-shape examples, made in the read tasks themselves."""
         ledger = SkipLedger.new(self.plan.options.skip_ledger)
+        examples = Examples(self.image_size, self.max_boxes)
         if name == "train":
             shards = shards or balanced_shards(self.train_ids, world_size, self.shard_seed)
-            rds = to_ray_dataset(self.plan, ledger, item_ids=frozenset(shards[rank]), node_id=node_id)
-        else:
-            rds = to_ray_dataset(self.plan, ledger, self.split, node_id=node_id)
-        return rds.map(prepare_row, fn_kwargs={"size": self.image_size, "max_boxes": self.max_boxes},
-                       num_cpus=0.25, **pinned_to(node_id))
+            return to_ray_dataset(self.plan, ledger, item_ids=frozenset(shards[rank]), node_id=node_id,
+                                  batch_fn=examples)
+        return to_ray_dataset(self.plan, ledger, self.split, node_id=node_id, batch_fn=examples)
 
 
 class NodeLocalDataConfig(ray.train.DataConfig):
@@ -76,11 +77,17 @@ class NodeLocalDataConfig(ray.train.DataConfig):
         return output
 
 
-def prepare_row(row: dict, size: int, max_boxes: int) -> dict:
-    """The last stage of a run's pipeline, as a Ray Data ``map`` function: one streamed item ->
-    the model's input row (image resized to ``size``, boxes padded to ``max_boxes``), keeping
-    ``id`` and ``fetch_node``. Public so that a pipeline built outside ``RunData`` (the
-    benchmarks' comparison with Ray Train's default split) prepares rows exactly as a run does."""
-    from orchestrator.train.batches import prepare_item
+@dataclass(frozen=True)
+class Examples:
+    """A read task's items -> the model's fixed-shape examples (``train.batches.prepare_item``:
+    image resized to ``size``, boxes normalized and padded to ``max_boxes``), stacked; the Ray
+    adapter adds ``id`` and ``fetch_node``. Made where the item was decoded, so no full-size image
+    crosses the object store and no per-row stage follows."""
 
-    return {**prepare_item(row, size, max_boxes), "id": row["id"], "fetch_node": row["fetch_node"]}
+    size: int
+    max_boxes: int
+
+    def __call__(self, items: list[dict]) -> dict[str, np.ndarray]:
+        from orchestrator.train.batches import prepare_item, stack
+
+        return stack([prepare_item(item, self.size, self.max_boxes) for item in items])
