@@ -37,8 +37,10 @@ Systems (``--systems``, comma list; default all), each in its peer's recommended
   packed media (``ingest(pack=True)``): merged range GETs.
 * ``ours-loose``: the same loop on the dataset ingested with one object per item (loose blobs,
   the layout of stores written before packs): a GET per item.
-* ``ours-torch``: ``DataLoader(ds.to_pytorch(), batch_size=32, num_workers=2,
-  collate_fn=adapters.torch.collate_items, persistent_workers=True)``.
+* ``ours-torch``: ``ds.dataloader(batch_size=32, num_workers=2)``, the recommended call: a
+  ``DataLoader(batch_size=None, persistent_workers=True, prefetch_factor=2)`` whose two workers
+  each read whole runs of their own shard and ship batches collated in the ``stream.batch``
+  layout (flat boxes + offsets, ~15 tensors per batch).
 * ``ours-ray``: ``ds.to_ray().iter_batches(batch_size=32)`` on a local Ray cluster started in the
   measured process (``ray.init(address="local")`` sized as ``orchestrator.ray_runtime`` sizes one).
 * ``mosaic``: ``streaming.StreamingDataset(remote="s3://...", local=<fresh cache dir>,
@@ -69,8 +71,9 @@ Systems (``--systems``, comma list; default all), each in its peer's recommended
   2 cores; no store traffic.
 
 The peers' DataLoaders hand batches over as lists of the items' numpy arrays (``collate_fn`` returns
-the list: the images differ in size, so the default collate cannot stack them); ours uses its own
-``collate_items`` (tensors, boxes padded). Ray progress bars are turned off in both Ray runs
+the list: the images differ in size, so the default collate cannot stack them); ours ships its own
+batch layout (tensors; images a list when their sizes differ, item ``i``'s boxes are rows
+``instance_offsets[i]:instance_offsets[i + 1]``). Ray progress bars are turned off in both Ray runs
 (non-interactive).
 
 Method. Each (round, system) is a fresh subprocess (so "cold" means a fresh process with empty
@@ -147,8 +150,8 @@ CONFIG = {
     "ours-iter": "for item in store.dataset(name): defaults (prefetch 16, threads 8, memory BlobCache); "
                  "packed media",
     "ours-loose": "as ours-iter, on the dataset ingested with loose blobs (one object per item)",
-    "ours-torch": "DataLoader(ds.to_pytorch(), batch_size=32, num_workers=2, collate_fn=collate_items, "
-                  "persistent_workers=True)",
+    "ours-torch": "ds.dataloader(batch_size=32, num_workers=2): workers collate (flat values + offsets), "
+                  "DataLoader(batch_size=None, persistent_workers=True, prefetch_factor=2), shards by runs",
     "ours-ray": "ds.to_ray().iter_batches(batch_size=32), local Ray cluster",
     "mosaic": "StreamingDataset(remote=s3://..., local=fresh dir, shuffle=False, batch_size=32) + "
               "DataLoader(batch_size=32, num_workers=2, persistent_workers=True); MDS, shards --shard-mib",
@@ -418,22 +421,18 @@ class OursIter(System):
 
 class OursTorch(OursIter):
     def open(self) -> None:
-        import torch.utils.data
-
-        from orchestrator.adapters.torch import collate_items
-
         self.ds = self.store.dataset(self.name)
-        self.loader = torch.utils.data.DataLoader(self.ds.to_pytorch(), batch_size=BATCH, num_workers=WORKERS,
-                                                  collate_fn=collate_items, persistent_workers=True)
+        self.loader = self.ds.dataloader(batch_size=BATCH, num_workers=WORKERS)
 
     def iterate(self, epoch: int):
         for batch in self.loader:
-            images, boxes, nboxes = batch["image"], batch["boxes"], batch["num_boxes"]
+            images, boxes, offsets = batch["image"], batch["boxes"].numpy(), batch["instance_offsets"].tolist()
             for i, item_id in enumerate(batch["id"]):
-                yield item_id, images[i].numpy(), boxes[i, :int(nboxes[i])].numpy()
+                yield item_id, images[i].numpy(), boxes[offsets[i]:offsets[i + 1]]
 
     def extra(self) -> dict:
-        return {}
+        """Both workers' store requests and cache counters, summed (``TorchItems.fetch_stats``)."""
+        return {"fetch": self.loader.dataset.fetch_stats()}
 
 
 class OursRay(OursIter):

@@ -252,9 +252,10 @@ def prepare_store(args: argparse.Namespace, work: Path) -> str:
         t0 = time.perf_counter()
         make_demo_data(data, args.n, args.seed, workers=2)
         print(f"drew {args.n} demo images in {time.perf_counter() - t0:.1f} s", flush=True)
-    uri = f"file://{work / f'store-n{args.n}-s{args.seed}' + ('-loose' if args.loose else '')}"
+    folder = work / (f"store-n{args.n}-s{args.seed}" + ("-loose" if args.loose else ""))
+    uri = f"file://{folder}"
     store = orchestrator.connect(uri)
-    if "street" not in store.datasets():
+    if not folder.exists() or "street" not in store.datasets():
         t0 = time.perf_counter()
         report = store.ingest("street", coco=coco, images=data / "images", pack=not args.loose)
         print(f"ingested {report.items} items in {time.perf_counter() - t0:.1f} s", flush=True)

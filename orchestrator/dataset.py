@@ -24,6 +24,7 @@ from orchestrator.stream.split import HashSplit
 if TYPE_CHECKING:
     import ray.data
     import tensorflow as tf
+    import torch.utils.data
 
     from orchestrator.adapters.ray import SkipLedger
     from orchestrator.adapters.torch import TorchItems
@@ -219,12 +220,29 @@ class Dataset:
         return self.options.blob_cache.stats.as_dict()
 
     def to_pytorch(self, shuffle: bool = False, seed: int = 0, transform: Any = None, *,
-                   rank: int | None = None, world_size: int | None = None) -> TorchItems:
-        """A ``torch.utils.data.IterableDataset`` over this slice; see adapters.torch."""
+                   rank: int | None = None, world_size: int | None = None,
+                   batch_size: int | None = None) -> TorchItems:
+        """A ``torch.utils.data.IterableDataset`` over this slice; see adapters.torch. With
+        ``batch_size`` it yields batches (``stream.batch`` layout, collated in the DataLoader
+        worker): use it with ``DataLoader(..., batch_size=None)``, or use ``dataloader``."""
         from orchestrator.adapters.torch import TorchItems
 
         return TorchItems(self.stream, shuffle=shuffle, seed=seed, transform=transform,
-                          rank=rank, world_size=world_size, size=self._len)
+                          rank=rank, world_size=world_size, size=self._len, batch_size=batch_size)
+
+    def dataloader(self, batch_size: int = 32, num_workers: int = 2, *, shuffle: bool = False, seed: int = 0,
+                   transform: Any = None, rank: int | None = None, world_size: int | None = None,
+                   **loader_options: Any) -> torch.utils.data.DataLoader:
+        """The recommended PyTorch loader: a ``DataLoader`` whose ``num_workers`` workers each
+        read whole runs of their own shard and ship collated batches of ``batch_size`` items
+        (``stream.batch`` layout, as tensors), with persistent workers. Each epoch yields every
+        item of this rank's share exactly once; call ``loader.dataset.set_epoch(n)`` before
+        epoch ``n`` to reshuffle. ``transform`` is applied to each batch in the worker;
+        ``loader_options`` go to DataLoader (see ``adapters.torch.dataloader``)."""
+        from orchestrator.adapters.torch import dataloader
+
+        items = self.to_pytorch(shuffle, seed, transform, rank=rank, world_size=world_size, batch_size=batch_size)
+        return dataloader(items, num_workers, **loader_options)
 
     def to_tensorflow(self, shuffle: bool = False, seed: int = 0) -> tf.data.Dataset:
         """A ``tf.data.Dataset`` over this slice; see adapters.tensorflow."""

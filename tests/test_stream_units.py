@@ -18,7 +18,7 @@ from orchestrator.manifest import LabelMap
 from orchestrator.stream.cache import BlobCache, DiskLRU, MemoryLRU
 from orchestrator.stream.decode import decode_image
 from orchestrator.stream.item import make_item
-from orchestrator.stream.order import epoch_order, shard
+from orchestrator.stream.order import epoch_order, epoch_runs, shard_bounds, shard_runs
 
 
 @given(st.lists(st.integers(1, 9), min_size=0, max_size=30), st.integers(0, 5), st.integers(0, 3),
@@ -60,16 +60,59 @@ def test_shuffle_reads_whole_runs_so_a_buffer_costs_one_request_per_run():
     assert len({int(p) // 256 for p in first}) >= 2
 
 
+def _shards(groups, k, **kw):
+    return [epoch_order(groups, shard_id=i, num_shards=k, **kw) for i in range(k)]
+
+
 @settings(max_examples=200)
-@given(st.integers(0, 200), st.integers(1, 12))
-def test_shards_are_disjoint_balanced_and_cover_everything(n, k):
-    order = np.random.default_rng(n).permutation(n)
-    parts = [shard(order, i, k) for i in range(k)]
-    flat = np.concatenate(parts) if parts else np.zeros(0)
+@given(st.lists(st.integers(1, 90), min_size=0, max_size=12), st.integers(1, 12), st.booleans(),
+       st.integers(0, 3))
+def test_shards_are_disjoint_balanced_and_cover_everything(group_sizes, k, shuffle, seed):
+    groups = np.repeat(np.arange(len(group_sizes)), group_sizes)
+    n = len(groups)
+    parts = _shards(groups, k, shuffle=shuffle, seed=seed, epoch=1, run=8, buffer=32)
+    flat = np.concatenate(parts)
     assert sorted(flat.tolist()) == list(range(n))
     assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    # Deterministic in (seed, epoch, shard_id, num_shards).
+    again = _shards(groups, k, shuffle=shuffle, seed=seed, epoch=1, run=8, buffer=32)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    if not shuffle:  # contiguous ranges
+        assert all(np.array_equal(p, np.arange(*shard_bounds(n, i, k))) for i, p in enumerate(parts))
     with pytest.raises(ValueError):
-        shard(order, k, k)
+        epoch_order(groups, shuffle=shuffle, seed=seed, epoch=0, shard_id=k, num_shards=k)
+
+
+@settings(max_examples=100)
+@given(st.integers(1, 40), st.integers(2, 6), st.integers(0, 9))
+def test_each_shard_is_whole_runs_except_at_most_two_cut_ones(groups_of_64, k, seed):
+    """Runs are 16 adjacent items (row groups of 64 start at multiples of 16): each shard holds
+    every item of its runs except for at most two runs (its first and last) it shares with a
+    neighbour; across all shards at most k - 1 runs are cut."""
+    groups = np.repeat(np.arange(groups_of_64), 64)
+    parts = _shards(groups, k, shuffle=True, seed=seed, epoch=2, window=2, run=16, buffer=64)
+    cut_total = 0
+    for part in parts:
+        runs, counts = np.unique(part // 16, return_counts=True)
+        cut = int(np.sum(counts < 16))
+        assert cut <= 2, (runs[counts < 16], counts[counts < 16])
+        cut_total += cut
+    assert cut_total <= 2 * (k - 1)
+    cut_runs = {r for part in parts for r, c in zip(*np.unique(part // 16, return_counts=True)) if c < 16}
+    assert len(cut_runs) <= k - 1
+
+
+def test_sharding_keeps_the_single_reader_buffers():
+    """A shard's items are the first (or second) half of the epoch's run sequence, permuted
+    within their buffers."""
+    groups = np.repeat(np.arange(8), 256)
+    runs = epoch_runs(groups, shuffle=True, seed=5, epoch=2, window=4, run=64, buffer=256)
+    assert runs.lengths.sum() == len(groups) and np.all(np.diff(runs.buffers) >= 0)
+    half = shard_runs(runs, 0, 2)
+    first = epoch_order(groups, shuffle=True, seed=5, epoch=2, window=4, run=64, buffer=256,
+                        shard_id=0, num_shards=2)
+    assert sorted(first.tolist()) == sorted(p for s, e in zip(half.starts, half.ends) for p in range(s, e))
+    assert len(first) == 1024 and not np.array_equal(first, np.sort(first))
 
 
 def test_memory_lru_keeps_its_byte_budget_and_evicts_oldest():
@@ -186,19 +229,21 @@ def test_make_item_aligns_boxes_labels_and_polygons():
     assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
 
 
-def test_collate_pads_varying_box_counts():
+def test_collate_items_uses_the_batch_layout():
     import torch
 
-    from orchestrator.adapters.torch import collate_items
+    from orchestrator.adapters.torch import collate_items, to_tensors
 
-    a = {"id": "a", "image": np.zeros((4, 5, 3), np.uint8), "boxes": np.ones((2, 4), np.float32),
-         "labels": np.array([3, 1]), "tags": []}
-    b = {"id": "b", "image": np.zeros((4, 5, 3), np.uint8), "boxes": np.zeros((0, 4), np.float32),
-         "labels": np.zeros(0, np.int64), "tags": ["x"]}
+    row = {"item_id": "a", "width": 5, "height": 4, "tags": [], "attributes": [],
+           "instances": [{"label": "car", "kind": "box", "bbox": [0, 0, 2, 2], "polygon": None},
+                         {"label": "car", "kind": "polygon", "bbox": [0, 0, 3, 3], "polygon": [0, 0, 3, 0, 3, 3]}]}
+    a = to_tensors(make_item(row, np.zeros((4, 5, 3), np.uint8), LabelMap(("car",)), 0))
+    b = to_tensors(make_item({**row, "item_id": "b", "instances": []}, np.zeros((4, 5, 3), np.uint8),
+                             LabelMap(("car",)), 0))
     batch = collate_items([a, b])
     assert batch["image"].shape == (2, 4, 5, 3)
-    assert batch["boxes"].shape == (2, 2, 4) and batch["num_boxes"].tolist() == [2, 0]
-    assert batch["labels"].tolist() == [[3, 1], [-1, -1]] and batch["id"] == ["a", "b"]
-    c = dict(a, image=np.zeros((6, 5, 3), np.uint8))
+    assert batch["boxes"].shape == (2, 4) and batch["instance_offsets"].tolist() == [0, 2, 2]
+    assert batch["polygon_offsets"].tolist() == [0, 0, 6] and batch["id"] == ["a", "b"]
+    c = dict(a, image=torch.zeros((6, 5, 3), dtype=torch.uint8))
     assert isinstance(collate_items([a, c])["image"], list)
     assert isinstance(batch["boxes"], torch.Tensor)

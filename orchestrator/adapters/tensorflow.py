@@ -6,6 +6,9 @@ varying by item, so ``.ragged_batch(b)`` gives RaggedTensors and ``.padded_batch
 padding_values=...)`` pads; ``polygons`` is a RaggedTensor [N, None]; ``tags`` and
 ``instance_tags`` are string vectors; ``attributes`` and ``instance_attributes`` are JSON text
 (maps of any keys do not fit a tensor). ``from_tf_element`` turns an element back into the item.
+``ragged_batch`` gives the values and row splits of the one batch layout (``stream.batch``):
+a ``stream.batch`` batch maps to it by ``tf.RaggedTensor.from_row_splits(boxes, instance_offsets)``
+(see that module).
 Use tf-keras (``TF_USE_LEGACY_KERAS=1``) for ``model.fit`` under MultiWorkerMirroredStrategy.
 """
 

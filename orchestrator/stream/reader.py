@@ -11,10 +11,12 @@ images are in memory beyond the one the consumer holds. Order is preserved.
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,11 +30,11 @@ from orchestrator.stream.decode import decode_image
 from orchestrator.stream.index import ItemIndex, RowReader, build_index
 from orchestrator.stream.item import make_item
 from orchestrator.stream.memory import trim_heap
-from orchestrator.stream.order import epoch_order, shard
+from orchestrator.stream.order import epoch_order
 from orchestrator.stream.plan import OnError, ReadPlan, StreamOptions
 from orchestrator.stream.skips import Skips
 
-__all__ = ["ItemLoader", "ItemStream", "StreamOptions", "apply_error_policy", "fetch_blob"]
+__all__ = ["ItemLoader", "ItemStream", "RequestCounts", "StreamOptions", "apply_error_policy", "fetch_blob"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,35 @@ log = logging.getLogger(__name__)
 def fetch_blob(blobs: BlobStore, cache: BlobCache, blob: str) -> bytes:
     """The blob's bytes from the node cache, else from the store (verified, then cached)."""
     return cache.get_or_fetch(blob, lambda: blobs.get(blob))
+
+
+@dataclass
+class RequestCounts:
+    """Media requests one ``ItemLoader`` made to the store and the bytes they returned.
+
+    What reading cost the store: a merged range request also returns the bytes between the
+    wanted items (up to ``packs.DEFAULT_MERGE_GAP``), so ``bytes`` can exceed the items' own
+    bytes (``CacheStats.bytes_fetched``); two readers of overlapping ranges both count theirs.
+    Thread-safe (fetch threads add concurrently); a pickled copy starts at zero."""
+
+    requests: int = 0
+    bytes: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, nbytes: int) -> None:
+        with self._lock:
+            self.requests += 1
+            self.bytes += nbytes
+
+    def as_dict(self) -> dict[str, int]:
+        with self._lock:
+            return {"requests": self.requests, "bytes_requested": self.bytes}
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()  # type: ignore[misc]
 
 
 class ItemLoader:
@@ -61,6 +92,7 @@ class ItemLoader:
         self.version = plan.version
         self.decode = plan.options.decode
         self._cache = plan.options.cache
+        self.requests = RequestCounts()
 
     @property
     def cache(self) -> BlobCache:
@@ -88,8 +120,11 @@ class ItemLoader:
 
     def _read_one(self, row: dict) -> bytes:
         if row.get("pack") is None:
-            return self.blobs.get(row["blob"])
-        return self.packs.get(row["pack"], row["pack_offset"], row["size_bytes"], row["blob"])
+            data = self.blobs.get(row["blob"])
+        else:
+            data = self.packs.get(row["pack"], row["pack_offset"], row["size_bytes"], row["blob"])
+        self.requests.add(len(data))
+        return data
 
     def fetch_many(self, rows: Sequence[dict]) -> list[bytes | ItemError]:
         """The bytes of each row (or the ``ItemError`` that explains why not), in order: cached
@@ -109,6 +144,7 @@ class ItemLoader:
                 continue
             try:
                 data = self.packs.read_range(read.pack, read.start, read.end)
+                self.requests.add(len(data))
             except ItemError as exc:
                 for i, _, _ in members:
                     out[i] = _named(exc, rows[i])
@@ -194,12 +230,14 @@ class ItemStream:
 
     def positions(self, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
                   shard_id: int = 0, num_shards: int = 1) -> np.ndarray:
-        """The positions one reader visits in one epoch (see ``orchestrator.stream.order``)."""
+        """The positions one reader visits in one epoch (see ``orchestrator.stream.order``):
+        shard ``shard_id`` of ``num_shards`` is whole runs of adjacent items (at most its first
+        and last run cut), so readers of different shards never request the same pack bytes."""
         keys = self.group_keys() if shuffle else np.arange(len(self.index))
         opts = self.options
-        order = epoch_order(keys, shuffle=shuffle, seed=seed, epoch=epoch, window=opts.shuffle_window,
-                            run=opts.shuffle_run, buffer=opts.shuffle_buffer)
-        return shard(order, shard_id, num_shards)
+        return epoch_order(keys, shuffle=shuffle, seed=seed, epoch=epoch, window=opts.shuffle_window,
+                           run=opts.shuffle_run, buffer=opts.shuffle_buffer, shard_id=shard_id,
+                           num_shards=num_shards)
 
     def iter_items(self, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
                    shard_id: int = 0, num_shards: int = 1) -> Iterator[dict]:

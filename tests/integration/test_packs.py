@@ -95,6 +95,23 @@ def test_a_sequential_pass_makes_one_request_per_run_of_items(packed, monkeypatc
     assert len(list(ds)) == 60 and calls == []  # the second epoch comes from the cache
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_two_dataloader_workers_fetch_each_packed_byte_once(packed, shuffle):
+    """Workers shard by runs: each requests only its own items' ranges, so the bytes both
+    workers' requests returned add up to the packs' bytes, once (dealt item by item, both
+    would request the merged range of every pack: twice the bytes). Every item exactly once."""
+    store, _ = packed
+    ds = store.dataset("street", cache=BlobCache(memory_budget=64 << 20))
+    loader = ds.dataloader(batch_size=8, num_workers=2, shuffle=shuffle, seed=1)
+    ids = [i for batch in loader for i in batch["id"]]
+    assert sorted(ids) == sorted(ds.item_ids()) and len(ids) == 60
+    stats = loader.dataset.fetch_stats()
+    rows = {r["blob"]: r["size_bytes"] for r in _rows(store, "street")}
+    assert stats["bytes_fetched"] == sum(rows.values()) and stats["misses"] == len(rows)
+    assert stats["bytes_requested"] == sum(_objects(store, "street", "packs").values()), stats
+    assert stats["requests"] >= 2  # one or more per worker: both fetched
+
+
 def test_media_already_in_the_dataset_are_not_stored_again(packed, demo_small, tmp_path):
     store, first = packed
     before = _objects(store, "street", "packs")

@@ -2,13 +2,15 @@
 blob the same way.
 
 The paths: ``ds[i]``, iteration, ``to_pytorch()`` through a real DataLoader (in process and
-with two worker processes), ``to_tensorflow()`` and ``to_ray()``; on both backends. The truth is
+with two worker processes), ``ds.dataloader()`` (batches collated in two workers, joined here
+by ``stream.batch.uncollate``), ``to_tensorflow()`` and ``to_ray()``; on both backends. The truth is
 derived from the SOURCE that was ingested (the JSONL records and the PNG files decoded by
 Pillow), never from another read path.
 
-Each path's output goes through one normalizer (``_from_ray_row`` and ``_from_tf_element`` are
-the library's own decoders of those paths' encodings, ``stream.item.from_ray_row`` and
-``adapters.tensorflow.from_tf_element``, after a check of the field names) into one canonical
+Each path's output goes through one normalizer (``_from_ray_row``, ``_from_tf_element`` and
+``_from_torch_batch`` are the library's own decoders of those paths' encodings,
+``stream.item.from_ray_row``, ``adapters.tensorflow.from_tf_element`` and
+``stream.batch.uncollate``, after a check of the field names) into one canonical
 structure, compared with one function. Every field of the SDK item dict is checked on every
 path: a path that leaves a field out, or adds one, breaks the contract.
 
@@ -37,6 +39,7 @@ from PIL import Image
 import orchestrator
 from orchestrator.errors import ItemError
 from orchestrator.ray_runtime import orchestrator_error_in
+from orchestrator.stream.batch import BATCH_FIELDS, uncollate
 from orchestrator.stream.item import ITEM_FIELDS, from_ray_row, to_ray_row
 from tests.conftest import BUCKET
 
@@ -99,7 +102,7 @@ BROKEN: dict[str, dict] = {
 BROKEN_ID = {reason: record["item_id"] for reason, record in BROKEN.items()}
 EXPECTED_SKIPS = Counter({"missing": 1, "corrupt": 1})
 
-PATHS = ("getitem", "iterate", "torch", "torch_workers", "tensorflow", "ray")
+PATHS = ("getitem", "iterate", "torch", "torch_workers", "torch_batches", "tensorflow", "ray")
 
 
 def _image(mode: str, size: tuple[int, int], seed: int) -> Image.Image:
@@ -258,6 +261,15 @@ def _from_torch_item(item: dict) -> dict:
     return {k: numpy(v) for k, v in item.items()}
 
 
+def _from_torch_batch(batch: dict) -> list[dict]:
+    """``ds.dataloader()``: a batch of tensors in the one batch layout, back to items by the
+    library's own inverse (``uncollate``), after checking that it has exactly the batch fields."""
+    from orchestrator.adapters.torch import batch_to_numpy
+
+    assert set(batch) == set(BATCH_FIELDS), sorted(set(batch) ^ set(BATCH_FIELDS))
+    return uncollate(batch_to_numpy(batch))
+
+
 def _from_tf_element(el: dict) -> dict:
     """``to_tensorflow()``: the library's own decoder of its encoding, after checking that the
     element has exactly the item's fields."""
@@ -395,6 +407,15 @@ def _deliver(path: str, ds, run: Run) -> Iterator[dict]:
             run.skipped, run.by_reason = torch_ds.skipped, Counter(torch_ds.skips.by_reason)
             if workers == 0:
                 assert ds.skips.by_reason == torch_ds.skips.by_reason, (ds.skips, torch_ds.skips)
+    elif path == "torch_batches":
+        # Batches of 4 (the contract's items have two image shapes: some batches stack, some
+        # are lists), collated in two persistent workers.
+        loader = ds.dataloader(batch_size=4, num_workers=2)
+        try:
+            for batch in loader:
+                yield from _from_torch_batch(batch)
+        finally:
+            run.skipped, run.by_reason = loader.dataset.skipped, Counter(loader.dataset.skips.by_reason)
     elif path == "tensorflow":
         try:
             for el in ds.to_tensorflow():
@@ -481,7 +502,7 @@ def test_bad_blobs_under_on_error_raise(contract_store, source, path, monkeypatc
     """(c) A sequential path stops with ItemError (reached through Ray's and the DataLoader's
     wrappers) whose ``reason`` fits the bad item it names, after only good items and with
     nothing counted as skipped; ds[i] behaves as under 'skip'; loose and packed."""
-    if path == "torch_workers":
+    if path in ("torch_workers", "torch_batches"):
         # After a worker raised, the DataLoader (torch 2.13) joins a worker it no longer sends
         # the stop signal to for this interval (5 s) before killing it. Speed only: skipped
         # harmlessly if torch renames it.

@@ -93,9 +93,32 @@ def test_dataloader_workers_and_ranks_see_each_item_exactly_once(street):
         part = ds.to_pytorch(shuffle=True, seed=7, rank=rank, world_size=2)
         loader = DataLoader(part, batch_size=None, num_workers=2)
         ranks.append([item["id"] for item in loader])
-        assert len(part) == 30
+        assert len(part) == 30 and len(ranks[-1]) == 30
     assert not set(ranks[0]) & set(ranks[1])
     assert sorted(ranks[0] + ranks[1]) == sorted(ds.item_ids())
+
+
+def test_batching_loader_reshuffles_per_epoch_in_persistent_workers(street):
+    """``ds.dataloader``: persistent workers ship collated batches; every item once per epoch;
+    ``set_epoch`` reaches the workers started in epoch 0 (the order of epoch 1 is the one a
+    fresh loader makes for epoch 1), and their caches survive the epoch (no fetch in epoch 2)."""
+    ds = street.dataset("street", cache=BlobCache(memory_budget=64 << 20))
+    loader = ds.dataloader(batch_size=8, num_workers=2, shuffle=True, seed=7)
+    assert loader.persistent_workers and loader.batch_size is None
+    orders = []
+    for epoch in (0, 1):
+        loader.dataset.set_epoch(epoch)
+        batches = list(loader)
+        assert len(loader) == len(batches) == 8  # 30 items a worker: 8 + 8 + 8 + 6, twice
+        assert all(len(b["id"]) <= 8 and b["instance_offsets"][-1] == len(b["boxes"]) for b in batches)
+        orders.append([i for b in batches for i in b["id"]])
+        assert sorted(orders[-1]) == sorted(ds.item_ids()) and len(orders[-1]) == 60
+    assert orders[0] != orders[1]
+    stats = loader.dataset.fetch_stats()
+    assert stats["misses"] == 60 and stats["memory_hits"] == 60, stats
+    fresh = street.dataset("street").dataloader(batch_size=8, num_workers=2, shuffle=True, seed=7)
+    fresh.dataset.set_epoch(1)
+    assert [i for b in fresh for i in b["id"]] == orders[1]
 
 
 def test_keras_trains_one_epoch_on_tf_data(street):
