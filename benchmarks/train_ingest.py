@@ -26,6 +26,9 @@ pipeline; only the OS page cache is warm, the blob files having just been writte
 * ``pipeline, Ray Train``: a TorchTrainer with the run's scaling whose loop only iterates
   ``get_dataset_shard("train").iter_batches(...)`` (``streaming_split`` across the workers, as in
   ``run``) and counts rows. No model.
+* ``training, synthetic``: the same as ``training`` (next), fed in-memory rows of the same shape
+  (a real batch's rows repeated, materialized in Ray's object store before the fit, split by Ray
+  Train's default ``DataConfig``): the model's speed when data costs nothing to produce.
 * ``training``: a TorchTrainer running the real ``orchestrator.train.loops.torch_loop`` with the
   ``train_loop_config`` ``run`` builds, wrapped only to time it: inside the worker
   ``ray.train.get_dataset_shard("train")`` hands back the real shard whose ``iter_batches`` is
@@ -315,8 +318,29 @@ def model_step_alone(plan, batch: dict, steps: int = 20) -> dict:
             "wait": [0.0], "first": [0.0], "after": 0.0, "worker_seconds": [t1 - t0], "t0": t0, "t1": t1}
 
 
-def fit(plan, loop, loop_config: dict, work: Path, name: str) -> tuple[list[dict], dict]:
-    """Run ``loop`` on a TorchTrainer set up as ``runner.run`` does; return rank records, timings."""
+def synthetic_datasets(plan, sample: dict) -> tuple[dict, object]:
+    """In-memory ``train`` and ``validation`` datasets of the run's row shape (the real sample
+    batch's rows repeated to the splits' sizes), materialized before the fit: what the model
+    gets when producing data costs nothing. Split across workers by Ray Train's default
+    ``DataConfig`` (``streaming_split`` of blocks already in the object store)."""
+    import ray.data
+    import ray.train
+
+    def rows(n: int) -> list[dict]:
+        k = len(sample["num_boxes"])
+        return [{name: sample[name][i % k] for name in ("image", "boxes", "labels", "num_boxes")} | {"id": f"s{i}"}
+                for i in range(n)]
+
+    items = plan.lineage.items
+    datasets = {"train": ray.data.from_items(rows(items["train"])).materialize(),
+                "validation": ray.data.from_items(rows(items["validation"])).materialize()}
+    return datasets, ray.train.DataConfig(datasets_to_split=["train"])
+
+
+def fit(plan, loop, loop_config: dict, work: Path, name: str, synthetic: dict | None = None,
+        ) -> tuple[list[dict], dict]:
+    """Run ``loop`` on a TorchTrainer set up as ``runner.run`` does (or fed ``synthetic_datasets``
+    made from the sample batch ``synthetic``); return rank records, timings."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -326,7 +350,10 @@ def fit(plan, loop, loop_config: dict, work: Path, name: str) -> tuple[list[dict
     out_dir = work / f"ranks-{name}"
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
-    datasets, data_config = train_datasets(plan)
+    if synthetic is not None:
+        datasets, data_config = synthetic_datasets(plan, synthetic)
+    else:
+        datasets, data_config = train_datasets(plan)
     if loop is pipeline_loop:
         datasets = {"train": datasets["train"]}
     trainer = TorchTrainer(
@@ -428,9 +455,12 @@ def main() -> None:
         }
         ranks, train_fit = fit(plan, timed_torch_loop, loop_config, work, "training")
         table += epoch_rows("training", ranks, E)
+        print("training done", flush=True)
+        ranks, synth_fit = fit(plan, timed_torch_loop, loop_config, work, "synthetic", synthetic=sample)
+        table += epoch_rows("training, synthetic", ranks, E)
         time.sleep(2 * sampler.interval)  # one more sample after the last window
         sampler.stop()
-        print("training done\n", flush=True)
+        print("synthetic training done\n", flush=True)
 
         for r in table:
             r["ours"], r["others"] = sampler.window(r["t0"], r["t1"])
@@ -446,7 +476,8 @@ def main() -> None:
                   f"{fmt_list(r['wait'], '.2f'):>11} {fmt_list(r['first'], '.2f'):>11} {r['after']:>13.2f} "
                   f"{r['ours']:>9.2f} {r['others']:>6.2f} {r['cpu_ms']:>17.1f}")
         print()
-        for name, f in (("pipeline, Ray Train", pipe_fit), ("training", train_fit)):
+        for name, f in (("pipeline, Ray Train", pipe_fit), ("training", train_fit),
+                        ("training, synthetic", synth_fit)):
             ours, others = sampler.window(f["t0"], f["t1"])
             print(f"{name}: trainer.fit() {f['fit']:.1f} s = start-up {f['startup']:.1f} s (fit() -> first "
                   f"worker loop) + loops + tear-down {f['teardown']:.1f} s (last loop end -> fit() returns); "
@@ -462,6 +493,10 @@ def main() -> None:
             return sum(r["rows"] for r in rs) / sum(r["seconds"] for r in rs), rs[-1]["total"]
 
         tr_all, tr_last = agg("training")
+        sy_all, sy_last = agg("training, synthetic")
+        print(f"ratio training, real data / synthetic in-memory data (same model, loop and workers): "
+              f"{tr_all / sy_all:.2f} over all epochs, {tr_last / sy_last:.2f} in epoch {E} "
+              f"({tr_all:.1f} vs {sy_all:.1f} samples/s)")
         pr_all, pr_last = agg("pipeline, Ray Train")
         dr_all, dr_last = agg("pipeline, driver")
         print(f"ratio training / pipeline alone (both Ray Train, {s.scaling.num_workers} workers, samples/s total): "
