@@ -48,8 +48,7 @@ def ensure_ray() -> None:
 
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": {k: os.environ.get(k, v) for k, v in S3_COMPAT_ENV.items()},
-                   "worker_process_setup_hook": "orchestrator.ray_runtime.prepare_worker"}
+    runtime_env: dict = {"env_vars": {k: os.environ.get(k, v) for k, v in S3_COMPAT_ENV.items()}}
     address, explicit = running_cluster_address()
     if address:
         try:
@@ -68,6 +67,9 @@ def ensure_ray() -> None:
     # concurrency") whenever a run's actors outnumber them, which a training run with its data
     # stages always does on a laptop; the local cluster's logical CPU count is the honest bound.
     os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(local_cpus()))
+    # Only on a cluster of our own: under `ray job submit` the job's runtime environment is set
+    # already, and adding a setup hook to it fails the job's runtime-env setup.
+    runtime_env["worker_process_setup_hook"] = "orchestrator.ray_runtime.prepare_worker"
     ray.init(num_cpus=local_cpus(), include_dashboard=False, log_to_driver=False,
              runtime_env=runtime_env)
     log.info("started a local Ray cluster with %d logical CPUs", local_cpus())
