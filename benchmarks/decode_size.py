@@ -9,7 +9,8 @@ No I/O in the timed part: the bytes are in memory. Two inputs:
 * one 2000x1500 JPEG (noise over gradients, quality 90) to ``--large-size`` square, where
   Pillow's draft mode decodes at 1/4 scale.
 
-Printed per input (median over ``--rounds`` rounds, one thread):
+Printed per input (median over ``--rounds`` rounds, the three ways interleaved in each
+round; one thread):
 
 * ``full``: ``decode_image(data)``, what every read path did before ``image_size``;
 * ``full+resize``: that, then the bilinear resize ``train.batches.prepare_item`` makes
@@ -49,28 +50,26 @@ def _large_jpeg(width: int = 2000, height: int = 1500) -> bytes:
     return out.getvalue()
 
 
-def _ms_per_image(fn: Callable[[bytes], np.ndarray], blobs: list[bytes], rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for data in blobs:
-            fn(data)
-        times.append((time.perf_counter() - t0) / len(blobs))
-    return 1000 * statistics.median(times)
-
-
 def _report(name: str, blobs: list[bytes], size: int, rounds: int) -> None:
     wh = (size, size)
-    full = _ms_per_image(decode_image, blobs, rounds)
-    full_resize = _ms_per_image(lambda d: np.asarray(Image.fromarray(decode_image(d)).resize(wh, RESIZE_FILTER)),
-                                blobs, rounds)
-    to_size = _ms_per_image(lambda d: decode_image(d, size=wh), blobs, rounds)
+    ways: dict[str, Callable[[bytes], np.ndarray]] = {
+        "full": decode_image,
+        "full+resize": lambda d: np.asarray(Image.fromarray(decode_image(d)).resize(wh, RESIZE_FILTER)),
+        "to size": lambda d: decode_image(d, size=wh),
+    }
+    times: dict[str, list[float]] = {way: [] for way in ways}
+    for _ in range(rounds):  # interleaved: a change in the machine's load hits every way alike
+        for way, fn in ways.items():
+            t0 = time.perf_counter()
+            for data in blobs:
+                fn(data)
+            times[way].append((time.perf_counter() - t0) / len(blobs))
+    ms = {way: 1000 * statistics.median(t) for way, t in times.items()}
     full_bytes = statistics.mean(decode_image(d).nbytes for d in blobs[:50])
-    print(f"{name}: {len(blobs)} images -> {size}x{size}, median of {rounds} rounds, 1 thread")
-    print(f"  full         {full:7.2f} ms/image  ({1000 / full:7.0f}/s)")
-    print(f"  full+resize  {full_resize:7.2f} ms/image  ({1000 / full_resize:7.0f}/s)")
-    print(f"  to size      {to_size:7.2f} ms/image  ({1000 / to_size:7.0f}/s)  "
-          f"{full_resize / to_size:.2f}x full+resize, {full / to_size:.2f}x full")
+    print(f"{name}: {len(blobs)} images -> {size}x{size}, median of {rounds} interleaved rounds, 1 thread")
+    for way, v in ms.items():
+        print(f"  {way:<12} {v:7.2f} ms/image  ({1000 / v:7.0f}/s)")
+    print(f"  to size: {ms['full+resize'] / ms['to size']:.2f}x full+resize, {ms['full'] / ms['to size']:.2f}x full")
     print(f"  decoded bytes per image: {full_bytes / 1e3:,.0f} kB full, {size * size * 3 / 1e3:,.0f} kB to size")
 
 

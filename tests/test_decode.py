@@ -23,15 +23,21 @@ from orchestrator.stream.item import make_item
 from orchestrator.stream.plan import StreamOptions
 from orchestrator.train.batches import prepare_item
 
-# Mean absolute difference (0..255 scale) allowed between decode-to-size and decode-then-resize
-# where draft mode reduced first (a JPEG at least twice the size asked for). Measured on
-# Pillow 13.0 / libjpeg-turbo: demo scenes -> 128x128 at most 0.87 (mean 0.5), the 2000x1500
-# noise-and-gradient JPEG -> 256x256: 1.52, -> 300x900 and orientations 3/6: <= 1.55.
-# Without draft (reduction under 2x, non-JPEGs) the two are bit-identical.
-MAX_MEAN_ABS_DIFF = 2.5
-# No single pixel value may be far off (a wrong orientation or a shifted grid would be):
-# measured at most 60 on noise (single pixels of 8x8-block noise), far under a misplaced image.
-P99_ABS_DIFF = 12
+# Mean absolute difference per image (0..255 scale) allowed between decode-to-size and
+# decode-then-resize where draft mode reduced first (a JPEG at least twice the size asked for).
+# Where it does not (a smaller reduction, non-JPEGs) the two are bit-identical. Measured with
+# Pillow 13.0 (libjpeg-turbo):
+# - demo scenes (drawn shapes: hard edges, where the DCT-scaled decode is sharper than a
+#   bilinear downscale): at most 2.1 at 128x128 (mean 0.8 over 40 scenes), 4.5 at 96x64 (mean
+#   1.6); the 99th percentile of one image's differences reaches 26 and 41 on those edges;
+# - the 2000x1500 noise-over-gradients JPEG, drafted at 1/4 or 1/2: 0.41 (256x256), 0.42
+#   (300x200), 0.65 (640x480), 0.41 for every orientation, 99th percentile 2; drafted at 1/8
+#   (the noise is averaged differently): 1.22 (64x64), 1.45 (128x128), 1.57 (200x150), 99th
+#   percentile 11-13.
+# A wrong orientation (the image rotated by 180°) gives 108: the bounds below are far from it.
+DEMO_MAX_MEAN_ABS_DIFF = 5.0
+LARGE_MAX_MEAN_ABS_DIFF = 2.0
+LARGE_P99_ABS_DIFF = 16
 
 
 def _jpeg(img: Image.Image, orientation: int = 1, quality: int = 90) -> bytes:
@@ -67,13 +73,13 @@ def _resized(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR))
 
 
-def _assert_close(got: np.ndarray, want: np.ndarray) -> float:
+def _assert_close(got: np.ndarray, want: np.ndarray, max_mean: float = LARGE_MAX_MEAN_ABS_DIFF,
+                  max_p99: float | None = LARGE_P99_ABS_DIFF) -> None:
     assert got.shape == want.shape and got.dtype == np.uint8
     diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
-    mad = float(diff.mean())
-    assert mad <= MAX_MEAN_ABS_DIFF, mad
-    assert np.percentile(diff, 99) <= P99_ABS_DIFF, np.percentile(diff, 99)
-    return mad
+    assert diff.mean() <= max_mean, diff.mean()
+    if max_p99 is not None:
+        assert np.percentile(diff, 99) <= max_p99, np.percentile(diff, 99)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +87,7 @@ def demo_jpegs(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
     from orchestrator.dev.demo import make_demo_data
 
     out = tmp_path_factory.mktemp("demo_decode")
-    make_demo_data(out, 16, seed=7)
+    make_demo_data(out, 16, seed=6)  # seed 6: two of the 16 are EXIF-rotated (3 and 8)
     files = sorted(Path(out, "images").glob("*.jpg"))
     assert len(files) == 16
     return [f.read_bytes() for f in files]
@@ -99,7 +105,7 @@ def test_demo_jpegs_decode_to_size_like_decode_then_resize(demo_jpegs):
         for size in [(128, 128), (96, 64)]:
             got = decode_image(data, "demo", size)
             assert got.shape == (size[1], size[0], 3)
-            _assert_close(got, _resized(full, size))
+            _assert_close(got, _resized(full, size), DEMO_MAX_MEAN_ABS_DIFF, None)
             with Image.open(io.BytesIO(data)) as img:
                 stored = img.size
                 _draft(img, size)
@@ -118,7 +124,7 @@ def test_a_large_jpeg_is_drafted_then_resized_to_exactly_the_size():
         assert opened.size == (500, 375)  # 1/4 scale: the smallest that still covers 256x256
     full = decode_image(data)
     assert full.shape == (1500, 2000, 3)
-    for size in [(256, 256), (300, 200), (640, 480)]:
+    for size in [(256, 256), (300, 200), (640, 480), (128, 96)]:
         got = decode_image(data, "large", size)
         assert got.shape == (size[1], size[0], 3)
         _assert_close(got, _resized(full, size))

@@ -13,9 +13,10 @@ import orchestrator
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 SIZE = (128, 96)  # (width, height)
-# Mean absolute pixel difference vs the full-size item resized (bilinear), as tests/test_decode.py
-# states it (measured at most 0.87 on demo scenes; bit-identical where draft mode does not apply).
-MAX_MEAN_ABS_DIFF = 2.5
+# Mean absolute pixel difference per image vs the full-size item resized (bilinear): the demo
+# scenes' bound of tests/test_decode.py (measured there at most 2.1 at 128x128 and 4.5 at
+# 96x64; bit-identical where draft mode does not apply).
+MAX_MEAN_ABS_DIFF = 5.0
 
 
 @pytest.fixture
