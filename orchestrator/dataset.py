@@ -104,7 +104,8 @@ class Dataset:
         )
 
     def with_options(self, **changes: Any) -> Dataset:
-        """The same slice read with other ``StreamOptions`` (prefetch, threads, on_error, cache)."""
+        """The same slice read with other ``StreamOptions`` (prefetch, threads, on_error, cache,
+        image_size, ...)."""
         opts = self.options.replace(**changes)
         return Dataset(self.store, self.name, options=opts, _snapshot=self._snapshot,
                        _queries=self._queries, _access=self._access)
@@ -219,47 +220,67 @@ class Dataset:
         """Hits, misses and bytes fetched from the store by this process's blob cache."""
         return self.options.blob_cache.stats.as_dict()
 
+    def _sized_options(self, image_size: int | tuple[int, int] | None) -> StreamOptions:
+        """This object's options, with ``image_size`` if one is given (validated)."""
+        return self.options if image_size is None else self.options.replace(image_size=image_size)
+
+    def _sized_stream(self, image_size: int | tuple[int, int] | None) -> ItemStream:
+        """The indexed reader, or one reading at ``image_size`` (same index, same skip ledger)."""
+        if image_size is None:
+            return self.stream
+        return self.stream.with_options(self._sized_options(image_size))
+
     def to_pytorch(self, shuffle: bool = False, seed: int = 0, transform: Any = None, *,
                    rank: int | None = None, world_size: int | None = None,
-                   batch_size: int | None = None) -> TorchItems:
+                   batch_size: int | None = None, image_size: int | tuple[int, int] | None = None) -> TorchItems:
         """A ``torch.utils.data.IterableDataset`` over this slice; see adapters.torch. With
         ``batch_size`` it yields batches (``stream.batch`` layout, collated in the DataLoader
-        worker): use it with ``DataLoader(..., batch_size=None)``, or use ``dataloader``."""
+        worker): use it with ``DataLoader(..., batch_size=None)``, or use ``dataloader``.
+        ``image_size`` (int or (width, height)): images decoded straight to that size, boxes
+        and polygons in its pixels (``StreamOptions.image_size``; default: this object's)."""
         from orchestrator.adapters.torch import TorchItems
 
-        return TorchItems(self.stream, shuffle=shuffle, seed=seed, transform=transform,
+        return TorchItems(self._sized_stream(image_size), shuffle=shuffle, seed=seed, transform=transform,
                           rank=rank, world_size=world_size, size=self._len, batch_size=batch_size)
 
     def dataloader(self, batch_size: int = 32, num_workers: int = 2, *, shuffle: bool = False, seed: int = 0,
                    transform: Any = None, rank: int | None = None, world_size: int | None = None,
+                   image_size: int | tuple[int, int] | None = None,
                    **loader_options: Any) -> torch.utils.data.DataLoader:
         """The recommended PyTorch loader: a ``DataLoader`` whose ``num_workers`` workers each
         read whole runs of their own shard and ship collated batches of ``batch_size`` items
         (``stream.batch`` layout, as tensors), with persistent workers. Each epoch yields every
         item of this rank's share exactly once; call ``loader.dataset.set_epoch(n)`` before
         epoch ``n`` to reshuffle. ``transform`` is applied to each batch in the worker;
+        ``image_size``: as for ``to_pytorch`` (with it, images stack into one tensor);
         ``loader_options`` go to DataLoader (see ``adapters.torch.dataloader``)."""
         from orchestrator.adapters.torch import dataloader
 
-        items = self.to_pytorch(shuffle, seed, transform, rank=rank, world_size=world_size, batch_size=batch_size)
+        items = self.to_pytorch(shuffle, seed, transform, rank=rank, world_size=world_size, batch_size=batch_size,
+                                image_size=image_size)
         return dataloader(items, num_workers, **loader_options)
 
-    def to_tensorflow(self, shuffle: bool = False, seed: int = 0) -> tf.data.Dataset:
-        """A ``tf.data.Dataset`` over this slice; see adapters.tensorflow."""
+    def to_tensorflow(self, shuffle: bool = False, seed: int = 0, *,
+                      image_size: int | tuple[int, int] | None = None) -> tf.data.Dataset:
+        """A ``tf.data.Dataset`` over this slice; see adapters.tensorflow. ``image_size``: as
+        for ``to_pytorch``."""
         from orchestrator.adapters.tensorflow import to_tf_dataset
 
-        return to_tf_dataset(self.stream, shuffle=shuffle, seed=seed)
+        return to_tf_dataset(self._sized_stream(image_size), shuffle=shuffle, seed=seed)
 
     def to_ray(self, split: HashSplit | None = None, *, item_ids: frozenset[str] | None = None,
-               node_id: str | None = None) -> ray.data.Dataset:
+               node_id: str | None = None, image_size: int | tuple[int, int] | None = None) -> ray.data.Dataset:
         """A ``ray.data.Dataset`` of items built as stages; see adapters.ray. ``split``: a
         ``HashSplit`` keeping one side of a train/validation split; ``item_ids``: keep only
-        these items (a worker's shard); ``node_id``: run the stages on that Ray node."""
+        these items (a worker's shard); ``node_id``: run the stages on that Ray node;
+        ``image_size``: as for ``to_pytorch`` (decoded to size in the fetch stage, so no
+        full-size image enters the object store)."""
         from orchestrator.adapters.ray import to_ray_dataset
         from orchestrator.ray_runtime import ensure_ray
 
+        plan = self.plan if image_size is None else self.plan.with_options(self._sized_options(image_size))
         ensure_ray()  # the skip ledger is homed on this process's Ray node
-        return to_ray_dataset(self.plan, self.ray_skip_ledger(), split, item_ids=item_ids, node_id=node_id)
+        return to_ray_dataset(plan, self.ray_skip_ledger(), split, item_ids=item_ids, node_id=node_id)
 
     def versions(self) -> list[VersionInfo]:
         """Every committed version of this dataset, oldest first (the access check was made

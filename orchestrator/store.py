@@ -145,7 +145,8 @@ class Store:
     def dataset(self, name: str, version: int | None = None, **options: Any) -> Dataset:
         """Open a dataset at ``version`` (default: the latest, pinned now). ``options`` are
         ``StreamOptions``: prefetch, threads, decode_threads, on_error ('skip' or 'raise'), cache,
-        retry_deadline, ray_fetch_actors, read_ahead_mb, shuffle_window, shuffle_run, shuffle_buffer."""
+        retry_deadline, ray_fetch_actors, read_ahead_mb, shuffle_window, shuffle_run, shuffle_buffer,
+        image_size."""
         check_dataset_name(name)
         if version is not None:
             if isinstance(version, bool) or not isinstance(version, numbers.Integral):

@@ -1,4 +1,14 @@
-"""Bytes → pixels: the one image decoder of every read path (``stream.item`` builds the item)."""
+"""Bytes → pixels: the one image decoder of every read path (``stream.item`` builds the item).
+
+Decoding to a size (``StreamOptions.image_size``) happens here, in the same step as the fetch,
+so that no full-resolution image crosses a process or Ray's object store when the consumer only
+wants a model-sized one. The result is the image ``train.batches.prepare_item`` would make of the
+full-size one, up to resampling: the same stretch to exactly the requested size (aspect ratio
+not preserved) with the same filter (bilinear). A JPEG that is at least twice the requested
+size in both axes is first decoded at a reduced DCT scale (Pillow's draft mode: 1/2, 1/4 or
+1/8, never below the requested size), which skips most of the decode work; the one resize then
+goes from that to exactly the size.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +17,66 @@ import io
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from orchestrator.errors import ItemError
+from orchestrator.errors import ConfigError, ItemError
+
+#: The filter of the one resize: the same as ``train.batches.prepare_item``'s, so an item decoded
+#: to a size and a full-size item resized there differ only where draft mode reduced first.
+RESIZE_FILTER = Image.Resampling.BILINEAR
+
+#: EXIF orientations whose transform swaps width and height (transpose, rotations by 90°).
+_SWAPS_AXES = frozenset({5, 6, 7, 8})
+_ORIENTATION = 0x0112
 
 
-def decode_image(data: bytes, item_id: str = "?") -> np.ndarray:
-    """H×W×3 uint8 RGB with EXIF orientation applied (grayscale, palette, RGBA converted)."""
+def image_size_wh(image_size: int | tuple[int, int] | None, option: str = "image_size") -> tuple[int, int] | None:
+    """``image_size`` as (width, height): an int is a square, a pair is (width, height), None is
+    "full size". Raises ``ConfigError`` naming ``option`` for anything else or a side < 1."""
+    if image_size is None:
+        return None
+    if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
+        wh = (int(image_size), int(image_size))
+    elif (isinstance(image_size, (tuple, list)) and len(image_size) == 2
+          and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in image_size)):
+        wh = (int(image_size[0]), int(image_size[1]))
+    else:
+        raise ConfigError(f"{option} must be an int (a square side) or a (width, height) pair of ints, "
+                          f"got {image_size!r}", hint=f"e.g. {option}=128 or {option}=(160, 120)")
+    if min(wh) < 1:
+        raise ConfigError(f"{option} must be >= 1 pixel on each side, got {image_size!r}",
+                          hint=f"e.g. {option}=128; None delivers full-size images")
+    return wh
+
+
+def decode_image(data: bytes, item_id: str = "?", size: tuple[int, int] | None = None) -> np.ndarray:
+    """H×W×3 uint8 RGB with EXIF orientation applied (grayscale, palette, RGBA converted).
+
+    With ``size`` = (width, height), exactly that size: stretched, not letterboxed (see the
+    module doc). ``size`` is in the oriented frame, as the manifest's width and height are.
+    Raises ``ItemError`` (reason ``undecodable``) naming ``item_id`` for bytes that are not a
+    readable image."""
     try:
         with Image.open(io.BytesIO(data)) as opened:
+            if size is not None and opened.format in ("JPEG", "MPO"):  # MPO: a camera JPEG with previews
+                _draft(opened, size)
             # In place: the default returns a copy of every image even when it needs no rotation
             # (most do not), which cost a third of decode time.
             ImageOps.exif_transpose(opened, in_place=True)
             img: Image.Image = opened
             if img.mode != "RGB":
                 img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "LA", "PA") else img.convert("RGB")
+            if size is not None and img.size != size:
+                img = img.resize(size, RESIZE_FILTER)
             return np.asarray(img, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ItemError(
             f"item {item_id!r}: its blob is not a readable image ({exc})",
             hint="re-ingest the item from its source file", reason="undecodable",
         ) from None
+
+
+def _draft(jpeg: Image.Image, size: tuple[int, int]) -> None:
+    """Ask the JPEG decoder for the smallest DCT scale whose output still covers ``size`` (an
+    oriented size: the stored image's axes are swapped when its orientation rotates by 90°)."""
+    orientation = jpeg.getexif().get(_ORIENTATION, 1)
+    stored = (size[1], size[0]) if orientation in _SWAPS_AXES else size
+    jpeg.draft("RGB", stored)

@@ -27,6 +27,7 @@ from orchestrator.retry import RetryPolicy
 from orchestrator.scan import ManifestRows, candidate_files, read_rows
 from orchestrator.store_location import StoreLocation
 from orchestrator.stream.cache import BlobCache, node_cache
+from orchestrator.stream.decode import image_size_wh
 
 OnError = Literal["skip", "raise"]
 
@@ -52,7 +53,12 @@ class StreamOptions:
     iteration plans its requests over at a time (packed items in them are fetched with merged
     range requests; at most two such chunks are held). Shuffled iteration (``stream.order``)
     permutes row groups, then runs of ``shuffle_run`` adjacent items within windows of
-    ``shuffle_window`` row groups, then items within buffers of ``shuffle_buffer`` items."""
+    ``shuffle_window`` row groups, then items within buffers of ``shuffle_buffer`` items.
+    ``image_size``: deliver images decoded straight to this size (an int: a square side; a pair:
+    (width, height)), stretched like ``train.batches.prepare_item`` (aspect ratio not kept), in
+    the same step as the fetch (``stream.decode``); boxes and polygons then are in the pixels
+    of that size (also with ``decode=False``), ``width``/``height`` stay the source's. None
+    (the default): full-size images."""
 
     prefetch: int = 16
     threads: int = 8
@@ -67,8 +73,10 @@ class StreamOptions:
     skip_ledger: str | None = None
     ray_fetch_actors: int = 8
     read_ahead_mb: int = 16
+    image_size: int | tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
+        image_size_wh(self.image_size)  # ConfigError naming image_size unless None, n or (w, h) >= 1
         if self.on_error not in ("skip", "raise"):
             raise ConfigError(f"on_error must be 'skip' or 'raise', got {self.on_error!r}")
         if self.decode_threads is not None and self.decode_threads < 1:

@@ -26,7 +26,7 @@ from orchestrator.errors import ItemError
 from orchestrator.manifest import LabelMap
 from orchestrator.packs import plan_reads
 from orchestrator.stream.cache import BlobCache, node_cache
-from orchestrator.stream.decode import decode_image
+from orchestrator.stream.decode import decode_image, image_size_wh
 from orchestrator.stream.index import ItemIndex, RowReader, build_index
 from orchestrator.stream.item import make_item
 from orchestrator.stream.memory import trim_heap
@@ -82,8 +82,11 @@ class ItemLoader:
     coalesced by ``packs.plan_reads``). Raises (or returns) ``ItemError`` naming the item only
     for a missing, corrupt or undecodable blob; a store that does not answer raises
     ``StoreUnavailable`` after the retry deadline, and every other store error (access denied)
-    as it is: those are never the item's fault. Picklable (the cache is this process's node
-    cache unless the plan's options name one)."""
+    as it is: those are never the item's fault. With ``image_size`` in the plan's options,
+    images are decoded straight to that size and geometry scaled to it (``stream.decode``,
+    ``stream.item``): every read path gets sized items from here, so no full-size image leaves
+    this step. Picklable (the cache is this process's node cache unless the plan's options
+    name one)."""
 
     def __init__(self, plan: ReadPlan) -> None:
         self.blobs = plan.blobs
@@ -91,6 +94,7 @@ class ItemLoader:
         self.label_map: LabelMap = plan.label_map
         self.version = plan.version
         self.decode = plan.options.decode
+        self.size = image_size_wh(plan.options.image_size)
         self._cache = plan.options.cache
         self.requests = RequestCounts()
 
@@ -115,8 +119,8 @@ class ItemLoader:
         """The item of a row whose bytes were fetched (or whose fetch failed with ``data``)."""
         if isinstance(data, ItemError):
             raise data
-        image = decode_image(data, row["item_id"]) if self.decode else None
-        return make_item(row, image, self.label_map, self.version)
+        image = decode_image(data, row["item_id"], self.size) if self.decode else None
+        return make_item(row, image, self.label_map, self.version, self.size)
 
     def _read_one(self, row: dict) -> bytes:
         if row.get("pack") is None:
@@ -192,6 +196,14 @@ class ItemStream:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)  # type: ignore[misc]
+
+    def with_options(self, options: StreamOptions) -> ItemStream:
+        """The same slice read with ``options`` (e.g. another ``image_size``): it shares this
+        stream's item index (no second scan) and its skip ledger, so what it skips counts
+        where this stream's skips are counted (``Dataset.skips``)."""
+        other = ItemStream(self.plan.with_options(options), self.index)
+        other.skips = self.skips
+        return other
 
     @property
     def index(self) -> ItemIndex:

@@ -16,9 +16,16 @@ An example (and, stacked, a batch with a leading batch axis) is::
 Choices a caller should know about:
 
 * **Aspect ratio is not preserved.** The image is stretched to ``size x size``. Boxes are
-  normalized by the *original* width and height, so they stay aligned with the stretched image
-  and the normalized coordinates mean the same thing in the original picture: multiply by the
-  original ``(W, H, W, H)`` to get pixels back.
+  normalized by the width and height of the image the item carries (boxes are in its pixels),
+  so they stay aligned with the stretched image and the normalized coordinates mean the same
+  thing in the original picture: multiply by the item's ``(width, height, width, height)`` to
+  get source pixels back.
+* **Full-size or already sized, the same example.** An item read with
+  ``StreamOptions.image_size=size`` (decoded straight to ``size x size`` by ``stream.decode``
+  with the same bilinear filter, boxes scaled into its pixels) gives the example a full-size
+  item gives, up to resampling (JPEG draft mode decodes large images at a reduced scale first)
+  and float32 rounding of the boxes (within 1e-6): normalizing by the image's own size undoes
+  the scaling. The image is not resized again.
 * **Boxes are clipped to the image** (some sources overflow the border by a few pixels);
   boxes that have no area left after clipping are dropped, with their labels.
 * **Boxes beyond** ``max_boxes`` **are dropped**, keeping the first ``max_boxes`` in item order.

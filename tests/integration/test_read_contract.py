@@ -205,9 +205,21 @@ def _stringified(mapping: dict | None) -> dict[str, str]:
     return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (mapping or {}).items()}
 
 
-def _truth(record: dict, folder: Path, label_ids: dict[str, int]) -> dict:
+def _truth(record: dict, folder: Path, label_ids: dict[str, int], size: tuple[int, int] | None = None) -> dict:
+    """The item of a SOURCE record; with ``size`` (width, height), as read with ``image_size``:
+    the source resized to it (bilinear; these PNGs take no draft shortcut, so exactly), geometry
+    scaled by size / source size, width and height still the source's."""
     with Image.open(folder / record["path"]) as img:
-        pixels = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        rgb = img.convert("RGB")
+    pixels = np.asarray(rgb, dtype=np.uint8)
+    height, width = pixels.shape[:2]
+    sx, sy = (1.0, 1.0) if size is None else (size[0] / width, size[1] / height)
+    if size is not None:
+        pixels = np.asarray(rgb.resize(size, Image.Resampling.BILINEAR), dtype=np.uint8)
+
+    def xy(values: list[float]) -> np.ndarray:  # x, y, x, y, ... scaled, rounded once to float32
+        return (np.asarray(values, dtype=np.float64) * np.tile([sx, sy], len(values) // 2)).astype(np.float32)
+
     instances = record.get("instances") or []
     geo = [i for i in instances if i["kind"] != "tag"]
 
@@ -220,25 +232,25 @@ def _truth(record: dict, folder: Path, label_ids: dict[str, int]) -> dict:
     return _canonical({
         "id": record["item_id"],
         "image": pixels,
-        "boxes": np.asarray([box(i) for i in geo], dtype=np.float32).reshape(-1, 4),
+        "boxes": np.asarray([xy(box(i)) for i in geo], dtype=np.float32).reshape(-1, 4),
         "labels": np.asarray([label_ids[i["label"]] for i in geo], dtype=np.int64),
         "label_names": [i["label"] for i in geo],
-        "polygons": [np.asarray(i.get("polygon") or [], dtype=np.float32) for i in geo],
+        "polygons": [xy(i.get("polygon") or []) for i in geo],
         "instance_attributes": [_stringified(i.get("attributes")) for i in geo],
         "instance_tags": [i["label"] for i in instances if i["kind"] == "tag"],
         "tags": list(record.get("tags") or []),
         "attributes": _stringified(record.get("attributes")),
-        "width": pixels.shape[1],
-        "height": pixels.shape[0],
+        "width": width,
+        "height": height,
         "version": VERSION,
     })
 
 
-def _truth_by_id(ds, folder: Path) -> dict[str, dict]:
+def _truth_by_id(ds, folder: Path, size: tuple[int, int] | None = None) -> dict[str, dict]:
     labels = {i["label"] for r, _, _ in SOURCE for i in r.get("instances") or []}
     assert labels <= set(ds.label_map.names), ds.label_map
     ids = ds.label_map.as_dict()
-    return {r["item_id"]: _truth(r, folder, ids) for r, _, _ in SOURCE}
+    return {r["item_id"]: _truth(r, folder, ids, size) for r, _, _ in SOURCE}
 
 
 # -- one normalizer for every path -------------------------------------------------------------
@@ -373,8 +385,13 @@ def _first(batch: list) -> Any:
     return batch[0]
 
 
-def _deliver(path: str, ds, run: Run) -> Iterator[dict]:
-    """The items ``path`` yields from ``ds``, normalized; fills ``run``'s accounting."""
+def _deliver(path: str, ds, run: Run, image_size: tuple[int, int] | None = None) -> Iterator[dict]:
+    """The items ``path`` yields from ``ds``, normalized; fills ``run``'s accounting. With
+    ``image_size``: asked for through ``with_options`` (``ds[i]``, iteration) or the adapter's
+    own ``image_size`` argument (the other paths)."""
+    sized: dict[str, Any] = {} if image_size is None else {"image_size": image_size}
+    if sized and path in ("getitem", "iterate"):
+        ds = ds.with_options(**sized)
     if path == "getitem":
         # Asked for one exact item, ds[i] raises for a bad one under either policy: the
         # contract for this path is "the good items, and an ItemError for each bad one".
@@ -395,7 +412,7 @@ def _deliver(path: str, ds, run: Run) -> Iterator[dict]:
     elif path in ("torch", "torch_workers"):
         from torch.utils.data import DataLoader
 
-        torch_ds = ds.to_pytorch()
+        torch_ds = ds.to_pytorch(**sized)
         workers = 2 if path == "torch_workers" else 0
         loader = DataLoader(torch_ds, batch_size=1, num_workers=workers, collate_fn=_first)
         try:
@@ -418,13 +435,13 @@ def _deliver(path: str, ds, run: Run) -> Iterator[dict]:
             run.skipped, run.by_reason = loader.dataset.skipped, Counter(loader.dataset.skips.by_reason)
     elif path == "tensorflow":
         try:
-            for el in ds.to_tensorflow():
+            for el in ds.to_tensorflow(**sized):
                 yield _from_tf_element(el)
         finally:
             run.skipped, run.by_reason = ds.skipped, Counter(ds.skips.by_reason)
     elif path == "ray":
         try:
-            for row in ds.to_ray().iter_rows():
+            for row in ds.to_ray(**sized).iter_rows():
                 yield _from_ray_row(row)
         finally:
             run.skipped, run.by_reason = ds.skipped, Counter(ds.skips.by_reason)
@@ -432,12 +449,12 @@ def _deliver(path: str, ds, run: Run) -> Iterator[dict]:
         raise AssertionError(f"unknown path {path!r}")
 
 
-def _read(path: str, ds, *, expect_error: bool = False) -> Run:
+def _read(path: str, ds, *, expect_error: bool = False, image_size: tuple[int, int] | None = None) -> Run:
     run = Run()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the skip summaries: the ledgers are checked instead
         try:
-            for item in _deliver(path, ds, run):
+            for item in _deliver(path, ds, run, image_size):
                 run.items.append(_canonical(item))
         except AssertionError:
             raise  # the test's own checks, never the path's error
@@ -467,6 +484,26 @@ def test_every_path_yields_the_source_items(contract_store, source, path, layout
     ds = _open(contract_store, layout)
     truth = _truth_by_id(ds, source.folder)
     run = _read(path, ds)
+    problems = _item_problems(run.items, truth)
+    if run.skipped or run.by_reason or run.refused:
+        problems.append(f"skips on clean data: {run.skipped} {run.by_reason} {run.refused}")
+    _assert_no_problems(path, problems)
+
+
+SIZE = (20, 15)  # (width, height): neither source shape, nor their aspect ratio
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_every_path_yields_the_same_items_decoded_to_image_size(contract_store, source, path):
+    """With ``image_size``, every path yields the source items at that size: pixels the source
+    resized (bilinear, as ``train.batches.prepare_item`` resizes), boxes and polygons scaled
+    into them, ``width``/``height`` still the source's; no skips. Packed layout, damaged
+    data has nothing size-specific."""
+    ds = _open(contract_store, PACKED)
+    truth = _truth_by_id(ds, source.folder, SIZE)
+    assert all(t["image"].shape == (SIZE[1], SIZE[0], 3) for t in truth.values())
+    assert any(t["width"] != SIZE[0] for t in truth.values())  # the sized truth is not the plain one
+    run = _read(path, ds, image_size=SIZE)
     problems = _item_problems(run.items, truth)
     if run.skipped or run.by_reason or run.refused:
         problems.append(f"skips on clean data: {run.skipped} {run.by_reason} {run.refused}")
