@@ -15,7 +15,6 @@ Rows are ``stream.item.to_ray_row`` of the item (plus ``fetch_node``), or the co
 
 from __future__ import annotations
 
-import os
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -170,9 +169,6 @@ def read_items(plan: ReadPlan, index: ItemIndex, ledger: SkipLedger | None, batc
     import ray
 
     node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-    if os.environ.get("OT_DT"):
-        import dataclasses
-        plan = dataclasses.replace(plan, options=plan.options.replace(decode_threads=int(os.environ["OT_DT"]), threads=int(os.environ.get("OT_TH", "8"))))
     stream = ItemStream(plan, index=index)
     items: list[dict] = []
 
@@ -257,7 +253,7 @@ def to_ray_dataset(plan: ReadPlan, ledger: SkipLedger | None = None, split: Hash
 
     ensure_ray()
     source = item_datasource(plan, ledger, split, item_ids, batch_fn)
-    concurrency = int(os.environ.get("OT_CONC", 0)) or plan.options.ray_fetch_actors
+    concurrency = plan.options.ray_fetch_actors
     tasks = read_task_count(len(source.index), concurrency)
     if tasks == 0:
         return ray.data.from_items([])

@@ -45,11 +45,13 @@ class RunData:
         Rows are the model's fixed-shape examples, made in the read tasks themselves."""
         ledger = SkipLedger.new(self.plan.options.skip_ledger)
         examples = Examples(self.image_size, self.max_boxes)
+        # Decoded straight to the model's size (JPEG draft mode, one resize) in the read task.
+        plan = self.plan.with_options(self.plan.options.replace(image_size=self.image_size))
         if name == "train":
             shards = shards or balanced_shards(self.train_ids, world_size, self.shard_seed)
-            return to_ray_dataset(self.plan, ledger, item_ids=frozenset(shards[rank]), node_id=node_id,
+            return to_ray_dataset(plan, ledger, item_ids=frozenset(shards[rank]), node_id=node_id,
                                   batch_fn=examples)
-        return to_ray_dataset(self.plan, ledger, self.split, node_id=node_id, batch_fn=examples)
+        return to_ray_dataset(plan, ledger, self.split, node_id=node_id, batch_fn=examples)
 
 
 class NodeLocalDataConfig(ray.train.DataConfig):
@@ -80,7 +82,7 @@ class NodeLocalDataConfig(ray.train.DataConfig):
 @dataclass(frozen=True)
 class Examples:
     """A read task's items -> the model's fixed-shape examples (``train.batches.prepare_item``:
-    image resized to ``size``, boxes normalized and padded to ``max_boxes``), stacked; the Ray
+    image at ``size`` (the plan decodes to it), boxes normalized and padded to ``max_boxes``), stacked; the Ray
     adapter adds ``id`` and ``fetch_node``. Made where the item was decoded, so no full-size image
     crosses the object store and no per-row stage follows."""
 
