@@ -207,6 +207,9 @@ def dataloader(items: TorchItems, num_workers: int = 2, **options: Any) -> DataL
     items.loader_workers = num_workers
     if num_workers > 0:
         defaults.update(persistent_workers=True, prefetch_factor=DEFAULT_PREFETCH_FACTOR)
+        # Index the slice once, here: the workers get it with the stream (12 bytes an item)
+        # instead of each scanning the manifest before its first batch.
+        items.stream.index  # noqa: B018 - built on first access
     return DataLoader(items, **{**defaults, **options})
 
 

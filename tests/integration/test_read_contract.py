@@ -427,7 +427,7 @@ def _deliver(path: str, ds, run: Run, image_size: tuple[int, int] | None = None)
     elif path == "torch_batches":
         # Batches of 4 (the contract's items have two image shapes: some batches stack, some
         # are lists), collated in two persistent workers.
-        loader = ds.dataloader(batch_size=4, num_workers=2)
+        loader = ds.dataloader(batch_size=4, num_workers=2, **sized)
         try:
             for batch in loader:
                 yield from _from_torch_batch(batch)
