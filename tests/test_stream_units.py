@@ -19,7 +19,7 @@ from orchestrator.access.redact import redact
 from orchestrator.errors import ItemError
 from orchestrator.manifest import LabelMap, base_field
 from orchestrator.stream.cache import BlobCache, DiskLRU, MemoryLRU
-from orchestrator.stream.decode import decode_image
+from orchestrator.stream.decode import decode_image, rgb_pixels
 from orchestrator.stream.item import ITEM_COLUMNS, ItemBlock
 from orchestrator.stream.order import epoch_order, epoch_runs, shard_bounds, shard_runs
 from tests.support.items import assert_same_item, reference_item
@@ -209,6 +209,18 @@ def test_decode_applies_exif_orientation():
     exif[0x0112] = 6
     out = decode_image(_encode(img, "JPEG", exif=exif))
     assert out.shape == (40, 20, 3)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (343, 240), (20000, 3), (3, 20000)])
+def test_rgb_pixels_equal_numpys_view_of_the_image(size):
+    """One-piece packing gives the bytes ``np.asarray`` gives (wide rows: one piece > 64 KB)."""
+    rng = np.random.default_rng(size[0])
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    want = np.asarray(img)
+    got = rgb_pixels(img)
+    assert got.shape == want.shape == (size[1], size[0], 3) and got.dtype == np.uint8
+    assert np.array_equal(got, want) and got.flags.c_contiguous
+    assert np.array_equal(rgb_pixels(img.convert("L")), np.asarray(img.convert("L")))  # not RGB: as numpy
 
 
 def test_decode_of_garbage_is_an_item_error_naming_the_item():
