@@ -15,7 +15,7 @@ LABELS = ("car", "person", "truck")
 
 
 def _item(rng: np.random.Generator, n: int, *, image: tuple[int, int] | None = (4, 5), k: int = 0) -> dict:
-    """An item as ``make_item`` builds it, with ``n`` instances: some with a polygon, some
+    """An item as ``ItemBlock.item`` builds it, with ``n`` instances: some with a polygon, some
     with none (a box only), every one with a box."""
     polygons = [rng.random(2 * int(rng.integers(3, 6))).astype(np.float32) if rng.random() < 0.5
                 else np.zeros(0, np.float32) for _ in range(n)]
