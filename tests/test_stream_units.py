@@ -283,6 +283,7 @@ def test_item_block_edge_cases_equal_the_row_by_row_items():
     again = block.item(4, None, 7)
     assert again["boxes"][0].tolist() == [0, 0, 2, 2] and again["instance_attributes"][0]["occluded"] == "yes"
     assert [(r.item_id, r.blob, r.pack, r.pack_offset) for r in block.rows()][0] == ("none", "0" * 64, None, None)
+    assert ItemBlock(pa.Table.from_pylist([], schema=_SCHEMA), _LABELS).rows() == []
 
 
 def test_item_block_redacted_attributes_are_absent():

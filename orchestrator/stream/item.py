@@ -20,10 +20,12 @@ checks that every path yields the same values::
 The N instances are those with geometry (box or polygon), in manifest order. Under an access
 policy, hidden attribute keys are absent. Items are built in one place, ``ItemBlock.item``, from a
 block of manifest rows held as columns (the reader keeps one block per row group; the Ray stage
-makes one per batch); ``ItemRow`` is a row as the fetch step sees it. PyTorch gets the same dict with ``image``, ``boxes``,
-``labels`` and ``polygons`` as tensors (``adapters.torch.to_tensors``). Ray Data and
-TensorFlow need columns of fixed type, so variable structures are encoded: ``to_ray_row`` /
-``from_ray_row`` here, ``to_tf_element`` / ``from_tf_element`` in ``adapters.tensorflow``.
+makes one per batch); ``ItemRow`` is a row as the fetch step sees it.
+
+PyTorch gets the same dict with ``image``, ``boxes``, ``labels`` and ``polygons`` as tensors
+(``adapters.torch.to_tensors``). Ray Data and TensorFlow need columns of fixed type, so variable
+structures are encoded: ``to_ray_row`` / ``from_ray_row`` here, ``to_tf_element`` /
+``from_tf_element`` in ``adapters.tensorflow``.
 """
 
 from __future__ import annotations
