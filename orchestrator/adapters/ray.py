@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from orchestrator.errors import ItemError
 from orchestrator.scan import candidate_files
-from orchestrator.stream.item import ITEM_COLUMNS, to_ray_row
+from orchestrator.stream.item import ITEM_COLUMNS, ItemBlock, to_ray_row
 from orchestrator.stream.plan import ReadPlan
 from orchestrator.stream.reader import ItemLoader, apply_error_policy
 from orchestrator.stream.skips import Skips
@@ -166,7 +166,7 @@ class FetchDecode:
             self.ledger.add(exc)
 
     def __call__(self, batch: pa.Table) -> pa.Table | dict[str, list]:
-        rows = batch.to_pylist()
+        rows = ItemBlock(batch, self.load.label_map).rows()
         out = []
         for row, data in zip(rows, self.load.fetch_many(rows), strict=True):
             try:
