@@ -11,7 +11,7 @@ into ``s3://bench/store`` on ONE SeaweedFS server that this script starts on loo
 Prometheus metrics endpoint on). The peers' copies are exported from that dataset, so every system
 holds the same bytes: for each item (manifest order) the blob is read back (sha256 checked) and
 written, as the original JPEG bytes, with its id and its boxes (the manifest's ``bbox`` of every
-non-tag instance, float32 [N, 4], exactly what ``make_item`` yields) into
+non-tag instance, float32 [N, 4], exactly what ``ItemBlock.item`` yields) into
 
 * MDS shards (``streaming.MDSWriter``, columns id ``str``, jpeg ``bytes``, boxes ``bytes``: raw
   float32, because MDS's ``ndarray`` encoding refuses an item without boxes) uploaded to
@@ -179,7 +179,7 @@ def pil_decode(data: bytes) -> np.ndarray:
 
 
 def boxes_of(instances: list[dict] | None) -> np.ndarray:
-    """The item's boxes as ``make_item`` builds them: every non-tag instance's bbox, float32 [N, 4]."""
+    """The item's boxes as ``ItemBlock.item`` builds them: every non-tag instance's bbox, float32 [N, 4]."""
     geo = [i for i in instances or [] if i["kind"] != "tag"]
     return np.asarray([i["bbox"] for i in geo], dtype=np.float32).reshape(-1, 4)
 

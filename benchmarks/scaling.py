@@ -71,7 +71,6 @@ def per_core(ds, n: int, size: int, max_boxes: int) -> dict:
     """Single-threaded CPU seconds per item for fetch (fresh cache), decode and prepare_item."""
     from orchestrator.stream.cache import BlobCache
     from orchestrator.stream.decode import decode_image
-    from orchestrator.stream.item import make_item
     from orchestrator.stream.reader import fetch_blob
     from orchestrator.train.batches import prepare_item
 
@@ -84,11 +83,11 @@ def per_core(ds, n: int, size: int, max_boxes: int) -> dict:
     for pos in range(n + 1):  # position 0 warms up (filesystem, imports), not counted
         row = rows.row(pos)
         t0 = time.process_time()
-        data = fetch_blob(blobs, cache, row["blob"])
+        data = fetch_blob(blobs, cache, row.blob)
         t1 = time.process_time()
-        image = decode_image(data, row["item_id"])
+        image = decode_image(data, row.item_id)
         t2 = time.process_time()
-        prepare_item(make_item(row, image, ds.label_map, ds.version), size, max_boxes)
+        prepare_item(row.item(image, ds.version), size, max_boxes)
         t3 = time.process_time()
         if pos == 0:
             wall0 = time.perf_counter()

@@ -3,21 +3,19 @@ conversion of it (no Ray, no store)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestrator.stream.batch import BATCH_FIELDS, collate, uncollate
-from orchestrator.stream.item import ITEM_FIELDS
+from tests.support.items import assert_same_item
 
 LABELS = ("car", "person", "truck")
 
 
 def _item(rng: np.random.Generator, n: int, *, image: tuple[int, int] | None = (4, 5), k: int = 0) -> dict:
-    """An item as ``make_item`` builds it, with ``n`` instances: some with a polygon, some
+    """An item as ``ItemBlock.item`` builds it, with ``n`` instances: some with a polygon, some
     with none (a box only), every one with a box."""
     polygons = [rng.random(2 * int(rng.integers(3, 6))).astype(np.float32) if rng.random() < 0.5
                 else np.zeros(0, np.float32) for _ in range(n)]
@@ -40,22 +38,6 @@ def _item(rng: np.random.Generator, n: int, *, image: tuple[int, int] | None = (
     }
 
 
-def _assert_same_item(got: dict[str, Any], want: dict[str, Any]) -> None:
-    """Field by field, arrays with their dtype and shape, scalars with their Python type."""
-    assert list(got) == list(want) == list(ITEM_FIELDS)
-    for key in ITEM_FIELDS:
-        g, w = got[key], want[key]
-        if key == "polygons":
-            assert len(g) == len(w), key
-            for a, b in zip(g, w, strict=True):
-                assert a.dtype == b.dtype == np.float32 and a.shape == b.shape and np.array_equal(a, b)
-        elif isinstance(w, np.ndarray):
-            assert isinstance(g, np.ndarray) and g.dtype == w.dtype and g.shape == w.shape, key
-            assert np.array_equal(g, w), key
-        else:
-            assert type(g) is type(w) and g == w, (key, g, w)
-
-
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.integers(0, 6), min_size=1, max_size=12), st.integers(0, 2**32 - 1), st.booleans())
 def test_round_trip_is_exact_for_ragged_items(counts, seed, same_size):
@@ -68,7 +50,7 @@ def test_round_trip_is_exact_for_ragged_items(counts, seed, same_size):
     back = uncollate(batch)
     assert len(back) == len(items)
     for got, want in zip(back, items, strict=True):
-        _assert_same_item(got, want)
+        assert_same_item(got, want)
 
 
 def test_offsets_dtypes_and_shapes():
@@ -111,7 +93,7 @@ def test_only_zero_instance_items():
     assert b["boxes"].shape == (0, 4) and b["labels"].shape == (0,) and b["polygon_coords"].shape == (0,)
     assert b["instance_offsets"].tolist() == [0, 0, 0, 0] and b["polygon_offsets"].tolist() == [0]
     for got, want in zip(uncollate(b), items, strict=True):
-        _assert_same_item(got, want)
+        assert_same_item(got, want)
 
 
 def test_empty_batch_is_well_formed():
@@ -153,7 +135,7 @@ def test_torch_batch_shares_memory_and_round_trips():
     assert t["boxes"].data_ptr() == b["boxes"].__array_interface__["data"][0]  # no copy
     assert t["image"].shape == (3, 4, 5, 3) and t["image"].dtype == torch.uint8
     for got, want in zip(uncollate(batch_to_numpy(t)), items, strict=True):
-        _assert_same_item(got, want)
+        assert_same_item(got, want)
     # collate_items (the per-item path's collate_fn) gives the same layout from tensor items.
     c = collate_items([to_tensors(it) for it in items])
     assert set(c) == set(BATCH_FIELDS)

@@ -13,13 +13,14 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
 from orchestrator.errors import ConfigError
-from orchestrator.manifest import LabelMap
+from orchestrator.manifest import LabelMap, base_field
 from orchestrator.stream.decode import _draft, decode_image, image_size_wh
-from orchestrator.stream.item import make_item
+from orchestrator.stream.item import ITEM_COLUMNS, ItemBlock
 from orchestrator.stream.plan import StreamOptions
 from orchestrator.train.batches import prepare_item
 
@@ -198,6 +199,14 @@ ROW = {"item_id": "x", "width": 200, "height": 100, "tags": [], "attributes": []
            {"kind": "tag", "label": "blurry", "bbox": None, "polygon": None, "attributes": []},
        ]}
 LABELS = LabelMap(("car", "person", "blurry"))
+_SCHEMA = pa.schema([base_field(c) for c in ITEM_COLUMNS])
+
+
+def make_item(row: dict, image: np.ndarray | None, label_map: LabelMap, version: int,
+              size: tuple[int, int] | None = None) -> dict:
+    """The reader's item of one manifest row dict (through ``ItemBlock``, the one builder)."""
+    table = pa.Table.from_pylist([{"blob": "0" * 64, **row}], schema=_SCHEMA)
+    return ItemBlock(table, label_map).item(0, image, version, size)
 
 
 @pytest.mark.parametrize("decoded", [True, False])

@@ -8,17 +8,21 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from orchestrator.access.policy import ReadView
+from orchestrator.access.redact import redact
 from orchestrator.errors import ItemError
-from orchestrator.manifest import LabelMap
+from orchestrator.manifest import LabelMap, base_field
 from orchestrator.stream.cache import BlobCache, DiskLRU, MemoryLRU
-from orchestrator.stream.decode import decode_image
-from orchestrator.stream.item import make_item
+from orchestrator.stream.decode import decode_image, rgb_pixels
+from orchestrator.stream.item import ITEM_COLUMNS, ItemBlock
 from orchestrator.stream.order import epoch_order, epoch_runs, shard_bounds, shard_runs
+from tests.support.items import assert_same_item, reference_item
 
 
 @given(st.lists(st.integers(1, 9), min_size=0, max_size=30), st.integers(0, 5), st.integers(0, 3),
@@ -207,26 +211,150 @@ def test_decode_applies_exif_orientation():
     assert out.shape == (40, 20, 3)
 
 
+@pytest.mark.parametrize("size", [(1, 1), (343, 240), (20000, 3), (3, 20000)])
+def test_rgb_pixels_equal_numpys_view_of_the_image(size):
+    """One-piece packing gives the bytes ``np.asarray`` gives (wide rows: one piece > 64 KB)."""
+    rng = np.random.default_rng(size[0])
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    want = np.asarray(img)
+    got = rgb_pixels(img)
+    assert got.shape == want.shape == (size[1], size[0], 3) and got.dtype == np.uint8
+    assert np.array_equal(got, want) and got.flags.c_contiguous
+    assert np.array_equal(rgb_pixels(img.convert("L")), np.asarray(img.convert("L")))  # not RGB: as numpy
+
+
 def test_decode_of_garbage_is_an_item_error_naming_the_item():
     with pytest.raises(ItemError, match="'img7'"):
         decode_image(b"not an image", "img7")
 
 
-def test_make_item_aligns_boxes_labels_and_polygons():
-    row = {"item_id": "x", "width": 10, "height": 8, "tags": ["night"], "attributes": [("a", "1")],
+_SCHEMA = pa.schema([base_field(c) for c in ITEM_COLUMNS])
+_LABELS = LabelMap(("person", "car", "rainy"))
+
+
+def _block(rows: list[dict], label_map: LabelMap = _LABELS, view: ReadView | None = None) -> ItemBlock:
+    """A block of manifest rows (missing columns null), redacted for ``view`` as the reader does."""
+    full = [{"blob": "0" * 64, "width": 10, "height": 8, **r} for r in rows]
+    return ItemBlock(redact(pa.Table.from_pylist(full, schema=_SCHEMA), view), label_map)
+
+
+def test_item_block_aligns_boxes_labels_and_polygons():
+    row = {"item_id": "x", "tags": ["night"], "attributes": [("a", "1")],
            "instances": [
                {"label": "car", "kind": "box", "bbox": [0, 0, 2, 2], "polygon": []},
                {"label": "rainy", "kind": "tag", "bbox": [], "polygon": []},
                {"label": "person", "kind": "polygon", "bbox": [1, 1, 3, 3], "polygon": [1, 1, 3, 1, 3, 3]},
            ]}
-    item = make_item(row, None, LabelMap(("person", "car", "rainy")), 4)
+    item = _block([row]).item(0, None, 4)
     assert item["boxes"].shape == (2, 4) and item["boxes"].dtype == np.float32
     assert item["labels"].tolist() == [1, 0] and item["labels"].dtype == np.int64
     assert item["label_names"] == ["car", "person"] and item["instance_tags"] == ["rainy"]
     assert [p.tolist() for p in item["polygons"]] == [[], [1, 1, 3, 1, 3, 3]]
     assert item["attributes"] == {"a": "1"} and item["version"] == 4
-    empty = make_item({**row, "instances": []}, None, LabelMap(()), 0)
-    assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
+    assert_same_item(item, reference_item({"width": 10, "height": 8, **row}, None, _LABELS, 4))
+
+
+def test_item_block_edge_cases_equal_the_row_by_row_items():
+    box = {"label": "car", "kind": "box", "bbox": [0, 0, 2, 2], "polygon": None,
+           "attributes": [("occluded", "yes"), ("owner", "x")]}
+    tag = {"label": "rainy", "kind": "tag", "bbox": None, "polygon": None, "attributes": None}
+    poly = {"label": "person", "kind": "polygon", "bbox": [1, 1, 3, 3], "polygon": [1, 1, 3, 1, 3, 3],
+            "attributes": []}
+    rows = [
+        {"item_id": "none", "instances": None, "tags": None, "attributes": None},
+        {"item_id": "empty", "instances": [], "tags": [], "attributes": []},
+        {"item_id": "tags-only", "instances": [tag, {**tag, "label": "car"}], "tags": ["a", "b"]},
+        {"item_id": "polygon-only", "instances": [poly], "attributes": [("camera", "c1"), ("site", "s")]},
+        {"item_id": "mixed", "instances": [tag, box, poly, box], "tags": ["z"]},
+        {"item_id": "last", "instances": [box], "width": None, "height": None},
+    ]
+    block = _block(rows)
+    assert len(block) == len(rows) == len(block.rows())
+    image = np.zeros((8, 10, 3), np.uint8)
+    items = [r.item(image, 7) for r in block.rows()]
+    for item, row in zip(items, rows, strict=True):
+        want = reference_item({"width": 10, "height": 8, **row}, image, _LABELS, 7)
+        assert_same_item(item, want)
+    assert items[2]["instance_tags"] == ["rainy", "car"] and items[2]["boxes"].shape == (0, 4)
+    assert [p.tolist() for p in items[4]["polygons"]] == [[], [1, 1, 3, 1, 3, 3], []]
+    # Items own their boxes, labels and attribute dicts: changing one changes no other item.
+    items[4]["boxes"] += 1
+    items[4]["instance_attributes"][0]["occluded"] = "no"
+    again = block.item(4, None, 7)
+    assert again["boxes"][0].tolist() == [0, 0, 2, 2] and again["instance_attributes"][0]["occluded"] == "yes"
+    assert [(r.item_id, r.blob, r.pack, r.pack_offset) for r in block.rows()][0] == ("none", "0" * 64, None, None)
+    assert ItemBlock(pa.Table.from_pylist([], schema=_SCHEMA), _LABELS).rows() == []
+
+
+def test_item_block_redacted_attributes_are_absent():
+    view = ReadView(row_filter=None, hidden_fields=frozenset({"attributes.site", "instances.attributes.owner"}))
+    inst = {"label": "car", "kind": "box", "bbox": [0, 0, 2, 2], "attributes": [("occluded", "y"), ("owner", "x")]}
+    block = _block([{"item_id": "a", "instances": [inst, inst], "attributes": [("site", "s"), ("camera", "c")]}],
+                   view=view)
+    item = block.item(0, None, 0)
+    assert item["attributes"] == {"camera": "c"}
+    assert item["instance_attributes"] == [{"occluded": "y"}, {"occluded": "y"}]
+
+
+def test_item_block_refuses_an_instance_without_a_box_for_that_item_only():
+    good = {"label": "car", "kind": "box", "bbox": [0, 0, 2, 2]}
+    rows = [{"item_id": "ok", "instances": [good]},
+            {"item_id": "no-box", "instances": [good, {"label": "person", "kind": "polygon", "bbox": None,
+                                                       "polygon": [1, 1, 3, 1, 3, 3]}]},
+            {"item_id": "short-box", "instances": [{**good, "bbox": [1, 2]}]},
+            {"item_id": "unknown", "instances": [{**good, "label": "bus"}]},
+            {"item_id": "after", "instances": [good]}]
+    block = _block(rows)
+    assert block.item(0, None, 0)["boxes"].tolist() == [[0, 0, 2, 2]]
+    for k, what in ((1, "bbox of 0 numbers"), (2, "bbox of 2 numbers"), (3, "'bus' is not in the version's label map")):
+        with pytest.raises(ItemError, match=what) as caught:
+            block.item(k, None, 0)
+        assert rows[k]["item_id"] in str(caught.value) and caught.value.reason == "unreadable"
+    assert block.item(4, None, 0)["labels"].tolist() == [1]
+
+
+def test_item_block_reads_string_view_columns():
+    """delta-rs may write ``string_view``: the block casts to the schema's types first."""
+    rows = [{"item_id": "v", "tags": ["t"], "instances": [
+        {"label": "car", "kind": "box", "bbox": [0, 0, 2, 2], "attributes": [("k", "v")]},
+        {"label": "rainy", "kind": "tag"}]}]
+    table = pa.Table.from_pylist([{"blob": "0" * 64, "width": 1, "height": 1, **r} for r in rows], schema=_SCHEMA)
+    view_inst = pa.list_(pa.struct([pa.field("label", pa.string_view()), pa.field("kind", pa.string_view()),
+                                    pa.field("bbox", pa.list_(pa.float64())),
+                                    pa.field("polygon", pa.list_(pa.float64())),
+                                    pa.field("attributes", pa.map_(pa.string_view(), pa.string_view()))]))
+    for name, kind in (("item_id", pa.string_view()), ("instances", view_inst), ("tags", pa.list_(pa.string_view()))):
+        i = table.column_names.index(name)
+        table = table.set_column(i, pa.field(name, kind), table.column(i).cast(kind))
+    item = ItemBlock(table, _LABELS).item(0, None, 0)
+    assert item["id"] == "v" and item["labels"].tolist() == [1] and item["instance_tags"] == ["rainy"]
+    assert item["instance_attributes"] == [{"k": "v"}] and item["tags"] == ["t"]
+
+
+_instance = st.fixed_dictionaries({
+    "label": st.sampled_from(["person", "car", "rainy"]),
+    "kind": st.sampled_from(["box", "polygon", "tag"]),
+    "bbox": st.lists(st.integers(0, 50).map(float), min_size=4, max_size=4),
+    "polygon": st.one_of(st.none(), st.lists(st.floats(0, 50, width=32), max_size=8)),
+    "attributes": st.one_of(st.none(), st.lists(st.tuples(st.sampled_from("abc"), st.sampled_from(["1", "2"])),
+                                                max_size=2, unique_by=lambda kv: kv[0])),
+})
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.fixed_dictionaries({
+    "instances": st.one_of(st.none(), st.lists(_instance, max_size=5)),
+    "tags": st.one_of(st.none(), st.lists(st.sampled_from(["day", "night"]), max_size=2)),
+    "attributes": st.lists(st.tuples(st.sampled_from("xy"), st.just("v")), max_size=2, unique_by=lambda kv: kv[0]),
+}), min_size=1, max_size=6), st.integers(0, 5), st.integers(0, 5))
+def test_item_block_equals_row_by_row_items_on_any_slice(rows, start, length):
+    rows = [{"item_id": f"i{k}", **r} for k, r in enumerate(rows)]
+    table = pa.Table.from_pylist([{"blob": "0" * 64, "width": 10, "height": 8, **r} for r in rows], schema=_SCHEMA)
+    start = min(start, len(rows))
+    part = table.slice(start, length)  # a run inside a row group: Arrow offsets not at 0
+    block = ItemBlock(part, _LABELS)
+    for k, row in enumerate(part.to_pylist()):
+        assert_same_item(block.item(k, None, 2), reference_item(row, None, _LABELS, 2))
 
 
 def test_collate_items_uses_the_batch_layout():
@@ -237,9 +365,8 @@ def test_collate_items_uses_the_batch_layout():
     row = {"item_id": "a", "width": 5, "height": 4, "tags": [], "attributes": [],
            "instances": [{"label": "car", "kind": "box", "bbox": [0, 0, 2, 2], "polygon": None},
                          {"label": "car", "kind": "polygon", "bbox": [0, 0, 3, 3], "polygon": [0, 0, 3, 0, 3, 3]}]}
-    a = to_tensors(make_item(row, np.zeros((4, 5, 3), np.uint8), LabelMap(("car",)), 0))
-    b = to_tensors(make_item({**row, "item_id": "b", "instances": []}, np.zeros((4, 5, 3), np.uint8),
-                             LabelMap(("car",)), 0))
+    block = _block([row, {**row, "item_id": "b", "instances": []}], LabelMap(("car",)))
+    a, b = (to_tensors(block.item(k, np.zeros((4, 5, 3), np.uint8), 0)) for k in range(2))
     batch = collate_items([a, b])
     assert batch["image"].shape == (2, 4, 5, 3)
     assert batch["boxes"].shape == (2, 4) and batch["instance_offsets"].tolist() == [0, 2, 2]

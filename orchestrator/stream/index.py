@@ -4,9 +4,9 @@
 (``scan.read_rows`` with row numbers; files the Delta statistics rule out are skipped), and keeps
 two integer arrays: 12 bytes an item, so a 1M-item dataset indexes in ~12 MB. ``RowReader``
 fetches full rows on demand, one Parquet row group at a time (``manifest.ROW_GROUP_ROWS`` rows,
-as Arrow), keeping the few most recent: ``ds[i]`` reads one row group, not the manifest. (A
-manifest written before row groups were capped has one group per file; it is then held as Arrow,
-~1 KB a row, while that file is being read.)
+held as an ``ItemBlock``), keeping the few most recent: ``ds[i]`` reads one row group, not the
+manifest. (A manifest written before row groups were capped has one group per file; it is then
+held as one block, ~1 KB a row, while that file is being read.)
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from orchestrator.manifest_faults import manifest_file_errors
 from orchestrator.scan import FILE_INDEX, ROW_NUMBER, with_columns
 from orchestrator.storage_errors import retrying
 from orchestrator.store_location import filesystem_for
-from orchestrator.stream.item import ITEM_COLUMNS
+from orchestrator.stream.item import ITEM_COLUMNS, ItemBlock, ItemRow
 from orchestrator.stream.plan import ReadPlan
 
 
@@ -77,7 +77,7 @@ class RowReader:
         self.index = index
         self.keep_groups = keep_groups
         self._bounds: dict[int, np.ndarray] = {}  # file -> cumulative row-group starts
-        self._groups: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
+        self._groups: OrderedDict[tuple[int, int], ItemBlock] = OrderedDict()
 
     def __getstate__(self) -> dict:
         return {"plan": self.plan, "index": self.index, "keep_groups": self.keep_groups}
@@ -109,13 +109,17 @@ class RowReader:
         group = int(np.searchsorted(bounds, row, side="right") - 1)
         return group, int(row - bounds[group])
 
-    def group_rows(self, file_idx: int, group: int) -> pa.Table:
-        """One row group as Arrow (about 1 KB a row; Python dicts would take ~15 KB)."""
+    def group_block(self, file_idx: int, group: int) -> ItemBlock:
+        """One row group as an ``ItemBlock`` (redacted for the plan's access view first): its
+        rows' fetch fields and columnar annotations, ~1.1 KB a row of demo data (the Arrow
+        rows take ~1.3 KB, Python dicts ~15 KB). Built once per group while the group is kept, so
+        ``ds[i]`` and a shuffled pass, which visit a group's rows in scattered order, convert
+        each group once."""
         key = (file_idx, group)
-        rows = self._groups.get(key)
-        if rows is not None:
+        block = self._groups.get(key)
+        if block is not None:
             self._groups.move_to_end(key)
-            return rows
+            return block
         path = self.index.files[file_idx]
         location = self.plan.location
 
@@ -127,10 +131,11 @@ class RowReader:
         with manifest_file_errors(location, [path]):
             rows = redact(retrying(read, location=location, action="read manifest file",
                                    target=path.rsplit("/", 1)[-1], policy=self.plan.retry), self.plan.access)
-        self._groups[key] = rows
+        block = ItemBlock(rows, self.plan.label_map)
+        self._groups[key] = block
         while len(self._groups) > self.keep_groups:
             self._groups.popitem(last=False)
-        return rows
+        return block
 
     def stats(self) -> dict[str, int]:
         """What this reader holds: the row groups of the files it opened (count, largest) and
@@ -138,20 +143,20 @@ class RowReader:
         sizes = [int(n) for b in self._bounds.values() for n in (b[1:] - b[:-1])]
         return {"row_groups": len(sizes), "rows_per_group_max": max(sizes, default=0),
                 "row_groups_kept": len(self._groups),
-                "rows_kept": sum(t.num_rows for t in self._groups.values())}
+                "rows_kept": sum(len(b) for b in self._groups.values())}
 
-    def row(self, position: int) -> dict:
+    def row(self, position: int) -> ItemRow:
+        """The row at ``position``."""
         f = int(self.index.file_of[position])
         group, offset = self.locate(f, int(self.index.row_of[position]))
-        return self.group_rows(f, group).slice(offset, 1).to_pylist()[0]
+        return self.group_block(f, group).row(offset)
 
-    def rows(self, positions: np.ndarray) -> list[dict]:
-        """The rows of ``positions``, in that order, converted a run of adjacent rows at a time
-        (a pass converts rows in blocks; one ``row`` call per item cost ~3% of a pass's CPU).
-        Slices, not ``take``: Arrow has no take kernel for the ``string_view`` columns that
-        delta-rs may write."""
+    def rows(self, positions: np.ndarray) -> list[ItemRow]:
+        """The rows of ``positions``, in that order, a row group at a time (each group's block is
+        built once while it is kept: converting rows one by one took nearly half of a warm
+        pass's main thread)."""
         positions = np.asarray(positions, dtype=np.int64)
-        out: list[dict | None] = [None] * len(positions)
+        out: list[ItemRow | None] = [None] * len(positions)
         files = self.index.file_of[positions]
         rows = self.index.row_of[positions]
         for f in np.unique(files):
@@ -160,13 +165,7 @@ class RowReader:
             groups = np.searchsorted(bounds, rows[sel], side="right") - 1
             for g in np.unique(groups):
                 members = sel[groups == g]
-                offsets = rows[members] - bounds[g]
-                order = np.argsort(offsets, kind="stable")
-                members, offsets = members[order], offsets[order]
-                table = self.group_rows(int(f), int(g))
-                cuts = np.flatnonzero(np.diff(offsets) != 1) + 1
-                for run_members, run in zip(np.split(members, cuts), np.split(offsets, cuts), strict=True):
-                    for i, row in zip(run_members.tolist(), table.slice(int(run[0]), len(run)).to_pylist(),
-                                      strict=True):
-                        out[i] = row
+                block = self.group_block(int(f), int(g))
+                for i, k in zip(members.tolist(), (rows[members] - bounds[g]).tolist(), strict=True):
+                    out[i] = block.row(k)
         return out  # type: ignore[return-value]

@@ -28,7 +28,7 @@ from orchestrator.packs import plan_reads
 from orchestrator.stream.cache import BlobCache, node_cache
 from orchestrator.stream.decode import decode_image, image_size_wh
 from orchestrator.stream.index import ItemIndex, RowReader, build_index
-from orchestrator.stream.item import make_item
+from orchestrator.stream.item import ItemRow
 from orchestrator.stream.memory import trim_heap
 from orchestrator.stream.order import epoch_order
 from orchestrator.stream.plan import OnError, ReadPlan, StreamOptions
@@ -102,41 +102,40 @@ class ItemLoader:
     def cache(self) -> BlobCache:
         return self._cache if self._cache is not None else node_cache()
 
-    def __call__(self, row: dict) -> dict[str, Any]:
+    def __call__(self, row: ItemRow) -> dict[str, Any]:
         try:
             return self.item(row, self.media(row))
         except ItemError as exc:
             raise _named(exc, row) from None
 
-    def media(self, row: dict) -> bytes:
+    def media(self, row: ItemRow) -> bytes:
         """One row's bytes: cache, else one request (a pack range or the loose blob)."""
         try:
-            return self.cache.get_or_fetch(row["blob"], lambda: self._read_one(row))
+            return self.cache.get_or_fetch(row.blob, lambda: self._read_one(row))
         except ItemError as exc:
             raise _named(exc, row) from None
 
-    def item(self, row: dict, data: bytes | ItemError) -> dict[str, Any]:
+    def item(self, row: ItemRow, data: bytes | ItemError) -> dict[str, Any]:
         """The item of a row whose bytes were fetched (or whose fetch failed with ``data``)."""
         if isinstance(data, ItemError):
             raise data
-        image = decode_image(data, row["item_id"], self.size) if self.decode else None
-        return make_item(row, image, self.label_map, self.version, self.size)
+        image = decode_image(data, row.item_id, self.size) if self.decode else None
+        return row.item(image, self.version, self.size)
 
-    def _read_one(self, row: dict) -> bytes:
-        if row.get("pack") is None:
-            data = self.blobs.get(row["blob"])
+    def _read_one(self, row: ItemRow) -> bytes:
+        if row.pack is None:
+            data = self.blobs.get(row.blob)
         else:
-            data = self.packs.get(row["pack"], row["pack_offset"], row["size_bytes"], row["blob"])
+            data = self.packs.get(row.pack, row.pack_offset, row.size_bytes, row.blob)  # type: ignore[arg-type]
         self.requests.add(len(data))
         return data
 
-    def fetch_many(self, rows: Sequence[dict]) -> list[bytes | ItemError]:
+    def fetch_many(self, rows: Sequence[ItemRow]) -> list[bytes | ItemError]:
         """The bytes of each row (or the ``ItemError`` that explains why not), in order: cached
         rows from the cache, packed rows by merged range requests, loose ones a GET each."""
-        out: list[bytes | ItemError | None] = [self.cache.lookup(r["blob"]) for r in rows]
+        out: list[bytes | ItemError | None] = [self.cache.lookup(r.blob) for r in rows]
         todo = [i for i, data in enumerate(out) if data is None]
-        reads = plan_reads([(rows[i].get("pack"), rows[i].get("pack_offset"), rows[i]["size_bytes"])
-                            for i in todo])
+        reads = plan_reads([(rows[i].pack, rows[i].pack_offset, rows[i].size_bytes) for i in todo])  # type: ignore[misc]
         for read in reads:
             members = [(todo[j], rel, n) for j, rel, n in read.members]
             if read.pack is None:
@@ -156,18 +155,18 @@ class ItemLoader:
             for i, rel, n in members:
                 try:
                     row = rows[i]
-                    out[i] = self.packs.checked(data[rel:rel + n], row["blob"], row["pack"], row["pack_offset"])
-                    self.cache.store(rows[i]["blob"], out[i])  # type: ignore[arg-type]
+                    out[i] = self.packs.checked(data[rel:rel + n], row.blob, row.pack, row.pack_offset)  # type: ignore[arg-type]
+                    self.cache.store(row.blob, out[i])  # type: ignore[arg-type]
                 except ItemError as exc:
                     out[i] = _named(exc, rows[i])
         return out  # type: ignore[return-value]
 
 
-def _named(exc: ItemError, row: dict) -> ItemError:
+def _named(exc: ItemError, row: ItemRow) -> ItemError:
     """``exc`` with the item's id in front (once)."""
-    if exc.message.startswith(f"item {row['item_id']!r}"):
+    if exc.message.startswith(f"item {row.item_id!r}"):
         return exc
-    return ItemError(f"item {row['item_id']!r}: {exc.message}", hint=exc.hint, reason=exc.reason)
+    return ItemError(f"item {row.item_id!r}: {exc.message}", hint=exc.hint, reason=exc.reason)
 
 
 def apply_error_policy(exc: ItemError, on_error: OnError, record: Callable[[ItemError], None]) -> None:
@@ -280,7 +279,7 @@ class ItemStream:
         fetch_pool = ThreadPoolExecutor(max_workers=opts.threads, thread_name_prefix="orchestrator-fetch")
         decode_pool = ThreadPoolExecutor(max_workers=opts.decoders, thread_name_prefix="orchestrator-decode")
         chunks = self._chunks(positions, opts.read_ahead_mb << 20)
-        planned: deque[tuple[dict, Future, int]] = deque()
+        planned: deque[tuple[ItemRow, Future, int]] = deque()
         pending: deque[Future] = deque()
         last_chunk = 0
         more = True
@@ -322,25 +321,25 @@ class ItemStream:
             if skipped_here.count:
                 warnings.warn(skipped_here.summary(self.plan.what), stacklevel=2)
 
-    def _chunks(self, positions: np.ndarray, budget: int) -> Iterator[list[dict]]:
+    def _chunks(self, positions: np.ndarray, budget: int) -> Iterator[list[ItemRow]]:
         """Manifest rows of ``positions`` in order, cut into chunks of about ``budget`` bytes of
         media (at most 4,096 rows)."""
-        chunk: list[dict] = []
+        chunk: list[ItemRow] = []
         size = 0
         for start in range(0, len(positions), 256):
             for row in self.rows.rows(positions[start:start + 256]):
                 chunk.append(row)
-                size += row["size_bytes"] or 0
+                size += row.size_bytes or 0
                 if size >= budget or len(chunk) >= 4096:
                     yield chunk
                     chunk, size = [], 0
         if chunk:
             yield chunk
 
-    def _submit_fetches(self, pool: ThreadPoolExecutor, rows: list[dict]) -> list[tuple[dict, Future, int]]:
+    def _submit_fetches(self, pool: ThreadPoolExecutor, rows: list[ItemRow]) -> list[tuple[ItemRow, Future, int]]:
         """One fetch task per planned request of ``rows``; per row (in order): the row, the
         future of its request's bytes and its index in that result."""
-        reads = plan_reads([(r.get("pack"), r.get("pack_offset"), r["size_bytes"]) for r in rows])
+        reads = plan_reads([(r.pack, r.pack_offset, r.size_bytes) for r in rows])  # type: ignore[misc]
         reads.sort(key=lambda read: min(i for i, _, _ in read.members))  # the consumer's order
         where: list[tuple[Future, int] | None] = [None] * len(rows)
         for read in reads:
@@ -350,5 +349,5 @@ class ItemStream:
                 where[i] = (fut, k)
         return [(row, *w) for row, w in zip(rows, where, strict=True)]  # type: ignore[misc]
 
-    def _decode_member(self, row: dict, fut: Future, k: int) -> dict[str, Any]:
+    def _decode_member(self, row: ItemRow, fut: Future, k: int) -> dict[str, Any]:
         return self.load.item(row, fut.result()[k])

@@ -60,7 +60,7 @@ class DataSettings(_Strict):
     prefetch_batches: int = Field(2, ge=0)
     memory_cache_mb: int = Field(256, ge=1)
     disk_cache_mb: int = Field(0, ge=0, description="0: no disk cache")
-    decode_concurrency: int = Field(2, ge=1, description="max concurrent Ray Data read tasks (fetch+decode) per pipeline")
+    decode_concurrency: int = Field(2, ge=1, description="max concurrent read tasks (fetch+decode) per pipeline")
     retry_deadline_s: float | None = Field(
         None, ge=0, description="seconds to wait for a store that does not answer before the run "
                                 "fails (default: the store URI's retry_deadline, else 120)")

@@ -15,6 +15,7 @@ from PIL import Image, ImageOps
 import orchestrator
 from orchestrator.errors import ItemError
 from orchestrator.stream.cache import BlobCache
+from tests.support.items import assert_same_item, reference_item
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -275,8 +276,18 @@ def test_reader_holds_a_few_row_groups_not_the_manifest(store_uri, demo_small, m
     for _ in ds.iter_items(shuffle=True, seed=1):
         held = max(held, reader.stats()["row_groups_kept"])
     assert 1 <= held <= reader.keep_groups < groups
-    # Rows read in blocks (one Arrow take per row group) are the rows read one at a time.
+    # Rows read a row group at a time (one columnar block each, in scattered order) are the
+    # manifest's rows, and their items are the items built row by row from those rows.
     import numpy as np
 
-    positions = np.random.default_rng(0).permutation(len(ds))[:40]
-    assert reader.rows(positions) == [reader.row(int(p)) for p in positions]
+    from orchestrator.stream.item import ITEM_COLUMNS
+
+    manifest = {r["item_id"]: r for r in ds.plan.rows(ITEM_COLUMNS).table.to_pylist()}
+    positions = np.random.default_rng(0).permutation(len(ds))
+    blocked = reader.rows(positions)
+    assert len({id(r.block) for r in blocked}) == groups  # one block per row group
+    for got in [*blocked, *(reader.row(int(p)) for p in positions[:10])]:
+        want = manifest[got.item_id]
+        assert (got.blob, got.pack, got.pack_offset, got.size_bytes) == \
+            (want["blob"], want["pack"], want["pack_offset"], want["size_bytes"])
+        assert_same_item(got.item(None, ds.version), reference_item(want, None, ds.label_map, ds.version))
