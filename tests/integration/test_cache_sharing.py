@@ -67,6 +67,9 @@ def test_dataloader_workers_forked_each_epoch_read_epoch_two_from_the_node_cache
     second = _digests(loader)  # new worker processes, empty memory tiers, no media in the store
     assert second == first and torch_ds.skipped == 0
     assert cache.stats.hits == cache.stats.misses == 0  # the workers read, not this process
+    # verify checks the store, never the cache that still serves every item
+    report = street.verify("street", progress=False)
+    assert not report.ok and len(report.reingest) == 60
 
     cold = street.dataset("street", cache=BlobCache(disk_dir=tmp_path / "fresh")).to_pytorch()
     with warnings.catch_warnings():
