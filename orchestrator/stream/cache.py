@@ -216,9 +216,12 @@ class DiskLRU:
         _live.add(self)
 
     def __del__(self) -> None:  # a dropped cache reports its puts too (atexit only sees live ones)
+        # Never waits for the flock: the collector may run this in a thread that holds it (a
+        # second flock on a new descriptor would wait for itself). A lost report is corrected by
+        # the next scan.
         try:
-            self.flush()
-        except Exception:  # noqa: BLE001 - best effort; a lost report is corrected by the next scan
+            self.flush(wait=False)
+        except Exception:  # noqa: BLE001 - best effort at collection time
             pass
 
     def _path(self, key: str) -> Path:
@@ -281,15 +284,16 @@ class DiskLRU:
                    or self._known + self._pending > self.budget)
         return self.flush() if due else 0
 
-    def flush(self) -> int:
+    def flush(self, wait: bool = True) -> int:
         """Add this process's unreported puts to ``.size``; trim (or rescan) when due. Returns
-        how many entries were evicted."""
+        how many entries were evicted. ``wait=False``: give up (dropping the report) rather than
+        wait for another holder of the flock."""
         with self._mutex:
             pending, self._pending, self._pending_puts = self._pending, 0, 0
-        if not pending:
+        if not pending or not self.directory.is_dir():  # gone (removed with its contents): nothing to count
             return 0
         try:
-            with self._locked():
+            with _Flock(self._lock_path, wait):
                 total, scanned = self._read_size()
                 total += pending
                 if total > self.budget:
@@ -298,6 +302,8 @@ class DiskLRU:
                     total, scanned = self._scan_size(), time.time()
                 self._write_size(total, scanned)
                 self._known = total
+        except BlockingIOError:
+            pass
         except OSError as exc:
             _warn_once("size", self.directory, f"blob cache: cannot update {self._size_path} ({exc})")
         return 0
@@ -389,12 +395,17 @@ class DiskLRU:
 class _Flock:
     """``with _Flock(path):`` holds an exclusive ``flock`` on ``path`` (created if absent)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, wait: bool = True) -> None:
         self.path = path
+        self.wait = wait
 
     def __enter__(self) -> _Flock:
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX if self.wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(self._fd)
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
