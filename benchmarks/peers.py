@@ -33,7 +33,7 @@ for the others), so the checksums can agree.
 Systems (``--systems``, comma list; default all), each in its peer's recommended configuration:
 
 * ``ours-iter``: ``for item in store.dataset(name)`` with default options (prefetch 16, 8 fetch
-  threads, default memory ``BlobCache``, no disk tier) on a copy of the dataset ingested with
+  threads, the default node ``BlobCache``: memory tier plus the node's disk tier) on a copy of the dataset ingested with
   packed media (``ingest(pack=True)``): merged range GETs.
 * ``ours-loose``: the same loop on the dataset ingested with one object per item (loose blobs,
   the layout of stores written before packs): a GET per item.
@@ -77,12 +77,15 @@ batch layout (tensors; images a list when their sizes differ, item ``i``'s boxes
 (non-interactive).
 
 Method. Each (round, system) is a fresh subprocess (so "cold" means a fresh process with empty
-in-process caches and, for MosaicML and LitData, an emptied local cache dir); rounds are
+in-process caches, an empty disk tier of our node cache: ``ORCHESTRATOR_CACHE_DIR`` is a folder
+under the work dir emptied before every subprocess, and, for MosaicML and LitData, an emptied
+local cache dir); rounds are
 interleaved (all systems in round 1, then all in round 2, ...). A subprocess first imports and
 connects (and starts Ray where used: "setup s", untimed), then runs two epochs: epoch 1 ("cold")
 is timed from opening the dataset (building the loader) to the last item; epoch 2 ("warm") from
 the start of the second pass over the same loader, so it sees whatever the system cached (ours:
-the memory cache, which holds this dataset; MosaicML and LitData: their local shard cache;
+the node cache, whose disk tier holds this dataset and outlives DataLoader and Ray workers;
+MosaicML and LitData: their local shard cache;
 WebDataset, naive and Ray Data: nothing). One consumer loop serves every system: for each item it
 hashes the whole pixel array (xxh3-128, which reads every byte) and counts its boxes. The checksum
 is sha256 over the sorted list of ``id|HxW|pixel digest|boxes as float32 hex`` lines, so it proves
@@ -147,7 +150,7 @@ SYSTEMS = ("ours-iter", "ours-loose", "ours-torch", "ours-ray", "mosaic", "webda
            "ray-binary",
            "decode-limit")
 CONFIG = {
-    "ours-iter": "for item in store.dataset(name): defaults (prefetch 16, threads 8, memory BlobCache); "
+    "ours-iter": "for item in store.dataset(name): defaults (prefetch 16, threads 8, node BlobCache); "
                  "packed media",
     "ours-loose": "as ours-iter, on the dataset ingested with loose blobs (one object per item)",
     "ours-torch": "ds.dataloader(batch_size=32, num_workers=2): workers collate (flat values + offsets), "
@@ -833,13 +836,19 @@ def export_peers(spec: dict) -> dict:
 
 # -- driver ----------------------------------------------------------------------------------------
 def run_child(args: list[str], what: str, errlog: Path, timeout_s: float) -> dict:
-    """Run this script with ``args``; heartbeat while it runs; its last JSON stdout line."""
+    """Run this script with ``args``; heartbeat while it runs; its last JSON stdout line. The
+    child's node blob cache (``ORCHESTRATOR_CACHE_DIR``) is an empty folder under the work dir,
+    so every measured run starts cold, and nothing lands in the user's cache folder."""
     cmd = [sys.executable, __file__, *args]
+    cache_dir = errlog.parent / "blob-cache"
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    cache_dir.mkdir(parents=True)
     t0 = time.perf_counter()
     with open(errlog, "a") as err:
         err.write(f"\n=== {what}: {' '.join(cmd)}\n")
         err.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
+                                env={**os.environ, "ORCHESTRATOR_CACHE_DIR": str(cache_dir)})
         while True:
             try:
                 out, _ = proc.communicate(timeout=HEARTBEAT_S)

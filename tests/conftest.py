@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,22 @@ def pytest_configure(config: pytest.Config) -> None:
     # every CLI subprocess, which is what `ray job submit` users get from their cluster instead.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # The node blob cache's disk tier (on by default) lives in a folder of this session, never in
+    # the user's home; set before the session's Ray cluster starts, so its workers inherit it.
+    # Content-addressed: a blob an earlier test read stays readable after a test deletes it from
+    # its store, so a test that needs a cold cache passes its own
+    # ``StreamOptions(cache=BlobCache(...))`` (memory only unless it names a ``disk_dir``).
+    global _SESSION_CACHE
+    _SESSION_CACHE = tempfile.mkdtemp(prefix="orchestrator-test-cache-")
+    os.environ["ORCHESTRATOR_CACHE_DIR"] = _SESSION_CACHE
+
+
+_SESSION_CACHE: str | None = None
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _SESSION_CACHE is not None:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

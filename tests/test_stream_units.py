@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import multiprocessing
 import time
@@ -134,15 +135,16 @@ def test_memory_lru_keeps_its_byte_budget_and_evicts_oldest():
 def test_cache_counts_hits_misses_and_bytes_and_second_pass_fetches_nothing(tmp_path):
     cache = BlobCache(memory_budget=1 << 20, disk_dir=tmp_path / "disk", disk_budget=1 << 20)
     fetched = []
+    blobs = {hashlib.sha256(data).hexdigest(): data for data in (b"a" * 640, b"b" * 640)}
 
     def fetch(key):
         fetched.append(key)
-        return key.encode() * 10
+        return blobs[key]
 
-    for key in ("a" * 64, "b" * 64):
+    for key in blobs:
         cache.get_or_fetch(key, lambda key=key: fetch(key))
     before = dict(cache.stats.as_dict())
-    for key in ("a" * 64, "b" * 64):
+    for key in blobs:
         cache.get_or_fetch(key, lambda key=key: fetch(key))
     assert before["misses"] == 2 and before["bytes_fetched"] == 1280
     assert cache.stats.bytes_fetched == before["bytes_fetched"] and len(fetched) == 2
@@ -150,30 +152,37 @@ def test_cache_counts_hits_misses_and_bytes_and_second_pass_fetches_nothing(tmp_
 
     # A fresh process-level cache over the same directory hits on disk.
     other = BlobCache(memory_budget=1 << 20, disk_dir=tmp_path / "disk", disk_budget=1 << 20)
-    assert other.get_or_fetch("a" * 64, lambda: b"never") == ("a" * 64).encode() * 10
+    key = next(iter(blobs))
+    assert other.get_or_fetch(key, lambda: b"never") == blobs[key]
     assert other.stats.disk_hits == 1 and other.stats.bytes_fetched == 0
+
+
+def _blob(i: int, size: int = 100) -> tuple[str, bytes]:
+    data = i.to_bytes(4, "big") * (size // 4)
+    return hashlib.sha256(data).hexdigest(), data
 
 
 def test_disk_lru_evicts_least_recently_used_within_budget(tmp_path):
     disk = DiskLRU(tmp_path, budget=250)
     for i in range(3):
-        disk.put(f"{i:064x}", bytes(100))
+        disk.put(*_blob(i))
         time.sleep(0.01)
+    disk.flush()
     assert disk.size() <= 250
-    assert disk.get(f"{0:064x}") is None  # oldest went first
-    assert disk.get(f"{2:064x}") is not None
+    assert disk.get(_blob(0)[0]) is None  # oldest went first
+    assert disk.get(_blob(2)[0]) is not None
 
 
 def _hammer(directory: str, worker: int, budget: int) -> None:
     disk = DiskLRU(Path(directory), budget)
     rng = np.random.default_rng(worker)
     for _ in range(300):
-        key = f"{int(rng.integers(0, 40)):064x}"
+        key, blob = _blob(int(rng.integers(0, 40)), 400)
         data = disk.get(key)
         if data is not None:
-            assert data == key.encode()[:8] * 50, "read a torn or foreign entry"
+            assert data == blob, "read a torn or foreign entry"
         else:
-            disk.put(key, key.encode()[:8] * 50)
+            disk.put(key, blob)
 
 
 def test_disk_cache_is_safe_across_processes(tmp_path):

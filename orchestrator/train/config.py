@@ -59,7 +59,9 @@ class ScalingSettings(_Strict):
 class DataSettings(_Strict):
     prefetch_batches: int = Field(2, ge=0)
     memory_cache_mb: int = Field(256, ge=1)
-    disk_cache_mb: int = Field(0, ge=0, description="0: no disk cache")
+    disk_cache_mb: int | None = Field(
+        None, ge=0, description="the node's shared disk cache (stream.cache): None: on, with the default "
+                                "budget (ORCHESTRATOR_CACHE_GB or 10% of free space); 0: off; else its budget in MB")
     decode_concurrency: int = Field(2, ge=1, description="max concurrent read tasks (fetch+decode) per pipeline")
     retry_deadline_s: float | None = Field(
         None, ge=0, description="seconds to wait for a store that does not answer before the run "

@@ -137,15 +137,15 @@ def run_data(plan: Plan) -> RunData:
     deadline and skip ledger, the train ids and the split; ``train_datasets`` builds the run's
     pipelines from it. Public so that code outside a run can read exactly what the run would,
     e.g. the whole train split on the driver: ``run_data(plan).pipeline("train", 0, 1, None)``."""
-    from orchestrator.stream.cache import BlobCache, default_disk_dir
+    from orchestrator.stream.cache import BlobCache
     from orchestrator.train.data import RunData
 
     s = plan.settings
     # Each fetch worker builds its own cache from these settings (a BlobCache pickles as its
-    # settings); the disk tier, when on, is shared by every process on a node.
-    cache = BlobCache(memory_budget=s.data.memory_cache_mb << 20,
-                      disk_dir=default_disk_dir() if s.data.disk_cache_mb else None,
-                      disk_budget=(s.data.disk_cache_mb << 20) or None)
+    # settings); the disk tier, on unless disk_cache_mb is 0, is its own node's (resolved on that
+    # node), shared by every process there and by the run's epochs.
+    cache = BlobCache(memory_budget=s.data.memory_cache_mb << 20, node_disk=s.data.disk_cache_mb != 0,
+                      disk_budget=(s.data.disk_cache_mb << 20) if s.data.disk_cache_mb else None)
     return RunData(
         plan=plan.dataset.with_options(ray_fetch_actors=s.data.decode_concurrency, cache=cache,
                                        retry_deadline=s.data.retry_deadline_s,

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 import orchestrator
+from orchestrator.stream.cache import BlobCache
 from tests.support.faulty_server import BUCKET, KEY, SECRET, FaultyServer
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
@@ -88,7 +89,7 @@ def test_ingest_rides_out_a_killed_server_and_commits_once(faulty_seaweed, layou
     n = _items(layout.demo)
     assert report.version == 0 and report.items == n
     assert stored < _count(faulty, prefix, layout.where), "the fault came after the last upload"
-    ds = store.dataset("street")
+    ds = store.dataset("street", cache=BlobCache(memory_budget=1))  # from the store, not a node cache
     assert [v.version for v in ds.versions()] == [0]
     assert len([item["id"] for item in ds]) == n and ds.skipped == 0  # every blob whole and readable
 
