@@ -840,9 +840,11 @@ def run_child(args: list[str], what: str, errlog: Path, timeout_s: float) -> dic
     child's node blob cache (``ORCHESTRATOR_CACHE_DIR``) is an empty folder under the work dir,
     so every measured run starts cold, and nothing lands in the user's cache folder."""
     cmd = [sys.executable, __file__, *args]
-    cache_dir = errlog.parent / "blob-cache"
+    cache_dir: Path | str = errlog.parent / "blob-cache"
     shutil.rmtree(cache_dir, ignore_errors=True)
-    cache_dir.mkdir(parents=True)
+    Path(cache_dir).mkdir(parents=True)
+    if os.environ.get("PEERS_DISK_CACHE") == "off":  # A/B of the disk tier's cost on a cold pass
+        cache_dir = "off"
     t0 = time.perf_counter()
     with open(errlog, "a") as err:
         err.write(f"\n=== {what}: {' '.join(cmd)}\n")

@@ -21,7 +21,6 @@ what to compare, not one figure.
 from __future__ import annotations
 
 import argparse
-import io
 import multiprocessing
 import os
 import resource
@@ -33,6 +32,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from peers import pil_decode  # noqa: E402 - the decode limit decodes as in peers.py
 
 import orchestrator  # noqa: E402
 
@@ -46,17 +47,6 @@ def consume(item_id: str, image: np.ndarray, boxes: np.ndarray) -> int:
 
     xxhash.xxh3_128_hexdigest(np.ascontiguousarray(image))
     return len(np.asarray(boxes, dtype="<f4").reshape(-1, 4))
-
-
-def pil_decode(data: bytes) -> np.ndarray:
-    """The decode limit's decoder: the steps of ``orchestrator.stream.decode`` as of issue 13."""
-    from PIL import Image, ImageOps
-
-    with Image.open(io.BytesIO(data)) as img:
-        ImageOps.exif_transpose(img, in_place=True)
-        if img.mode != "RGB":
-            img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "LA", "PA") else img.convert("RGB")
-        return np.asarray(img, dtype=np.uint8)
 
 
 def _decode_batch(start: int) -> int:

@@ -147,6 +147,17 @@ def demo_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture
+def street(store_uri: str, demo_small: Path):
+    """A store (on each backend, through ``store_uri``) with ``demo_small`` ingested as
+    ``street`` (packed, the default layout). A module may define its own ``street``."""
+    import orchestrator
+
+    store = orchestrator.connect(store_uri)
+    store.ingest("street", coco=demo_small / "annotations.json", images=demo_small / "images")
+    return store
+
+
 @pytest.fixture(scope="session")
 def demo_2000(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """2,000 demo street scenes (the acceptance size for ingest on S3)."""

@@ -103,9 +103,11 @@ def test_a_torn_or_foreign_file_is_never_served(tmp_path):
     cache = BlobCache(memory_budget=1, disk_dir=tmp_path, disk_budget=1 << 20)
     key, data = _blob(1)
     assert cache.get_or_fetch(key, lambda: data) == data
+    cache.disk.drain()  # written by the writer thread
     path = tmp_path / key[:2] / key
     path.write_bytes(data[:500])  # what a power cut after the rename can leave behind
     assert cache.get_or_fetch(key, lambda: data) == data
+    cache.disk.drain()
     assert cache.stats.misses == 2 and cache.stats.disk_hits == 0
     assert path.read_bytes() == data  # the torn file was removed, then written again
     assert cache.get_or_fetch(key, lambda: b"never") == data and cache.stats.disk_hits == 1

@@ -22,17 +22,9 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
-import orchestrator
 from orchestrator.stream.cache import BlobCache
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
-
-
-@pytest.fixture
-def street(store_uri, demo_small):
-    store = orchestrator.connect(store_uri)
-    store.ingest("street", coco=demo_small / "annotations.json", images=demo_small / "images")
-    return store
 
 
 def _drop_media(store, name: str) -> None:

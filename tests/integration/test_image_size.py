@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import orchestrator
-
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 SIZE = (128, 96)  # (width, height)
@@ -17,13 +15,6 @@ SIZE = (128, 96)  # (width, height)
 # scenes' bound of tests/test_decode.py (measured there at most 2.1 at 128x128 and 4.5 at
 # 96x64; bit-identical where draft mode does not apply).
 MAX_MEAN_ABS_DIFF = 5.0
-
-
-@pytest.fixture
-def street(store_uri, demo_small):
-    store = orchestrator.connect(store_uri)
-    store.ingest("street", coco=demo_small / "annotations.json", images=demo_small / "images")
-    return store
 
 
 def test_items_read_at_image_size_carry_geometry_in_its_pixels(street, demo_small):

@@ -20,13 +20,6 @@ from tests.support.items import assert_same_item, reference_item
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
-@pytest.fixture
-def street(store_uri, demo_small):
-    store = orchestrator.connect(store_uri)
-    store.ingest("street", coco=demo_small / "annotations.json", images=demo_small / "images")
-    return store
-
-
 def _pillow(demo: Path, item_id: str) -> np.ndarray:
     with Image.open(demo / "images" / item_id) as img:
         return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
