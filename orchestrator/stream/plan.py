@@ -41,9 +41,10 @@ class StreamOptions:
     threads (default: this process's usable cores + 1, at most ``threads``: decoding holds a
     core, and more decode threads than cores only contend for the GIL between images; measured
     on 2 cores, 3 decode threads delivered ~20% more items/s than 8). Ray path
-    (``to_ray``, training): at most ``ray_fetch_actors`` fetch-and-decode actors; how far it reads
-    ahead is Ray Data's (``iter_batches(prefetch_batches=...)`` on the consumer side), so
-    ``prefetch`` and ``threads`` do not apply there. Everywhere: ``on_error`` ``skip``s a missing, corrupt or
+    (``to_ray``, training): at most ``ray_fetch_actors`` read tasks at once, each the SDK reader
+    over its adjacent items (so ``prefetch``, ``threads`` and ``decode_threads`` apply within a
+    task); how far the pipeline reads ahead of its consumer is Ray Data's
+    (``iter_batches(prefetch_batches=...)``). Everywhere: ``on_error`` ``skip``s a missing, corrupt or
     undecodable blob (counted in ``skips``, one summary warning per pass) or ``raise``s
     ``ItemError``; ``cache`` is the blob cache (default: this process's node cache);
     ``retry_deadline`` is how many seconds to wait for a store that does not answer before

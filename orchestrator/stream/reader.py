@@ -1,7 +1,7 @@
 """The one reader: manifest row → blob (through the cache, verified) → pixels → item, under one
 error policy, for every read path.
 
-``ItemLoader`` is the fetch-and-decode step (the SDK's thread pool and the Ray fetch actors both
+``ItemLoader`` is the fetch-and-decode step (the SDK's thread pool and the Ray read tasks both
 call it), ``apply_error_policy`` the one policy for a bad item, and ``ItemStream`` the SDK reader
 of a read plan: the manifest rows are read in order on the calling thread; blob fetch and decode
 run on a small thread pool with a bounded look-ahead (``prefetch``), so at most ``prefetch``

@@ -133,7 +133,7 @@ def plan_run(settings: RunSettings, *, config_name: str = "run", resume: str | b
 
 
 def run_data(plan: Plan) -> RunData:
-    """What a plan's workers read: the read plan with the run's cache, fetch actors, retry
+    """What a plan's workers read: the read plan with the run's cache, read-task concurrency, retry
     deadline and skip ledger, the train ids and the split; ``train_datasets`` builds the run's
     pipelines from it. Public so that code outside a run can read exactly what the run would,
     e.g. the whole train split on the driver: ``run_data(plan).pipeline("train", 0, 1, None)``."""
