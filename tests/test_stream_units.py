@@ -150,7 +150,10 @@ def test_cache_counts_hits_misses_and_bytes_and_second_pass_fetches_nothing(tmp_
     assert cache.stats.bytes_fetched == before["bytes_fetched"] and len(fetched) == 2
     assert cache.stats.memory_hits == 2
 
-    # A fresh process-level cache over the same directory hits on disk.
+    # A fresh process-level cache over the same directory hits on disk, once this one's writer
+    # thread has written the entries (``drain`` waits for it; a process does so at exit).
+    assert cache.disk is not None
+    cache.disk.drain()
     other = BlobCache(memory_budget=1 << 20, disk_dir=tmp_path / "disk", disk_budget=1 << 20)
     key = next(iter(blobs))
     assert other.get_or_fetch(key, lambda: b"never") == blobs[key]

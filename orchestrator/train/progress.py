@@ -128,8 +128,10 @@ class RunWatch:
         """Seconds the worker group has been waiting to be placed and started, or None."""
         return None if self.waiting_since is None else self.clock() - self.waiting_since
 
-    def poll(self, *, write: bool = True, timeout: float = 30.0) -> None:
-        """Read new messages (waiting at most ``timeout`` for the mailbox); write the lineage
+    def poll(self, *, write: bool = True, timeout: float = 2.0) -> None:
+        """Read new messages (waiting at most ``timeout`` for the mailbox: short, because a
+        Ctrl-C may reach the driver only once this wait returns, and a read that times out loses
+        nothing, the next poll asks again from the same place); write the lineage
         when an epoch arrived or the heartbeat is due. Store trouble is logged, not raised: the
         run goes on and the next poll writes again."""
         import ray
