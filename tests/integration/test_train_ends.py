@@ -112,7 +112,8 @@ def test_sigint_records_interrupted_with_the_finished_epochs_and_leaves_nothing_
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert time.monotonic() - interrupted_at < 60, (time.monotonic() - interrupted_at, err[-4000:])
+    assert time.monotonic() - interrupted_at < 60, (time.monotonic() - interrupted_at, proc.returncode, out[-2000:],
+                                                    err[-4000:])
     assert proc.returncode == 130, (proc.returncode, err[-3000:])
     lines = [l for l in err.splitlines() if l.startswith("error:") or "interrupted" in l]
     assert len(lines) == 1 and lines[0].startswith("error:") and "interrupted" in lines[0], err[-3000:]
