@@ -126,9 +126,10 @@ def _fill(directory: str, worker: int, budget: int) -> None:
             disk.put(key, blob)
 
 
-def test_processes_filling_one_directory_stay_correct_and_within_budget(tmp_path):
+@pytest.mark.parametrize("start", ["spawn", "fork"])  # fresh interpreters (Ray workers), forks (DataLoader)
+def test_processes_filling_one_directory_stay_correct_and_within_budget(tmp_path, start):
     budget = 150_000  # about a third of what they write: many trims, from every process
-    ctx = multiprocessing.get_context("spawn")  # fresh interpreters, like Ray workers
+    ctx = multiprocessing.get_context(start)
     procs = [ctx.Process(target=_fill, args=(str(tmp_path), w, budget)) for w in range(3)]
     for p in procs:
         p.start()
