@@ -4,6 +4,7 @@ serving a byte that does not hash to its name, and never failing a read when it 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import ConfigError
+from orchestrator.stream import cache as cache_module
 from orchestrator.stream.cache import BlobCache, DiskLRU, default_disk_budget, default_memory_budget
 
 
@@ -144,6 +146,20 @@ def test_processes_filling_one_directory_stay_correct_and_within_budget(tmp_path
     # Each process reported its puts at exit; the last report trimmed: no trim needed here.
     disk = DiskLRU(tmp_path, budget)
     assert disk.size() <= budget and disk.estimate() >= disk.size()
+
+
+def test_a_collected_cache_whose_report_finds_the_lock_busy_reports_it_at_exit(tmp_path):
+    """What the spawned variant above once caught in CI: a process's cache collected while
+    another held the flock dropped its last report, so ``.size`` ran behind the folder."""
+    disk = DiskLRU(tmp_path, 1 << 20)
+    key, blob = _blob(1)
+    with cache_module._Flock(tmp_path / ".lock"):  # another process trimming, say
+        assert disk.put(key, blob) == 0  # below every flush threshold: reported later
+        del disk
+        gc.collect()
+    assert DiskLRU(tmp_path, 1 << 20).estimate() == 0  # not reported yet ...
+    cache_module._flush_all()  # ... until the exit hook
+    assert DiskLRU(tmp_path, 1 << 20).estimate() == len(blob) == DiskLRU(tmp_path, 1 << 20).size()
 
 
 def test_a_cache_folder_that_cannot_be_created_leaves_memory_only_with_one_warning(tmp_path, caplog):

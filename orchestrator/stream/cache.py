@@ -264,10 +264,12 @@ class DiskLRU:
 
     def __del__(self) -> None:  # a dropped cache reports its puts too (atexit only sees live ones)
         # Never waits for the flock: the collector may run this in a thread that holds it (a
-        # second flock on a new descriptor would wait for itself). A lost report is corrected by
-        # the next scan.
+        # second flock on a new descriptor would wait for itself). A report that cannot take the
+        # flock now is handed to the exit hook, which may wait.
         try:
             self.flush(wait=False)
+            if self._pending:
+                _orphans.append((self.directory, self.budget, self._pending))
         except Exception:  # noqa: BLE001 - best effort at collection time
             pass
 
@@ -349,8 +351,9 @@ class DiskLRU:
                     total, scanned = self._scan_size(), time.time()
                 self._write_size(total, scanned)
                 self._known = total
-        except BlockingIOError:
-            pass
+        except BlockingIOError:  # wait=False and the flock is busy: keep the report for later
+            with self._mutex:
+                self._pending += pending
         except OSError as exc:
             _warn_once("size", self.directory, f"blob cache: cannot update {self._size_path} ({exc})")
         return 0
@@ -460,21 +463,34 @@ class _Flock:
 
 
 _live: weakref.WeakSet[DiskLRU] = weakref.WeakSet()
+# (directory, budget, bytes) that collected disk tiers could not report without waiting for the
+# flock (``DiskLRU.__del__``); reported at exit. A list: ``append`` needs no lock in ``__del__``.
+_orphans: list[tuple[Path, int, int]] = []
 
 
 def _flush_all() -> None:
-    """Write every live disk tier's queued entries and report its puts (at process exit)."""
+    """Write every live disk tier's queued entries and report its puts, and those of collected
+    ones (at process exit)."""
     for disk in list(_live):
         try:
             disk.drain()
             disk.flush()
         except Exception:  # noqa: BLE001 - exiting: a lost report is corrected by the next scan
             pass
+    while _orphans:
+        directory, budget, pending = _orphans.pop()
+        try:
+            heir = DiskLRU(directory, budget)
+            heir._pending = pending
+            heir.flush()
+        except Exception:  # noqa: BLE001 - as above
+            pass
 
 
 def _reset_in_child() -> None:
     """After a fork the parent still reports its own puts: the child starts from zero (and with
     fresh locks, in case a parent thread held one at the fork)."""
+    _orphans.clear()
     for disk in list(_live):
         disk._pending, disk._pending_puts, disk._mutex = 0, 0, threading.Lock()
         # The parent's writer thread and its queue stay with the parent.
