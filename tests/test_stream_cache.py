@@ -162,6 +162,22 @@ def test_a_collected_cache_whose_report_finds_the_lock_busy_reports_it_at_exit(t
     assert DiskLRU(tmp_path, 1 << 20).estimate() == len(blob) == DiskLRU(tmp_path, 1 << 20).size()
 
 
+def test_an_entry_queued_for_the_writer_is_served_before_it_reaches_the_disk(tmp_path, monkeypatch):
+    """A cold pass outruns the writer thread; the next epoch must not fetch what is still queued."""
+    import threading
+
+    disk = DiskLRU(tmp_path, 1 << 20)
+    release = threading.Event()
+    real_put = disk.put
+    monkeypatch.setattr(disk, "put", lambda key, data: (release.wait(10), real_put(key, data))[1])
+    key, blob = _blob(7)
+    disk.put_later(key, blob)
+    assert not _entries(tmp_path) and disk.get(key) == blob  # from the queue
+    release.set()
+    disk.drain()
+    assert list(_entries(tmp_path)) == [key] and disk.get(key) == blob  # from the file
+
+
 def test_a_cache_folder_that_cannot_be_created_leaves_memory_only_with_one_warning(tmp_path, caplog):
     (tmp_path / "file").write_text("not a folder")
     with caplog.at_level(logging.WARNING, logger="orchestrator.stream.cache"):
@@ -187,6 +203,7 @@ def test_a_full_disk_degrades_to_fetching_with_one_warning(tmp_path):
             data = bytes([i]) * 10_000
             key = hashlib.sha256(data).hexdigest()
             assert cache.get_or_fetch(key, lambda: data) == data
+            cache.disk.drain()  # the write was tried (a queued entry would be served from memory)
             assert cache.get_or_fetch(key, lambda: data) == data
         assert cache.stats.misses == 40, cache.stats
         print("served", cache.stats.bytes_fetched)
