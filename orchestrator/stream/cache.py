@@ -34,9 +34,10 @@ The disk tier (``DiskLRU``):
   a complete name; that is why every disk read is checked against its name (sha256): a mismatch
   is deleted and counted as a miss, never served. The check also covers a racing writer, a
   disk error and anything else that writes into the directory.
-* A hit refreshes the file's mtime (the LRU clock, to the minute: ``_TOUCH_S``); eviction (oldest mtime first, down to 90% of
-  the budget, so that trims are spaced by 10% of the budget) runs under an ``flock``, one process
-  at a time. A file evicted while another process reads it is a miss there, never a wrong byte.
+* A hit refreshes the file's mtime (the LRU clock, to the minute: ``_TOUCH_S``); eviction
+  (oldest mtime first, down to 90% of the budget, so that trims are spaced by 10% of the budget)
+  runs under an ``flock``, one process at a time. A file evicted while another process reads it
+  is a miss there, never a wrong byte.
 * Size accounting is approximate and bounded, and costs nothing per put that grows with the
   number of cached files: the directory's total is kept in ``.size`` (written under the flock);
   each process adds its own puts to it every ``_FLUSH_BYTES`` or ``_FLUSH_PUTS`` (at exit, and

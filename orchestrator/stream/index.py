@@ -4,9 +4,10 @@
 (``scan.read_rows`` with row numbers; files the Delta statistics rule out are skipped), and keeps
 two integer arrays: 12 bytes an item, so a 1M-item dataset indexes in ~12 MB. ``RowReader``
 fetches full rows on demand, one Parquet row group at a time (``manifest.ROW_GROUP_ROWS`` rows,
-held as an ``ItemBlock``), keeping the few most recent: ``ds[i]`` reads one row group, not the
-manifest. (A manifest written before row groups were capped has one group per file; it is then
-held as one block, ~1 KB a row, while that file is being read.)
+held as an ``ItemBlock``), keeping the most recent within ``KEEP_ROWS_BYTES`` (so a later epoch
+of a slice that fits reads no manifest bytes): ``ds[i]`` reads one row group, not the manifest.
+(A manifest written before row groups were capped has one group per file; it is then held as one
+block, ~1 KB a row.) ``ShippedRows`` are rows read by the Ray driver and carried in a read task.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchestrator.access.redact import redact
+from orchestrator.manifest import LabelMap
 from orchestrator.manifest_faults import manifest_file_errors
 from orchestrator.scan import FILE_INDEX, ROW_NUMBER, with_columns
 from orchestrator.storage_errors import retrying
@@ -69,18 +71,28 @@ def build_index(plan: ReadPlan, keep: Callable[[list[str]], np.ndarray] | None =
                      row_of.astype(np.int64))
 
 
-class RowReader:
-    """Reads manifest rows by (file, row) through a small LRU of decoded row groups."""
+#: Decoded row groups a ``RowReader`` keeps beyond its ``keep_groups``, by their Arrow bytes: a
+#: slice whose rows fit (~50,000 demo rows) is read from the manifest once, not every epoch.
+KEEP_ROWS_BYTES = 64 << 20
 
-    def __init__(self, plan: ReadPlan, index: ItemIndex, keep_groups: int = 4) -> None:
+
+class RowReader:
+    """Reads manifest rows by (file, row) through an LRU of decoded row groups: at least
+    ``keep_groups`` (a shuffle window's), more while they take at most ``keep_bytes``."""
+
+    def __init__(self, plan: ReadPlan, index: ItemIndex, keep_groups: int = 4,
+                 keep_bytes: int = KEEP_ROWS_BYTES) -> None:
         self.plan = plan
         self.index = index
         self.keep_groups = keep_groups
+        self.keep_bytes = keep_bytes
         self._bounds: dict[int, np.ndarray] = {}  # file -> cumulative row-group starts
-        self._groups: OrderedDict[tuple[int, int], ItemBlock] = OrderedDict()
+        self._groups: OrderedDict[tuple[int, int], tuple[ItemBlock, int]] = OrderedDict()
+        self._held = 0  # Arrow bytes of the kept groups
 
     def __getstate__(self) -> dict:
-        return {"plan": self.plan, "index": self.index, "keep_groups": self.keep_groups}
+        return {"plan": self.plan, "index": self.index, "keep_groups": self.keep_groups,
+                "keep_bytes": self.keep_bytes}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)  # type: ignore[misc]
@@ -116,10 +128,20 @@ class RowReader:
         ``ds[i]`` and a shuffled pass, which visit a group's rows in scattered order, convert
         each group once."""
         key = (file_idx, group)
-        block = self._groups.get(key)
-        if block is not None:
+        kept = self._groups.get(key)
+        if kept is not None:
             self._groups.move_to_end(key)
-            return block
+            return kept[0]
+        table = self._read_group(file_idx, group)
+        block = ItemBlock(table, self.plan.label_map)
+        self._groups[key] = (block, table.nbytes)
+        self._held += table.nbytes
+        while len(self._groups) > self.keep_groups and self._held > self.keep_bytes:
+            self._held -= self._groups.popitem(last=False)[1][1]
+        return block
+
+    def _read_group(self, file_idx: int, group: int) -> pa.Table:
+        """One row group's ``ITEM_COLUMNS``, redacted for the plan's access view."""
         path = self.index.files[file_idx]
         location = self.plan.location
 
@@ -129,13 +151,29 @@ class RowReader:
             return with_columns(f.read_row_group(group, columns=present), ITEM_COLUMNS)
 
         with manifest_file_errors(location, [path]):
-            rows = redact(retrying(read, location=location, action="read manifest file",
+            return redact(retrying(read, location=location, action="read manifest file",
                                    target=path.rsplit("/", 1)[-1], policy=self.plan.retry), self.plan.access)
-        block = ItemBlock(rows, self.plan.label_map)
-        self._groups[key] = block
-        while len(self._groups) > self.keep_groups:
-            self._groups.popitem(last=False)
-        return block
+
+    def table(self, positions: np.ndarray) -> pa.Table:
+        """The rows of ``positions`` as one Arrow table, in that order (redacted), read a row
+        group at a time and not kept: what the Ray driver ships inside read tasks."""
+        positions = np.asarray(positions, dtype=np.int64)
+        files = self.index.file_of[positions]
+        rows = self.index.row_of[positions]
+        parts: list[pa.Table] = []
+        order: list[np.ndarray] = []
+        for f in np.unique(files):
+            sel = np.flatnonzero(files == f)
+            bounds = self.bounds(int(f))
+            groups = np.searchsorted(bounds, rows[sel], side="right") - 1
+            for g in np.unique(groups):
+                members = sel[groups == g]
+                parts.append(self._read_group(int(f), int(g)).take(pa.array(rows[members] - bounds[g])))
+                order.append(members)
+        if not parts:
+            return with_columns(pa.table({}), ITEM_COLUMNS).slice(0, 0)
+        table = pa.concat_tables(parts).combine_chunks()
+        return table.take(pa.array(np.argsort(np.concatenate(order), kind="stable")))
 
     def stats(self) -> dict[str, int]:
         """What this reader holds: the row groups of the files it opened (count, largest) and
@@ -143,7 +181,7 @@ class RowReader:
         sizes = [int(n) for b in self._bounds.values() for n in (b[1:] - b[:-1])]
         return {"row_groups": len(sizes), "rows_per_group_max": max(sizes, default=0),
                 "row_groups_kept": len(self._groups),
-                "rows_kept": sum(len(b) for b in self._groups.values())}
+                "rows_kept": sum(len(b) for b, _ in self._groups.values())}
 
     def row(self, position: int) -> ItemRow:
         """The row at ``position``."""
@@ -169,3 +207,18 @@ class RowReader:
                 for i, k in zip(members.tolist(), (rows[members] - bounds[g]).tolist(), strict=True):
                     out[i] = block.row(k)
         return out  # type: ignore[return-value]
+
+
+class ShippedRows:
+    """Manifest rows read elsewhere (the Ray driver) and handed over with their positions: row
+    ``i`` of ``table`` is position ``i``. A read task built on it opens no manifest file, so a
+    warm epoch through Ray reads nothing from the store (``adapters.ray``)."""
+
+    def __init__(self, table: pa.Table, label_map: LabelMap) -> None:
+        self.block = ItemBlock(table, label_map)
+
+    def row(self, position: int) -> ItemRow:
+        return self.block.row(int(position))
+
+    def rows(self, positions: np.ndarray) -> list[ItemRow]:
+        return [self.block.row(k) for k in np.asarray(positions, dtype=np.int64).tolist()]

@@ -27,7 +27,7 @@ from orchestrator.manifest import LabelMap
 from orchestrator.packs import plan_reads
 from orchestrator.stream.cache import BlobCache, node_cache
 from orchestrator.stream.decode import decode_image, image_size_wh
-from orchestrator.stream.index import ItemIndex, RowReader, build_index
+from orchestrator.stream.index import ItemIndex, RowReader, ShippedRows, build_index
 from orchestrator.stream.item import ItemRow
 from orchestrator.stream.memory import trim_heap
 from orchestrator.stream.order import epoch_order
@@ -180,15 +180,17 @@ def apply_error_policy(exc: ItemError, on_error: OnError, record: Callable[[Item
 class ItemStream:
     """The SDK reader of one read plan: random access, ordered/shuffled/sharded iteration.
 
-    The item index (one scan of the query's columns) is built on first use."""
+    The item index (one scan of the query's columns) is built on first use. ``rows``: the
+    index's manifest rows already read (a Ray read task's ``ShippedRows``); else they are read
+    from the manifest as needed (``RowReader``)."""
 
-    def __init__(self, plan: ReadPlan, index: ItemIndex | None = None) -> None:
+    def __init__(self, plan: ReadPlan, index: ItemIndex | None = None, rows: ShippedRows | None = None) -> None:
         self.plan = plan
         self.options = plan.options
         self.load = ItemLoader(plan)
         self.skips = Skips()
         self._index = index
-        self._rows: RowReader | None = None
+        self._rows: RowReader | ShippedRows | None = rows
 
     def __getstate__(self) -> dict:  # a copy in another process starts with no skips of its own
         return {"plan": self.plan, "index": self._index}
@@ -211,12 +213,20 @@ class ItemStream:
         return self._index
 
     @property
-    def rows(self) -> RowReader:
+    def rows(self) -> RowReader | ShippedRows:
         if self._rows is None:
             # A shuffled pass reads rows from the ``shuffle_window`` row groups of its window;
             # one more covers a block straddling two windows. More would only hold memory.
             self._rows = RowReader(self.plan, self.index, keep_groups=self.options.shuffle_window + 1)
         return self._rows
+
+    @property
+    def row_reader(self) -> RowReader:
+        """The manifest reader (a stream on shipped rows has none: it cannot block-shuffle)."""
+        rows = self.rows
+        if not isinstance(rows, RowReader):
+            raise TypeError("a stream on shipped rows reads them in the order given")
+        return rows
 
     def __len__(self) -> int:
         return len(self.index)
@@ -235,7 +245,7 @@ class ItemStream:
         keys = np.empty(len(index), dtype=np.int64)
         for f in range(len(index.files)):
             sel = np.flatnonzero(index.file_of == f)
-            groups = np.searchsorted(self.rows.bounds(f), index.row_of[sel], side="right") - 1
+            groups = np.searchsorted(self.row_reader.bounds(f), index.row_of[sel], side="right") - 1
             keys[sel] = f * (1 << 20) + groups
         return keys
 

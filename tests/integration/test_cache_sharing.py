@@ -84,6 +84,47 @@ def test_to_ray_iterated_twice_reads_epoch_two_from_the_node_cache(street, tmp_p
     assert list(cold.to_ray().iter_rows()) == [] and cold.skipped == 60
 
 
+def _drop_manifest_rows(store, ds) -> None:
+    """Delete the version's manifest data files (Parquet): a reader that opens one now fails."""
+    for path in ds.plan.snapshot.files:
+        store.fs.delete_file(path)
+
+
+def _dataloader_digests(loader) -> dict[str, str]:
+    out = {}
+    for batch in loader:
+        offsets = batch["instance_offsets"].tolist()
+        for i, item_id in enumerate(batch["id"]):
+            h = hashlib.sha256(np.ascontiguousarray(batch["image"][i].numpy()).tobytes())
+            h.update(batch["boxes"][offsets[i]:offsets[i + 1]].numpy().astype(np.float32).tobytes())
+            out[str(item_id)] = h.hexdigest()
+    return out
+
+
+@pytest.mark.parametrize("path", ["iteration", "dataloader", "ray"])
+def test_a_warm_epoch_reads_nothing_from_the_store_not_even_manifest_rows(street, tmp_path, monkeypatch, path):
+    """Epoch two of the same reader with every media byte and every manifest data file gone
+    from the store: the rows come from the reader (kept row groups, rows shipped in Ray read
+    tasks), the media from the node cache; a fresh reader of the same version cannot read."""
+    monkeypatch.setenv("ORCHESTRATOR_CACHE_DIR", str(tmp_path / "node-cache"))
+    ds = street.dataset("street", cache=BlobCache(disk_dir=tmp_path / "node-cache"))
+    if path == "iteration":
+        epoch = lambda: _digests(ds)  # noqa: E731
+    elif path == "dataloader":
+        loader = ds.dataloader(batch_size=8, num_workers=2, image_size=64)
+        epoch = lambda: _dataloader_digests(loader)  # noqa: E731
+    else:
+        pipeline = ds.to_ray()
+        epoch = lambda: _digests(pipeline.iter_rows())  # noqa: E731
+    first = epoch()
+    assert len(first) == 60
+    _drop_media(street, "street")
+    _drop_manifest_rows(street, ds)
+    assert epoch() == first
+    with pytest.raises(Exception, match=r"manifest|\.parquet"):
+        street.dataset("street")[0]
+
+
 _READ_ALL = """
     import hashlib, json, logging, resource, signal, sys
     import numpy as np

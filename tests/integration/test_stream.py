@@ -252,7 +252,7 @@ def test_missing_and_corrupt_blobs_skip_with_warning_or_raise(store_uri, demo_sm
     assert bad.value.reason == "corrupt"
 
 
-def test_reader_holds_a_few_row_groups_not_the_manifest(store_uri, demo_small, monkeypatch):
+def test_reader_holds_row_groups_within_a_budget_not_the_manifest(store_uri, demo_small, monkeypatch):
     import pyarrow.parquet as pq
 
     import orchestrator.manifest as manifest_mod
@@ -265,10 +265,20 @@ def test_reader_holds_a_few_row_groups_not_the_manifest(store_uri, demo_small, m
     groups = pq.ParquetFile(store.fs.open_input_file(path)).metadata.num_row_groups
     assert groups == 15  # 60 rows in groups of 4
     reader = ds.stream.rows
+    reader.keep_bytes = 0  # past its byte budget, a reader keeps only a shuffle window's groups
     held = 0
     for _ in ds.iter_items(shuffle=True, seed=1):
         held = max(held, reader.stats()["row_groups_kept"])
     assert 1 <= held <= reader.keep_groups < groups
+    # Within the budget (the default), a second pass reads no manifest row group again.
+    reader.keep_bytes = 1 << 20
+    kept = reader.stats()["row_groups_kept"]
+    reads = []
+    real_read = reader._read_group
+    monkeypatch.setattr(reader, "_read_group", lambda f, g: (reads.append((f, g)), real_read(f, g))[1])
+    first = [item["id"] for item in ds.iter_items(shuffle=True, seed=2)]
+    assert len(reads) == groups - kept and reader.stats()["row_groups_kept"] == groups
+    assert [item["id"] for item in ds.iter_items(shuffle=True, seed=2)] == first and len(reads) == groups - kept
     # Rows read a row group at a time (one columnar block each, in scattered order) are the
     # manifest's rows, and their items are the items built row by row from those rows.
     import numpy as np
