@@ -882,7 +882,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write every figure to this file")
     parser.add_argument("--shard-mib", type=int, default=16, help="MDS/tar/LitData shard size (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=2, help=argparse.SUPPRESS)  # 1 cold + warm ones
+    parser.add_argument("--epochs", type=int, default=2,
+                        help="epochs per run: 1 cold + warm ones; 4 shows peak RSS across warm epochs "
+                             "(default: %(default)s)")
     parser.add_argument("--timeout-s", type=float, default=900, help="per measured subprocess (default: %(default)s)")
     parser.add_argument("--prep", help=argparse.SUPPRESS)
     parser.add_argument("--export", help=argparse.SUPPRESS)
@@ -1053,6 +1055,10 @@ def report(runs: list[dict], failures: list[dict], systems: list[str], args, dat
             "items": sorted({e["items"] for r in mine for e in r["epochs"]}),
             "boxes": sorted({e["boxes"] for r in mine for e in r["epochs"]}),
             "checksums": checksums,
+            # Peak RSS of the consumer plus its workers (VmHWM) at the end of each warm epoch,
+            # per round: flat (issue 14: within 5%) when warm epochs neither leak nor grow.
+            "warm_peak_rss_mb": [[e["consumer_peak_rss_mb"] + e["workers_peak_rss_mb_sum"] for e in r["epochs"][1:]]
+                                 for r in mine],
         }
     print(f"\n{args.n:,} demo images ({data_bytes / 1e6:.1f} MB of JPEG) on one SeaweedFS on loopback, "
           f"{args.rounds} interleaved round(s), {os.cpu_count()} cores; cold = epoch 1 of a fresh process, "
@@ -1081,6 +1087,11 @@ def report(runs: list[dict], failures: list[dict], systems: list[str], args, dat
           "(VmHWM); workers MB: sum of its descendants' peaks (DataLoader workers, Ray daemons and workers, curl); "
           "tree PSS: peak PSS of the whole process tree (sampled each second); GETs: GET+HEAD requests SeaweedFS "
           "answered in the epoch; MB: bytes it sent; srv CPU: its CPU seconds.")
+    growth = {k: [(r[-1] / r[0] - 1) * 100 for r in s["warm_peak_rss_mb"] if len(r) > 1] for k, s in summary.items()}
+    if any(growth.values()):
+        print(f"peak RSS (consumer + workers, VmHWM) from the first to the last warm epoch (epochs 2-{args.epochs}): "
+              + "; ".join(f"{k} {s['warm_peak_rss_mb'][0][0]:.0f}->{s['warm_peak_rss_mb'][0][-1]:.0f} MB, "
+                          f"{spread(growth[k], '{:+.1f}')}%" for k, s in summary.items() if growth[k]))
     loads = [r["loadavg_1min_start"] for r in runs] + [e["loadavg_1min_end"] for r in runs for e in r["epochs"]]
     if loads:
         print(f"1-minute load average at the runs' starts and epochs' ends: {spread(loads, '{:.1f}')} "

@@ -145,6 +145,37 @@ def test_torch_batch_shares_memory_and_round_trips():
     assert isinstance(mixed["image"], list) and all(isinstance(im, torch.Tensor) for im in mixed["image"])
 
 
+@pytest.mark.parametrize("images", ["stacked", "list", "list with None", "tensors"])
+def test_a_worker_batch_crosses_processes_in_one_shared_buffer(images):
+    """``SharedBatch``: what a DataLoader worker puts on its queue (ForkingPickler) arrives as
+    the same batch, every array a writable tensor viewing one shared storage."""
+    torch = pytest.importorskip("torch")
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    pytest.importorskip("torch.multiprocessing")  # registers its tensor reductions with ForkingPickler
+    from orchestrator.adapters.torch import SharedBatch, batch_to_numpy, batch_to_torch
+
+    rng = np.random.default_rng(11)
+    shapes = {"stacked": [(4, 5)] * 3}.get(images, [(4, 5), (6, 3), (2, 7)])
+    items = [_item(rng, n, image=shape, k=k) for k, (n, shape) in enumerate(zip((3, 0, 2), shapes, strict=True))]
+    if images == "list with None":
+        items[1]["image"] = None
+    batch = collate(items)
+    if images == "tensors":  # a transform's output: tensors, not numpy arrays
+        batch = batch_to_torch(batch)
+    got = pickle.loads(ForkingPickler.dumps(SharedBatch(batch)))
+    assert type(got) is dict and list(got) == list(batch)
+    arrays = [v for v in got.values() if isinstance(v, torch.Tensor)]
+    arrays += [im for im in got["image"] if isinstance(im, torch.Tensor)] if isinstance(got["image"], list) else []
+    assert len({a.untyped_storage().data_ptr() for a in arrays}) == 1 and all(a.is_shared() for a in arrays)
+    if images == "list with None":
+        assert got["image"][1] is None
+    got["boxes"][:] = 0  # writable
+    for back, want in zip(uncollate(batch_to_numpy(got)), items, strict=True):
+        assert_same_item(back, {**want, "boxes": np.zeros_like(want["boxes"])})
+
+
 @pytest.mark.parametrize("n", [0, 7, 61, 200])
 def test_torch_len_counts_this_ranks_items_or_batches_exactly(n):
     """``len`` is what the rank's workers yield: the sum of their shards' sizes (items), or of
