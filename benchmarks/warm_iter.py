@@ -24,8 +24,10 @@ import argparse
 import multiprocessing
 import os
 import resource
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -87,6 +89,17 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
 
+    # A fresh node disk cache (the default one may hold these blobs from an earlier run, and
+    # the first pass must fill the cache as a user's first epoch does).
+    cache_dir = tempfile.mkdtemp(prefix="warm-iter-cache-")
+    os.environ["ORCHESTRATOR_CACHE_DIR"] = cache_dir
+    try:
+        run(args)
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+def run(args: argparse.Namespace) -> None:
     ds = orchestrator.connect(args.store).dataset(args.dataset)
     for _ in ds:  # fill the cache
         pass

@@ -358,3 +358,20 @@ def test_collate_items_uses_the_batch_layout():
     c = dict(a, image=torch.zeros((6, 5, 3), dtype=torch.uint8))
     assert isinstance(collate_items([a, c])["image"], list)
     assert isinstance(batch["boxes"], torch.Tensor)
+
+
+@pytest.mark.parametrize("env", [None, "4"])
+def test_importing_the_package_caps_malloc_arenas_unless_the_user_did(env):
+    """``stream.memory.limit_arenas`` runs at ``import orchestrator`` (glibc here), once; a
+    ``MALLOC_ARENA_MAX`` in the environment is the user's choice and is left alone."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import orchestrator, orchestrator.stream.memory as m; "
+            "print(m.limit_arenas.cache_info().hits, m.limit_arenas.cache_info().misses, m.limit_arenas())")
+    environ = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    if env is not None:
+        environ["MALLOC_ARENA_MAX"] = env
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, check=True)
+    assert out.stdout.split() == ["0", "1", "True" if env is None else "False"]

@@ -29,7 +29,7 @@ from orchestrator.stream.cache import BlobCache, node_cache
 from orchestrator.stream.decode import decode_image, image_size_wh
 from orchestrator.stream.index import ItemIndex, RowReader, ShippedRows, build_index
 from orchestrator.stream.item import ItemRow
-from orchestrator.stream.memory import trim_heap
+from orchestrator.stream.memory import limit_arenas, trim_heap
 from orchestrator.stream.order import epoch_order
 from orchestrator.stream.plan import OnError, ReadPlan, StreamOptions
 from orchestrator.stream.skips import Skips
@@ -286,6 +286,7 @@ class ItemStream:
             skipped_here.add(exc)
             self.skips.add(exc)
 
+        limit_arenas()  # before the threads below take arenas of their own (stream.memory)
         fetch_pool = ThreadPoolExecutor(max_workers=opts.threads, thread_name_prefix="orchestrator-fetch")
         decode_pool = ThreadPoolExecutor(max_workers=opts.decoders, thread_name_prefix="orchestrator-decode")
         chunks = self._chunks(positions, opts.read_ahead_mb << 20)
