@@ -385,18 +385,14 @@ def manifest_items(store, name: str) -> list[tuple[str, str, str, np.ndarray]]:
 
 
 def init_ray() -> None:
-    """A local Ray cluster sized and configured as ``orchestrator.ray_runtime.ensure_ray`` starts one,
-    but never attached to another cluster on this machine."""
-    import ray
+    """A local Ray cluster started as ``orchestrator.ray_runtime.ensure_ray`` starts one (never
+    attached to another cluster on this machine), with its read workers warmed up before the
+    first epoch: "Ray is up"."""
     import ray.data
 
-    from orchestrator.ray_runtime import local_cpus
-    from orchestrator.store_location import S3_COMPAT_ENV
+    from orchestrator.ray_runtime import start_local_ray
 
-    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(local_cpus()))
-    env = {k: os.environ.get(k, v) for k, v in S3_COMPAT_ENV.items()}
-    ray.init(address="local", num_cpus=local_cpus(), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": env})
+    start_local_ray(wait_warm=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 

@@ -41,7 +41,8 @@ class StreamOptions:
     threads (default: this process's usable cores + 1, at most ``threads``: decoding holds a
     core, and more decode threads than cores only contend for the GIL between images; measured
     on 2 cores, 3 decode threads delivered ~20% more items/s than 8). Ray path
-    (``to_ray``, training): at most ``ray_fetch_actors`` read tasks at once, each the SDK reader
+    (``to_ray``, training): at most ``ray_fetch_actors`` read tasks at once (None: the cores
+    on a local cluster, 8 on an attached one: ``ray_runtime.read_concurrency``), each the SDK reader
     over its adjacent items (so ``prefetch``, ``threads`` and ``decode_threads`` apply within a
     task); how far the pipeline reads ahead of its consumer is Ray Data's
     (``iter_batches(prefetch_batches=...)``). Everywhere: ``on_error`` ``skip``s a missing, corrupt or
@@ -72,7 +73,7 @@ class StreamOptions:
     cache: BlobCache | None = field(default=None, repr=False)
     retry_deadline: float | None = None
     skip_ledger: str | None = None
-    ray_fetch_actors: int = 8
+    ray_fetch_actors: int | None = None
     read_ahead_mb: int = 16
     image_size: int | tuple[int, int] | None = None
 
@@ -84,7 +85,7 @@ class StreamOptions:
             raise ConfigError(f"decode_threads must be >= 1 (or None for the default), got {self.decode_threads}")
         counts = ("prefetch", "threads", "ray_fetch_actors", "read_ahead_mb", "shuffle_window", "shuffle_run",
                   "shuffle_buffer")
-        if any(getattr(self, name) < 1 for name in counts):
+        if any(getattr(self, name) is not None and getattr(self, name) < 1 for name in counts):
             raise ConfigError(f"{', '.join(counts)} must be >= 1, got "
                               + ", ".join(str(getattr(self, name)) for name in counts))
         if self.retry_deadline is not None and (
