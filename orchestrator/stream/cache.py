@@ -327,14 +327,22 @@ class DiskLRU:
         if not self._writable or len(data) > self.budget:
             return 0
         path = self._path(key)
-        if path.exists():
+        if os.path.exists(path):
             return 0
         tmp = path.parent / f".{key}.{uuid.uuid4().hex}.tmp"
         try:
             if path.parent.name not in self._made:
                 path.parent.mkdir(exist_ok=True)
                 self._made.add(path.parent.name)
-            tmp.write_bytes(data)
+            # os-level calls: ~50 us a file here, against ~155 us through pathlib's buffered
+            # file object (its fstat, ioctl and buffer), which was most of a cold pass's writer.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except OSError as exc:
             self._writable = False
