@@ -344,9 +344,10 @@ def fit(plan, loop, loop_config: dict, work: Path, name: str, synthetic: dict | 
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.train.runner import train_datasets
+    from orchestrator.train.runner import train_datasets, warm_up_for
 
     s = plan.settings
+    warm_up_for(plan)  # as runner.run does before it builds the trainer
     out_dir = work / f"ranks-{name}"
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
@@ -413,8 +414,10 @@ def main() -> None:
 
     work = args.keep.resolve() if args.keep else Path(tempfile.mkdtemp(prefix="bench-train-ingest-"))
     work.mkdir(parents=True, exist_ok=True)
-    # Our own local cluster (never an existing one: address="local"); ensure_ray() then reuses it.
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    # Our own local cluster as ensure_ray() starts one (never an existing one), which it then reuses.
+    from orchestrator.ray_runtime import start_local_ray
+
+    start_local_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:

@@ -94,15 +94,21 @@ def start_local_ray(wait_warm: bool = False) -> None:
     # Only on a cluster of our own: under `ray job submit` the job's runtime environment is set
     # already, and adding a setup hook to it fails the job's runtime-env setup.
     runtime_env["worker_process_setup_hook"] = "orchestrator.ray_runtime.prepare_worker"
-    ray.init(num_cpus=local_cpus(), include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=local_cpus(), include_dashboard=False, log_to_driver=False,
              runtime_env=runtime_env)
     _STARTED_LOCAL.set()
     log.info("started a local Ray cluster with %d logical CPUs", local_cpus())
     if wait_warm:
         warm_up(read_concurrency())
     else:
-        threading.Thread(target=warm_up, args=(read_concurrency(),), name="orchestrator-ray-warm-up",
-                         daemon=True).start()
+        warm_up_later(read_concurrency())
+
+
+def warm_up_later(workers: int) -> None:
+    """``warm_up(workers)`` in a background thread, on a local cluster this process started
+    (an attached cluster's workers are its operator's business); returns at once."""
+    if _STARTED_LOCAL.is_set():
+        threading.Thread(target=warm_up, args=(workers,), name="orchestrator-ray-warm-up", daemon=True).start()
 
 
 def read_concurrency() -> int:
