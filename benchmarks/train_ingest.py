@@ -344,10 +344,9 @@ def fit(plan, loop, loop_config: dict, work: Path, name: str, synthetic: dict | 
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.train.runner import train_datasets, warm_up_for
+    from orchestrator.train.runner import train_datasets
 
     s = plan.settings
-    warm_up_for(plan)  # as runner.run does before it builds the trainer
     out_dir = work / f"ranks-{name}"
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)

@@ -32,7 +32,6 @@ from orchestrator.ray_runtime import (
     ensure_ray,
     orchestrator_error_in,
     running_cluster_address,
-    warm_up_later,
 )
 from orchestrator.stream.split import HashSplit, validation_mask
 from orchestrator.train.config import RunSettings
@@ -194,13 +193,6 @@ def train_datasets(plan: Plan) -> tuple[dict[str, Any], Any]:
 POLL_S = 1.0  # how often the driver reads the fit's progress
 
 
-def warm_up_for(plan: Plan) -> None:
-    """Start the read workers the run's pipelines will use (every train worker's pipeline runs
-    ``decode_concurrency`` read tasks) in the background, on a local cluster: they start while
-    Ray Train starts its own workers (~8 s on 2 cores), not at epoch 1's first batch."""
-    warm_up_later(plan.settings.scaling.num_workers * plan.settings.data.decode_concurrency)
-
-
 def run(plan: Plan) -> Lineage:
     """Fit on Ray Train; the lineage record is written at start, after every epoch, every
     ``HEARTBEAT_S`` while the driver lives, and at the end: ``finished``, ``failed`` (the error
@@ -216,7 +208,6 @@ def run(plan: Plan) -> Lineage:
         may_grow = ray.is_initialized() or running_cluster_address()[0] is not None
         ensure_ray()  # without a cluster to attach to, a local one: it never grows
         anchor_data_actors()
-        warm_up_for(plan)
         request = ResourceRequest.from_settings(plan.settings.scaling)
         _refuse_unplaceable(request, may_grow=may_grow)
         trainer, watch = _trainer(plan)
