@@ -13,7 +13,7 @@ block, ~1 KB a row.) ``ShippedRows`` are rows read by the Ray driver and carried
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,22 +154,28 @@ class RowReader:
             return redact(retrying(read, location=location, action="read manifest file",
                                    target=path.rsplit("/", 1)[-1], policy=self.plan.retry), self.plan.access)
 
-    def table(self, positions: np.ndarray) -> pa.Table:
-        """The rows of ``positions`` as one Arrow table, in that order (redacted), read a row
-        group at a time and not kept: what the Ray driver ships inside read tasks."""
+    def _by_group(self, positions: np.ndarray) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+        """``positions`` grouped by row group: (file, group, indices into ``positions``, rows
+        within the group), each group once."""
         positions = np.asarray(positions, dtype=np.int64)
         files = self.index.file_of[positions]
         rows = self.index.row_of[positions]
-        parts: list[pa.Table] = []
-        order: list[np.ndarray] = []
         for f in np.unique(files):
             sel = np.flatnonzero(files == f)
             bounds = self.bounds(int(f))
             groups = np.searchsorted(bounds, rows[sel], side="right") - 1
             for g in np.unique(groups):
                 members = sel[groups == g]
-                parts.append(self._read_group(int(f), int(g)).take(pa.array(rows[members] - bounds[g])))
-                order.append(members)
+                yield int(f), int(g), members, rows[members] - bounds[g]
+
+    def table(self, positions: np.ndarray) -> pa.Table:
+        """The rows of ``positions`` as one Arrow table, in that order (redacted), read a row
+        group at a time and not kept: what the Ray driver ships inside read tasks."""
+        parts: list[pa.Table] = []
+        order: list[np.ndarray] = []
+        for f, g, members, offsets in self._by_group(positions):
+            parts.append(self._read_group(f, g).take(pa.array(offsets)))
+            order.append(members)
         if not parts:
             return with_columns(pa.table({}), ITEM_COLUMNS).slice(0, 0)
         table = pa.concat_tables(parts).combine_chunks()
@@ -177,7 +183,8 @@ class RowReader:
 
     def stats(self) -> dict[str, int]:
         """What this reader holds: the row groups of the files it opened (count, largest) and
-        the groups it keeps decoded now (count, rows). Memory is bounded by ``keep_groups``."""
+        the groups it keeps decoded now (count, rows). Memory is bounded by ``keep_bytes`` (or
+        ``keep_groups``, if more)."""
         sizes = [int(n) for b in self._bounds.values() for n in (b[1:] - b[:-1])]
         return {"row_groups": len(sizes), "rows_per_group_max": max(sizes, default=0),
                 "row_groups_kept": len(self._groups),
@@ -193,19 +200,11 @@ class RowReader:
         """The rows of ``positions``, in that order, a row group at a time (each group's block is
         built once while it is kept: converting rows one by one took nearly half of a warm
         pass's main thread)."""
-        positions = np.asarray(positions, dtype=np.int64)
         out: list[ItemRow | None] = [None] * len(positions)
-        files = self.index.file_of[positions]
-        rows = self.index.row_of[positions]
-        for f in np.unique(files):
-            sel = np.flatnonzero(files == f)
-            bounds = self.bounds(int(f))
-            groups = np.searchsorted(bounds, rows[sel], side="right") - 1
-            for g in np.unique(groups):
-                members = sel[groups == g]
-                block = self.group_block(int(f), int(g))
-                for i, k in zip(members.tolist(), (rows[members] - bounds[g]).tolist(), strict=True):
-                    out[i] = block.row(k)
+        for f, g, members, offsets in self._by_group(positions):
+            block = self.group_block(f, g)
+            for i, k in zip(members.tolist(), offsets.tolist(), strict=True):
+                out[i] = block.row(k)
         return out  # type: ignore[return-value]
 
 
