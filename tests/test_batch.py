@@ -162,8 +162,10 @@ def test_a_worker_batch_crosses_processes_in_one_shared_buffer(images):
     if images == "list with None":
         items[1]["image"] = None
     batch = collate(items)
-    if images == "tensors":  # a transform's output: tensors, not numpy arrays
+    if images == "tensors":  # a transform's output: tensors (any dtype), not numpy arrays
         batch = batch_to_torch(batch)
+        batch["boxes"] = batch["boxes"].to(torch.bfloat16).to(torch.float32)  # exact in bf16 after this
+        batch["features"] = batch["boxes"].to(torch.bfloat16)
     got = pickle.loads(ForkingPickler.dumps(SharedBatch(batch)))
     assert type(got) is dict and list(got) == list(batch)
     arrays = [v for v in got.values() if isinstance(v, torch.Tensor)]
@@ -171,6 +173,11 @@ def test_a_worker_batch_crosses_processes_in_one_shared_buffer(images):
     assert len({a.untyped_storage().data_ptr() for a in arrays}) == 1 and all(a.is_shared() for a in arrays)
     if images == "list with None":
         assert got["image"][1] is None
+    if images == "tensors":
+        assert got["features"].dtype == torch.bfloat16 and torch.equal(got["features"], batch["features"])
+        del got["features"]
+        for item in items:
+            item["boxes"] = torch.from_numpy(item["boxes"]).to(torch.bfloat16).to(torch.float32).numpy()
     got["boxes"][:] = 0  # writable
     for back, want in zip(uncollate(batch_to_numpy(got)), items, strict=True):
         assert_same_item(back, {**want, "boxes": np.zeros_like(want["boxes"])})

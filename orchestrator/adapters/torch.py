@@ -265,9 +265,10 @@ def batch_to_torch(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def _packable(value: Any) -> bool:
+    """A dense CPU tensor without autograd, or a numeric/bool numpy array: raw bytes + dtype."""
     if isinstance(value, torch.Tensor):
-        return value.device.type == "cpu" and not value.requires_grad
-    return isinstance(value, np.ndarray) and value.dtype != object
+        return value.device.type == "cpu" and value.layout == torch.strided and not value.requires_grad
+    return isinstance(value, np.ndarray) and value.dtype.kind in "biuf"
 
 
 class SharedBatch(dict):
@@ -294,12 +295,17 @@ class SharedBatch(dict):
 
         def add(key: str, index: int | None, value: Any) -> None:
             nonlocal offset
-            array = value.numpy() if isinstance(value, torch.Tensor) else value
-            array = np.ascontiguousarray(array)
-            dtype = torch.from_numpy(np.empty(0, array.dtype)).dtype
-            layout.append((key, index, offset, dtype, tuple(array.shape)))
-            parts.append((offset, array.reshape(-1).view(np.uint8)))
-            offset += -(-array.nbytes // 16) * 16  # aligned for any dtype's view
+            if isinstance(value, torch.Tensor):  # any dtype (bfloat16 has no numpy twin)
+                tensor = value.contiguous()
+                dtype, shape = tensor.dtype, tuple(tensor.shape)
+                raw = tensor.reshape(-1).view(torch.uint8).numpy()
+            else:
+                array = np.ascontiguousarray(value)
+                dtype, shape = torch.from_numpy(np.empty(0, array.dtype)).dtype, tuple(array.shape)
+                raw = array.reshape(-1).view(np.uint8)
+            layout.append((key, index, offset, dtype, shape))
+            parts.append((offset, raw))
+            offset += -(-len(raw) // 16) * 16  # aligned for any dtype's view
 
         for key, value in self.items():
             if _packable(value):
