@@ -75,11 +75,20 @@ def _leftovers(job_id: str) -> tuple[list[str], list[str]]:
 def test_sigint_records_interrupted_with_the_finished_epochs_and_leaves_nothing_behind(street_file):
     from ray.util.state import list_actors
 
-    proc = subprocess.Popen(
-        [CLI, "train", str(REPO / "configs" / "street_torch.yaml"), "--set", f"store={street_file}",
-         "--set", "train.epochs=40", *[a for kv in SMALL for a in ("--set", kv)]],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ), cwd=REPO,
-    )
+    # The run must start with SIGINT at its default, as from a terminal. A job a non-interactive
+    # shell puts in the background (`.ci/run &`, nohup) inherits SIGINT *ignored*, and so would
+    # this child: Python then keeps ignoring it, the run trains all 40 epochs and exits 0 (how
+    # this test failed in full runs started that way). A Python handler here, unlike SIG_IGN, is
+    # reset to the default by exec.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            [CLI, "train", str(REPO / "configs" / "street_torch.yaml"), "--set", f"store={street_file}",
+             "--set", "train.epochs=40", *[a for kv in SMALL for a in ("--set", kv)]],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ), cwd=REPO,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         def first_epoch_recorded():
             for path in _lineage_files(street_file, "street_torch"):
