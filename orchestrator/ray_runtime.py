@@ -118,9 +118,11 @@ def read_concurrency() -> int:
     Why not more on a laptop: each task is the SDK reader with its own fetch and decode threads,
     and each needs a worker process (~1-3 s of CPU to start here). At 8 on 2 cores the first
     epoch through Ray delivered 141-159 items/s with 5-11 s to the first item; at 2, 243-285
-    items/s (``/tmp`` profile, 3,000 items, file://), warm epochs alike."""
+    items/s (3,000 items on file://, read workers warm), warm epochs alike."""
+    from orchestrator.machine import usable_cores
+
     if _STARTED_LOCAL.is_set():
-        return max(2, os.cpu_count() or 1)
+        return max(2, usable_cores())
     return ATTACHED_READ_CONCURRENCY
 
 

@@ -26,6 +26,8 @@ import functools
 import os
 from collections.abc import Callable
 
+from orchestrator.machine import usable_cores
+
 __all__ = ["limit_arenas", "trim_heap"]
 
 _M_ARENA_MAX = -8  # glibc's mallopt parameter
@@ -54,8 +56,7 @@ def limit_arenas() -> bool:
     libc = _libc()
     if libc is None or "MALLOC_ARENA_MAX" in os.environ:
         return False
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    return bool(libc.mallopt(_M_ARENA_MAX, max(2, cores)))
+    return bool(libc.mallopt(_M_ARENA_MAX, max(2, usable_cores())))
 
 
 def trim_heap() -> bool:

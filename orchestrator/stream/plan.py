@@ -11,7 +11,6 @@ workers; readers built from it in another process see exactly the same rows.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -20,6 +19,7 @@ from orchestrator.access.policy import ReadView
 from orchestrator.blobs import BlobStore
 from orchestrator.errors import ConfigError
 from orchestrator.handle import StoreHandle
+from orchestrator.machine import usable_cores
 from orchestrator.manifest import LabelMap, Snapshot
 from orchestrator.packs import PackStore
 from orchestrator.query.compile import CompiledQuery
@@ -98,7 +98,7 @@ class StreamOptions:
         """Decode threads: ``decode_threads``, else usable cores + 1, at most ``threads``."""
         if self.decode_threads is not None:
             return self.decode_threads
-        return min(self.threads, len(os.sched_getaffinity(0)) + 1)
+        return min(self.threads, usable_cores() + 1)
 
     def retry_policy(self, location: StoreLocation) -> RetryPolicy:
         """The store's retry policy with this reader's deadline, if it sets one."""

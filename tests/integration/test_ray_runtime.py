@@ -15,11 +15,10 @@ def test_warm_up_starts_that_many_distinct_workers():
 
 
 def test_read_concurrency_is_the_cores_on_a_cluster_of_our_own_else_eight(monkeypatch):
-    import os
-
     from orchestrator import ray_runtime
+    from orchestrator.machine import usable_cores
 
     assert ray_runtime.read_concurrency() == ray_runtime.ATTACHED_READ_CONCURRENCY == 8  # the session's cluster
     monkeypatch.setattr(ray_runtime, "_STARTED_LOCAL", type(ray_runtime._STARTED_LOCAL)())
     ray_runtime._STARTED_LOCAL.set()
-    assert ray_runtime.read_concurrency() == max(2, os.cpu_count() or 1)
+    assert ray_runtime.read_concurrency() == max(2, usable_cores())
