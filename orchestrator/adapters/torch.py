@@ -146,11 +146,12 @@ class TorchItems(IterableDataset):
             else:
                 in_worker = get_worker_info() is not None
                 for batch in _chunks(items, self.batch_size):
-                    out = collate(batch)
+                    # Tensors already, also in a worker: DataLoader's default_convert would make
+                    # them of the numpy arrays with torch's read-only warning (decoded images
+                    # view Pillow's bytes).
+                    out = batch_to_torch(collate(batch))
                     if self.transform is not None:
-                        out = self.transform(batch_to_torch(out))
-                    elif not in_worker:
-                        out = batch_to_torch(out)
+                        out = self.transform(out)
                     # A worker's batch crosses to the main process as one shared buffer.
                     yield SharedBatch(out) if in_worker and isinstance(out, dict) else out
             if get_worker_info() is not None:
@@ -256,7 +257,7 @@ def batch_to_torch(batch: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in batch.items():
         if isinstance(value, np.ndarray):
-            out[key] = torch.from_numpy(value)
+            out[key] = _tensor(value)
         elif key == "image":
             out[key] = [None if im is None else _tensor(np.asarray(im)) for im in value]
         else:

@@ -115,6 +115,28 @@ def test_batching_loader_reshuffles_per_epoch_in_persistent_workers(street):
     assert [i for b in fresh for i in b["id"]] == orders[1]
 
 
+def test_a_loader_worker_ships_tensors_that_convert_without_warnings(street, monkeypatch):
+    """What a DataLoader worker hands to DataLoader's ``default_convert`` is tensors already:
+    converting the decoded images (read-only arrays over Pillow's bytes) there printed torch's
+    "not writable" warning from every worker of the recommended loader."""
+    import torch.utils.data._utils.collate as torch_collate
+
+    import orchestrator.adapters.torch as torch_adapter
+
+    class OneWorker:
+        id, num_workers = 0, 1
+
+    monkeypatch.setattr(torch_adapter, "get_worker_info", lambda: OneWorker())
+    items = street.dataset("street").to_pytorch(batch_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for shipped in items:
+            assert isinstance(shipped, torch_adapter.SharedBatch)
+            assert not any(isinstance(v, np.ndarray) for v in shipped.values())
+            assert all(isinstance(im, torch_adapter.torch.Tensor) for im in shipped["image"])
+            torch_collate.default_convert(shipped)
+
+
 def test_keras_trains_one_epoch_on_tf_data(street):
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
     import tensorflow as tf
