@@ -4,7 +4,6 @@ serving a byte that does not hash to its name, and never failing a read when it 
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
@@ -27,10 +26,6 @@ def _blob(i: int, size: int = 1000) -> tuple[str, bytes]:
     data = (i.to_bytes(4, "big") + b"orchestrator")[:16] * (size // 16 + 1)
     data = data[:size]
     return hashlib.sha256(data).hexdigest(), data
-
-
-def _entries(directory: Path) -> dict[str, Path]:
-    return {p.name: p for p in directory.glob("*/*") if not p.name.startswith(".")}
 
 
 def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -66,53 +61,78 @@ def test_a_bad_cache_budget_is_a_config_error_with_a_hint(tmp_path, monkeypatch)
     assert "ORCHESTRATOR_CACHE_DIR=off" in str(err.value)
 
 
-def test_a_put_counts_without_scanning_and_a_trim_corrects_the_count(tmp_path):
-    disk = DiskLRU(tmp_path, budget=100_000)
+def _lmdb_put(directory: Path, key: str, data: bytes) -> None:
+    """Write ``data`` under ``key`` behind the cache's back, as a torn write or a disk error would."""
+    db = cache_module._environment(directory / cache_module._ENV_DIR, 1 << 20)
+    with db.env.begin(write=True) as txn:
+        txn.put(bytes.fromhex(key), data, db=db.blobs)
+
+
+def test_the_count_is_exact_and_a_trim_evicts_the_least_recently_used(tmp_path, monkeypatch):
+    footprint = cache_module._footprint(1000)
+    disk = DiskLRU(tmp_path, budget=20 * footprint)
     for i in range(10):
         disk.put(*_blob(i))
-    disk.flush()
-    assert disk.estimate() == disk.size() == 10_000
-    time.sleep(0.05)  # file times are coarse: keep the three phases apart on the LRU clock
-    # A file that appears behind the cache's back is not seen by puts (they never list the
-    # directory) ...
-    key, data = _blob(1000, 50_000)
-    (tmp_path / key[:2]).mkdir(exist_ok=True)
-    (tmp_path / key[:2] / key).write_bytes(data)
-    for i in range(10, 20):
+    assert disk.estimate() == disk.size() == 10 * footprint and disk.count() == 10
+    monkeypatch.setattr(cache_module, "_TOUCH_S", 0.0)  # every hit refreshes the entry's time
+    time.sleep(0.01)
+    assert disk.get(_blob(0)[0]) == _blob(0)[1]  # used again: now the most recent of the ten
+    disk.drain()
+    for i in range(10, 25):  # past the budget: a trim evicts the oldest down to 90% of it
+        time.sleep(0.001)
         disk.put(*_blob(i))
-    disk.flush()
-    assert disk.estimate() == 20_000 and disk.size() == 70_000
-    time.sleep(0.05)
-    # ... until the count passes the budget: the trim scans, evicts the oldest down to 90% of
-    # the budget, and records the real size (then puts count on from there).
-    for i in range(20, 110):
-        disk.put(*_blob(i))
-    disk.flush()
-    assert disk.estimate() == disk.size() <= 100_000
-    assert disk.get(_blob(0)[0]) is None and disk.get(key) is None
-    assert disk.get(_blob(109)[0]) == _blob(109)[1] and disk.get(_blob(20)[0]) == _blob(20)[1]
+    assert disk.estimate() == disk.size() <= 20 * footprint
+    # Two trims (at the 21st and the 24th entry), each of the three least recently used: 1-3,
+    # then 4-6. Entry 0, used again after them, stays.
+    assert {name for name, _ in disk.items()} == {_blob(i)[0] for i in (0, *range(7, 25))}
+    assert disk.get(_blob(0)[0]) == _blob(0)[1]
 
 
-def test_another_process_sees_the_count_of_this_ones_puts(tmp_path):
+def test_another_process_sees_this_ones_entries_and_count(tmp_path):
     disk = DiskLRU(tmp_path, budget=1 << 20)
     for i in range(5):
         disk.put(*_blob(i))
-    disk.flush()
-    assert DiskLRU(tmp_path, budget=1 << 20).estimate() == 5_000
+    r = _python(f"""
+        from pathlib import Path
+        from orchestrator.stream.cache import DiskLRU
+        disk = DiskLRU(Path({str(tmp_path)!r}), 1 << 20)
+        print(disk.estimate(), disk.count(), disk.get({_blob(3)[0]!r}) is not None)
+    """, {})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(5 * cache_module._footprint(1000)), "5", "True"]
 
 
-def test_a_torn_or_foreign_file_is_never_served(tmp_path):
+def test_a_torn_or_foreign_entry_is_never_served(tmp_path):
     cache = BlobCache(memory_budget=1, disk_dir=tmp_path, disk_budget=1 << 20)
     key, data = _blob(1)
     assert cache.get_or_fetch(key, lambda: data) == data
     cache.disk.drain()  # written by the writer thread
-    path = tmp_path / key[:2] / key
-    path.write_bytes(data[:500])  # what a power cut after the rename can leave behind
+    _lmdb_put(tmp_path, key, data[:500])  # what a power cut without fsync can leave behind
     assert cache.get_or_fetch(key, lambda: data) == data
     cache.disk.drain()
     assert cache.stats.misses == 2 and cache.stats.disk_hits == 0
-    assert path.read_bytes() == data  # the torn file was removed, then written again
+    assert dict(cache.disk.items()) == {key: data}  # the torn entry was removed, then written again
     assert cache.get_or_fetch(key, lambda: b"never") == data and cache.stats.disk_hits == 1
+
+
+def test_a_folder_of_the_file_per_blob_layout_is_cleared_of_it(tmp_path):
+    key, data = _blob(1)
+    (tmp_path / key[:2]).mkdir()
+    (tmp_path / key[:2] / key).write_bytes(data)
+    (tmp_path / ".size").write_text('{"bytes": 1000, "scanned": 0}')
+    disk = DiskLRU(tmp_path, 1 << 20)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [cache_module._ENV_DIR] and disk.count() == 0
+
+
+def test_an_unusable_environment_starts_over(tmp_path, caplog):
+    env = tmp_path / cache_module._ENV_DIR
+    env.mkdir()
+    (env / "data.mdb").write_bytes(b"\0" * 100)  # a creation cut short
+    with caplog.at_level(logging.WARNING, logger="orchestrator.stream.cache"):
+        disk = DiskLRU(tmp_path, 1 << 20)
+    disk.put(*_blob(1))
+    assert disk.get(_blob(1)[0]) == _blob(1)[1]
+    assert any("starting it over" in r.getMessage() for r in caplog.records)
 
 
 def _fill(directory: str, worker: int, budget: int) -> None:
@@ -138,28 +158,40 @@ def test_processes_filling_one_directory_stay_correct_and_within_budget(tmp_path
     for p in procs:
         p.join(120)
     assert [p.exitcode for p in procs] == [0, 0, 0]
-    entries = _entries(tmp_path)
-    assert len(entries) > 50
-    for name, path in entries.items():
-        assert hashlib.sha256(path.read_bytes()).hexdigest() == name
-    assert not list(tmp_path.rglob("*.tmp"))
-    # Each process reported its puts at exit; the last report trimmed: no trim needed here.
     disk = DiskLRU(tmp_path, budget)
-    assert disk.size() <= budget and disk.estimate() >= disk.size()
+    entries = disk.items()
+    assert len(entries) > 50
+    for name, data in entries:
+        assert hashlib.sha256(data).hexdigest() == name
+    assert disk.size() <= budget and disk.estimate() == disk.size()
 
 
-def test_a_collected_cache_whose_report_finds_the_lock_busy_reports_it_at_exit(tmp_path):
-    """What the spawned variant above once caught in CI: a process's cache collected while
-    another held the flock dropped its last report, so ``.size`` ran behind the folder."""
-    disk = DiskLRU(tmp_path, 1 << 20)
-    key, blob = _blob(1)
-    with cache_module._Flock(tmp_path / ".lock"):  # another process trimming, say
-        assert disk.put(key, blob) == 0  # below every flush threshold: reported later
-        del disk
-        gc.collect()
-    assert DiskLRU(tmp_path, 1 << 20).estimate() == 0  # not reported yet ...
-    cache_module._flush_all()  # ... until the exit hook
-    assert DiskLRU(tmp_path, 1 << 20).estimate() == len(blob) == DiskLRU(tmp_path, 1 << 20).size()
+def test_a_process_killed_while_writing_leaves_a_consistent_cache(tmp_path):
+    """SIGKILL in the middle of a stream of writes (a DataLoader worker DataLoader terminates, an
+    OOM kill): the entries committed before it are intact, the count matches them, and the next
+    process writes (the dead one's lock is released)."""
+    writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import hashlib, sys
+        from pathlib import Path
+        from orchestrator.stream.cache import DiskLRU
+        disk = DiskLRU(Path({str(tmp_path)!r}), 1 << 30)
+        for i in range(10**9):
+            data = i.to_bytes(8, "big") * 5000
+            disk.put(hashlib.sha256(data).hexdigest(), data)
+            if i == 100:
+                print("writing", flush=True)
+    """)], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "writing"
+    time.sleep(0.2)
+    writer.kill()
+    writer.wait()
+    disk = DiskLRU(tmp_path, 1 << 30)
+    entries = disk.items()
+    assert len(entries) > 100
+    assert all(hashlib.sha256(data).hexdigest() == name for name, data in entries)
+    assert disk.estimate() == disk.size() == len(entries) * cache_module._footprint(40_000)
+    disk.put(*_blob(1))
+    assert disk.get(_blob(1)[0]) == _blob(1)[1]
 
 
 def test_an_entry_queued_for_the_writer_is_served_before_it_reaches_the_disk(tmp_path, monkeypatch):
@@ -172,10 +204,10 @@ def test_an_entry_queued_for_the_writer_is_served_before_it_reaches_the_disk(tmp
     monkeypatch.setattr(disk, "put", lambda key, data: (release.wait(10), real_put(key, data))[1])
     key, blob = _blob(7)
     disk.put_later(key, blob)
-    assert not _entries(tmp_path) and disk.get(key) == blob  # from the queue
+    assert disk.count() == 0 and disk.get(key) == blob  # from the queue
     release.set()
     disk.drain()
-    assert list(_entries(tmp_path)) == [key] and disk.get(key) == blob  # from the file
+    assert [name for name, _ in disk.items()] == [key] and disk.get(key) == blob  # from the environment
 
 
 def test_a_cache_folder_that_cannot_be_created_leaves_memory_only_with_one_warning(tmp_path, caplog):
@@ -206,9 +238,8 @@ def test_a_full_disk_degrades_to_fetching_with_one_warning(tmp_path):
             cache.disk.drain()  # the write was tried (a queued entry would be served from memory)
             assert cache.get_or_fetch(key, lambda: data) == data
         assert cache.stats.misses == 40, cache.stats
-        print("served", cache.stats.bytes_fetched)
+        print("served", cache.stats.bytes_fetched, "kept", cache.disk.count())
     """, {})
     assert r.returncode == 0, r.stderr
-    assert "served 400000" in r.stdout
+    assert "served 400000 kept 0" in r.stdout
     assert r.stderr.count("cannot write to") == 1, r.stderr
-    assert not _entries(tmp_path) and not list(tmp_path.rglob("*.tmp"))

@@ -168,7 +168,6 @@ def test_disk_lru_evicts_least_recently_used_within_budget(tmp_path):
     for i in range(3):
         disk.put(*_blob(i))
         time.sleep(0.01)
-    disk.flush()
     assert disk.size() <= 250
     assert disk.get(_blob(0)[0]) is None  # oldest went first
     assert disk.get(_blob(2)[0]) is not None
