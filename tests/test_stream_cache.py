@@ -243,3 +243,13 @@ def test_a_full_disk_degrades_to_fetching_with_one_warning(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "served 400000 kept 0" in r.stdout
     assert r.stderr.count("cannot write to") == 1, r.stderr
+
+
+def test_a_cache_folder_on_a_network_file_system_is_refused_with_the_fix(tmp_path, monkeypatch, caplog):
+    """LMDB's locks do not hold on NFS and its kind (a cluster's shared home, say)."""
+    monkeypatch.setattr(cache_module, "filesystem_type", lambda path: "nfs4")
+    with caplog.at_level(logging.WARNING, logger="orchestrator.stream.cache"):
+        cache = BlobCache(disk_dir=tmp_path / "nfs-home-cache", disk_budget=1 << 20)
+    assert cache.disk is None
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "network file system (nfs4)" in message and "ORCHESTRATOR_CACHE_DIR" in message

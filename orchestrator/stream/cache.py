@@ -504,7 +504,35 @@ def _environment(path: Path, budget: int) -> _Env:
         return db
 
 
+#: File systems whose locks LMDB cannot rely on (shared homes on clusters are often one of them).
+_NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "glusterfs",
+               "9p", "fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse")
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type of the file system holding ``path`` (longest mount point in /proc/self/mounts), or
+    None where that cannot be read (not Linux)."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    target = str(Path(path).resolve())
+    best, kind = "", None
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
 def _open(path: Path, budget: int) -> _Env:
+    kind = filesystem_type(path)
+    if kind in _NETWORK_FS:
+        raise lmdb.Error(f"it is on a network file system ({kind}), where the cache's locks do not hold; "
+                         "set ORCHESTRATOR_CACHE_DIR to a local disk (e.g. /tmp or a node-local SSD)")
     # No fsync (sync, metasync): a cache loses nothing it cannot fetch again; a power cut can
     # leave a torn entry, which the sha256 check on every read catches.
     env = lmdb.open(str(path), map_size=_map_size(budget), max_dbs=3, max_readers=_MAX_READERS,
