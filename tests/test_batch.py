@@ -206,3 +206,62 @@ def test_torch_len_counts_this_ranks_items_or_batches_exactly(n):
             assert len(batched) == sum(-(-len(s) // batch) for s in shards)
     with pytest.raises(ConfigError, match="batch_size"):
         TorchItems(None, batch_size=0)  # type: ignore[arg-type]
+
+
+def test_a_worker_reuses_its_shared_segments_and_never_overwrites_a_batch_still_held(monkeypatch):
+    """``adapters.segments``: in a DataLoader worker a batch is written into a pooled segment; the
+    main process maps it once (the descriptor travels with the first batch only) and the worker
+    lends it again only once every view of the batch in it is gone. With every segment held,
+    batches still arrive intact (a fresh segment each)."""
+    pytest.importorskip("torch")
+    import gc
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    import orchestrator.adapters.torch as torch_adapter
+    from orchestrator.adapters import segments
+
+    class InWorker:
+        id, num_workers = 0, 1
+
+    monkeypatch.setattr(torch_adapter, "get_worker_info", lambda: InWorker())
+    monkeypatch.setattr(segments, "_pool", None)  # this test's own pool
+    rng = np.random.default_rng(5)
+
+    def batch(k: int) -> dict:
+        return collate([_item(rng, n, image=(40 + k, 30), k=k) for n in (2, 0, 3)])
+
+    def ship(b: dict) -> tuple[segments.SegmentRef | None, dict]:
+        reduced = torch_adapter.SharedBatch(b).__reduce__()
+        if reduced[0] is torch_adapter._unpack_lent:  # unpickled here as the main process would
+            return reduced[1][0], reduced[0](*reduced[1])
+        return None, pickle.loads(ForkingPickler.dumps(torch_adapter.SharedBatch(b)))
+
+    def same(got: dict, want: dict) -> bool:
+        return all(np.array_equal(np.asarray(g), w) for g, w in zip(got["image"], want["image"], strict=True)) and \
+            np.array_equal(got["boxes"].numpy(), want["boxes"])
+
+    first, second = batch(0), batch(1)
+    ref1, got1 = ship(first)
+    ref2, got2 = ship(second)
+    assert ref1.id != ref2.id and ref1.fd is not None and ref2.fd is not None  # got1 still held: another segment
+    assert same(got1, first) and same(got2, second)
+    view = got1["image"][0]
+    del got1
+    gc.collect()
+    third = batch(2)
+    ref3, got3 = ship(third)
+    assert ref3.id not in (ref1.id,)  # a view of batch 1 is still alive: its segment stays lent
+    assert same(got2, second) and same(got3, third)
+    del view, got2, got3
+    gc.collect()
+    fourth = batch(3)
+    ref4, got4 = ship(fourth)
+    assert ref4.id in (ref1.id, ref2.id, ref3.id) and ref4.fd is None  # reused, mapped already: no descriptor
+    assert same(got4, fourth)
+    more = [batch(k) for k in range(4, 4 + segments.POOL_SEGMENTS)]
+    shipped = [ship(b) for b in more]  # the consumer keeps every batch
+    refs = [ref for ref, _ in shipped]
+    assert sum(ref is not None for ref in refs) == segments.POOL_SEGMENTS - 1  # the pool fills up ...
+    assert refs[-1] is None and all(t.is_shared() for t in shipped[-1][1]["image"])  # ... then fresh segments
+    assert same(got4, fourth) and all(same(got, want) for (_, got), want in zip(shipped, more, strict=True))

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from orchestrator.adapters import segments
 from orchestrator.errors import ITEM_ERROR_REASONS, ConfigError
 from orchestrator.optional import require
 from orchestrator.stream.batch import collate
@@ -319,11 +320,23 @@ class SharedBatch(dict):
                         add(key, i, v)
             else:
                 rest[key] = value
+        lent = segments.lend(max(offset, 1)) if get_worker_info() is not None else None
+        if lent is not None:  # a segment of the worker's pool (``adapters.segments``)
+            ref, buffer = lent
+            for start, data in parts:
+                buffer[start:start + len(data)] = data
+            return _unpack_lent, (ref, layout, rest, list(self))
         flat = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(offset, 1)))
         buffer = flat.numpy()
         for start, data in parts:
             buffer[start:start + len(data)] = data
         return _unpack_batch, (flat, layout, rest, list(self))
+
+
+def _unpack_lent(ref: segments.SegmentRef, layout: list, rest: dict[str, Any], order: list[str]) -> dict[str, Any]:
+    """The batch of a ``SharedBatch`` shipped in a pooled segment: views of it, which keep the
+    segment lent until the last of them is gone."""
+    return _unpack_batch(torch.from_numpy(segments.receive(ref)), layout, rest, order)
 
 
 def _unpack_batch(flat: torch.Tensor, layout: list, rest: dict[str, Any], order: list[str]) -> dict[str, Any]:

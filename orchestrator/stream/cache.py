@@ -70,6 +70,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lmdb
 
@@ -456,9 +457,9 @@ def _evict(txn: lmdb.Transaction, db: _Env, total: int, budget: int) -> tuple[in
 @dataclass
 class _Env:
     env: lmdb.Environment
-    blobs: object
-    atime: object
-    meta: object
+    blobs: Any  # lmdb's named databases (its type is private)
+    atime: Any
+    meta: Any
 
 
 _ENV_DIR = "blobs.lmdb"

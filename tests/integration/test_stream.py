@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -135,6 +136,31 @@ def test_a_loader_worker_ships_tensors_that_convert_without_warnings(street, mon
             assert not any(isinstance(v, np.ndarray) for v in shipped.values())
             assert all(isinstance(im, torch_adapter.torch.Tensor) for im in shipped["image"])
             torch_collate.default_convert(shipped)
+
+
+def test_loader_batches_reuse_worker_segments_and_a_finished_loader_leaves_none_mapped(street):
+    """The recommended loader ships batches in its workers' pooled segments (``adapters.segments``):
+    a few per worker, mapped once, over two epochs; once the loader is gone (its workers exit),
+    the main process unmaps them."""
+    import gc
+
+    from orchestrator.adapters import segments
+
+    segments.sweep()
+    before = segments.mapped_segments()
+    ds = street.dataset("street")
+    loader = ds.dataloader(batch_size=4, num_workers=2)
+    for _ in range(2):
+        assert sorted(i for b in loader for i in b["id"]) == sorted(ds.item_ids())
+    ours = segments.mapped_segments() - before
+    assert 2 <= len(ours) <= 2 * segments.POOL_SEGMENTS and len({pid for pid, _ in ours}) == 2  # 15 batches a worker
+    del loader
+    gc.collect()
+    deadline = time.monotonic() + 30
+    while segments.mapped_segments() & ours and time.monotonic() < deadline:
+        time.sleep(0.2)
+        segments.sweep()
+    assert not segments.mapped_segments() & ours
 
 
 def test_keras_trains_one_epoch_on_tf_data(street):
