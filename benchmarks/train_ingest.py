@@ -413,10 +413,11 @@ def main() -> None:
 
     work = args.keep.resolve() if args.keep else Path(tempfile.mkdtemp(prefix="bench-train-ingest-"))
     work.mkdir(parents=True, exist_ok=True)
-    # Our own local cluster as ensure_ray() starts one (never an existing one), which it then reuses.
+    # Our own local cluster as ensure_ray() starts one (never an existing one), which it then reuses;
+    # the first-batch figures are "once Ray is up": its read workers warmed before the first stage.
     from orchestrator.ray_runtime import start_local_ray
 
-    start_local_ray()
+    start_local_ray(wait_warm=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
