@@ -380,12 +380,12 @@ def test_importing_the_package_caps_malloc_arenas_unless_the_user_did(env):
 def test_ray_read_tasks_cover_the_slice_once_in_order_small_ones_first(items):
     """``read_spans``: every position once, in order; a block-sized task per concurrent slot first
     (the first batch need not wait for a whole task), then larger ones."""
-    from orchestrator.adapters.ray import ROWS_PER_BLOCK, TASK_ITEMS, read_spans
+    from orchestrator.adapters.ray import FIRST_TASK_ITEMS, TASK_ITEMS, read_spans
 
     spans = read_spans(items, concurrency=2)
     assert np.array_equal(np.concatenate(spans) if spans else np.arange(0), np.arange(items))
     assert (items == 0) == (spans == [])
     sizes = [len(s) for s in spans]
     assert all(n > 0 for n in sizes)
-    planned = [ROWS_PER_BLOCK] * 2 + [2 * ROWS_PER_BLOCK] * 2 + [TASK_ITEMS] * items
+    planned = [FIRST_TASK_ITEMS] * 2 + [2 * FIRST_TASK_ITEMS] * 2 + [TASK_ITEMS] * items
     assert sizes[:-1] == planned[:max(0, len(sizes) - 1)]

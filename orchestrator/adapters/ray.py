@@ -3,9 +3,9 @@
 The driver indexes the slice (one scan of the query's columns, ``stream.index``: where each item
 lives) and cuts it into read tasks of adjacent items; each task is the SDK reader itself
 (``ItemStream.iterate`` over its items: merged range requests for packed media, the node cache,
-decode threads, the one error policy) and yields Arrow blocks of ``ROWS_PER_BLOCK`` rows as it
-goes. One stage, so nothing but finished rows crosses the object store, and no actor pool has to
-start before the first item: tasks run in Ray's already-started workers, whose node cache (memory
+decode threads, the one error policy) and yields its items as one Arrow block (or blocks of
+Ray Data's target block size, for large images: ``read_items``). One stage, so nothing but
+finished rows crosses the object store, and no actor pool has to start before the first item: tasks run in Ray's already-started workers, whose node cache (memory
 tier per process, disk tier per node) serves later epochs.
 
 Rows are ``stream.item.to_ray_row`` of the item (plus ``fetch_node``), or the columns a
@@ -34,9 +34,8 @@ from orchestrator.stream.split import HashSplit
 if TYPE_CHECKING:
     import ray.data
 
-#: Rows per Arrow block a read task yields: small, so the first batch reaches a consumer after
-#: a few items, not after a whole task.
-ROWS_PER_BLOCK = 32
+#: Items of a pipeline's first read tasks (one batch of the usual size): see ``read_spans``.
+FIRST_TASK_ITEMS = 32
 #: Items per read task: adjacent items (a task's reads merge into few requests), few enough that
 #: tasks spread over the cores and a slow one does not hold the epoch's end.
 TASK_ITEMS = 128
@@ -58,8 +57,8 @@ def shipped_rows(plan: ReadPlan, index: ItemIndex) -> pa.Table | None:
 
 
 def read_spans(items: int, concurrency: int) -> list[np.ndarray]:
-    """Index positions of each read task, in order: ``concurrency`` tasks of one block
-    (``ROWS_PER_BLOCK`` items), as many of two, then ``TASK_ITEMS`` each.
+    """Index positions of each read task, in order: ``concurrency`` tasks of
+    ``FIRST_TASK_ITEMS``, as many of twice that, then ``TASK_ITEMS`` each.
 
     Why small first: Ray Data hands a read task's output on as blocks of up to its
     ``target_max_block_size`` (128 MiB), so a task's ~15 MB blocks of 32 full-size images went
@@ -73,7 +72,8 @@ def read_spans(items: int, concurrency: int) -> list[np.ndarray]:
     start = 0
     while start < items:
         k = len(spans)
-        size = ROWS_PER_BLOCK if k < concurrency else 2 * ROWS_PER_BLOCK if k < 2 * concurrency else TASK_ITEMS
+        size = (FIRST_TASK_ITEMS if k < concurrency else 2 * FIRST_TASK_ITEMS if k < 2 * concurrency
+                else TASK_ITEMS)
         spans.append(np.arange(start, min(items, start + size)))
         start += size
     return spans
@@ -203,26 +203,35 @@ def read_items(plan: ReadPlan, index: ItemIndex, ledger: SkipLedger | None, batc
     ``ledger`` before the block that would have held them is handed on; a store outage past the
     retry deadline raises ``StoreUnavailable`` and fails the pipeline instead of thinning it."""
     import ray
+    from ray.data import DataContext
 
     node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     shipped = None if rows is None else ShippedRows(pa.ipc.open_stream(rows).read_all(), plan.label_map)
     stream = ItemStream(plan, index=index, rows=shipped)
+    # One block per task, or per Ray Data's target block size when the task's images pass it.
+    # Why not smaller blocks: Ray Data merges a task's blocks up to that size, and a merged block's
+    # columns are chunked, which its batcher copied into one piece on the consumer's side (a copy
+    # of every image: a quarter of the driver's CPU in a cold epoch, py-spy).
+    target = DataContext.get_current().target_max_block_size
     items: list[dict] = []
+    pending = 0
 
     def flush() -> Iterator[pa.Table]:
-        nonlocal items
+        nonlocal items, pending
         skipped, stream.skips = stream.skips, Skips()  # the reader records into the new one
         if ledger is not None and skipped.count:
             ledger.merge(skipped)
         if items:
             yield _block(items, node_id, batch_fn)
-        items = []
+        items, pending = [], 0
 
     with warnings.catch_warnings():  # skips are counted in the ledger, not warned per task
         warnings.simplefilter("ignore")
         for item in stream.iterate(np.arange(len(index))):
             items.append(item)
-            if len(items) == ROWS_PER_BLOCK:
+            image = item.get("image")
+            pending += image.nbytes if isinstance(image, np.ndarray) else 0
+            if target is not None and pending > target:
                 yield from flush()
     yield from flush()
 
