@@ -5,8 +5,9 @@ lives) and cuts it into read tasks of adjacent items; each task is the SDK reade
 (``ItemStream.iterate`` over its items: merged range requests for packed media, the node cache,
 decode threads, the one error policy) and yields its items as one Arrow block (or blocks of
 Ray Data's target block size, for large images: ``read_items``). One stage, so nothing but
-finished rows crosses the object store, and no actor pool has to start before the first item: tasks run in Ray's already-started workers, whose node cache (memory
-tier per process, disk tier per node) serves later epochs.
+finished rows crosses the object store, and no actor pool has to start before the first item:
+tasks run in Ray's already-started workers, whose node cache (memory tier per process, disk tier
+per node) serves later epochs.
 
 Rows are ``stream.item.to_ray_row`` of the item (plus ``fetch_node``), or the columns a
 ``batch_fn`` makes of a block's items (training: fixed-shape examples, ``train.data.Examples``). Ready for
