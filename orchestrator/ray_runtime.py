@@ -145,6 +145,21 @@ def warm_up_later(workers: int) -> None:
         threading.Thread(target=warm_up, args=(workers,), name="orchestrator-ray-warm-up", daemon=True).start()
 
 
+def warm_up_for_training(num_workers: int) -> None:
+    """Before a fit on a local cluster this process started: ``warm_up_later`` the read workers
+    its pipelines run at once (``num_workers`` train workers, all on this node, each running
+    ``read_concurrency()`` read tasks), while Ray Train starts its controller and workers.
+
+    Why: every read task runs in a ``task_env`` worker; with only ``start_local_ray``'s
+    ``read_concurrency()`` of them, two train workers' pipelines shared two processes and their
+    tasks waited for one (``benchmarks/train_ingest.py``, 2 cores, noisy: pipeline-only Ray Train
+    epoch 2 at 318-685 samples/s against 377-934 before ``task_env``, when the first epoch had
+    started a process per task). Ray started more for the waiting tasks, but they came up after
+    the wait and idle. Measured here: ``warm_up(4)`` with two warm takes ~2 s; Ray Train's own
+    start-up takes 8-10 s."""
+    warm_up_later(num_workers * read_concurrency())
+
+
 def read_concurrency() -> int:
     """How many read tasks a pipeline runs at once unless ``ray_fetch_actors`` says: the cores
     (at least 2) on a local cluster this process started, else ``ATTACHED_READ_CONCURRENCY``.
