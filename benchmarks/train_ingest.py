@@ -344,9 +344,11 @@ def fit(plan, loop, loop_config: dict, work: Path, name: str, synthetic: dict | 
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from orchestrator.ray_runtime import warm_up_for_training
     from orchestrator.train.runner import train_datasets
 
     s = plan.settings
+    warm_up_for_training(s.scaling.num_workers)  # as runner.run does
     out_dir = work / f"ranks-{name}"
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)

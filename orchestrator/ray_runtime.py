@@ -46,6 +46,40 @@ def running_cluster_address() -> tuple[str | None, bool]:
     return read_ray_address(), False
 
 
+#: Variables Ray Train (V2) puts in the runtime environment of its controller, and so of its
+#: workers: ``ENV_VARS_TO_PROPAGATE`` in ``ray.train.v2._internal.constants`` (Ray 2.60), each
+#: when set in the driver's environment, and ``RAY_WARN_BLOCKING_GET_INSIDE_ASYNC`` ("0" unless set).
+TRAIN_PROPAGATED_ENV = (
+    "RAY_TRAIN_V2_ENABLED", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S",
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "RAY_TRAIN_COLLECTIVE_TIMEOUT_S",
+    "RAY_TRAIN_COLLECTIVE_WARN_INTERVAL_S", "RAY_TRAIN_CHECKPOINT_UPLOAD_WARN_INTERVAL_S",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING",
+    "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING", "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION",
+    "RAY_TRAIN_STATE_ACTOR_RECONCILIATION_INTERVAL_S", "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC",
+    "TORCHFT_LIGHTHOUSE", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S",
+    "NCCL_RAS_ADDR",
+)
+TRAIN_ENV_DEFAULTS = {"RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0"}
+
+
+def task_env() -> dict:
+    """The runtime environment our read tasks (and ``warm_up``'s) ask for: the variables Ray
+    Train adds for its controller and workers (``TRAIN_PROPAGATED_ENV``), on top of the job's.
+
+    Why: a task inherits its caller's runtime environment and runs only in a worker process
+    started for exactly that environment (Ray compares the serialized text). A train worker's
+    environment is the job's plus Train's variables, so read tasks submitted by a train
+    worker's pipeline could use none of the job's warm workers: epoch 1's first batch of the
+    first Ray Train run waited for new worker processes (5.9-8.6 s after ``iter_batches``, 2
+    cores). Asked for explicitly, the same variables give the same environment text wherever
+    the task is submitted (the driver, Train's dataset actor, a train worker), so all read
+    tasks and the warm-up share one pool of workers."""
+    env = {name: os.environ[name] for name in TRAIN_PROPAGATED_ENV if name in os.environ}
+    for name, value in TRAIN_ENV_DEFAULTS.items():
+        env.setdefault(name, value)
+    return {"env_vars": env}
+
+
 def _job_env() -> dict:
     """The job's runtime environment: this process's S3 variables (or their defaults)."""
     from orchestrator.store_location import S3_COMPAT_ENV
@@ -111,6 +145,21 @@ def warm_up_later(workers: int) -> None:
         threading.Thread(target=warm_up, args=(workers,), name="orchestrator-ray-warm-up", daemon=True).start()
 
 
+def warm_up_for_training(num_workers: int) -> None:
+    """Before a fit on a local cluster this process started: ``warm_up_later`` the read workers
+    its pipelines run at once (``num_workers`` train workers, all on this node, each running
+    ``read_concurrency()`` read tasks), while Ray Train starts its controller and workers.
+
+    Why: every read task runs in a ``task_env`` worker; with only ``start_local_ray``'s
+    ``read_concurrency()`` of them, two train workers' pipelines shared two processes and their
+    tasks waited for one (``benchmarks/train_ingest.py``, 2 cores, noisy: pipeline-only Ray Train
+    epoch 2 at 318-685 samples/s against 377-934 before ``task_env``, when the first epoch had
+    started a process per task). Ray started more for the waiting tasks, but they came up after
+    the wait and idle. Measured here: ``warm_up(4)`` with two warm takes ~2 s; Ray Train's own
+    start-up takes 8-10 s."""
+    warm_up_later(num_workers * read_concurrency())
+
+
 def read_concurrency() -> int:
     """How many read tasks a pipeline runs at once unless ``ray_fetch_actors`` says: the cores
     (at least 2) on a local cluster this process started, else ``ATTACHED_READ_CONCURRENCY``.
@@ -144,7 +193,7 @@ def warm_up(workers: int, timeout_s: float = 120.0) -> int:
         import ray
 
         anchor_data_actors()
-        hold = ray.remote(num_cpus=0)(_hold)
+        hold = ray.remote(num_cpus=0)(_hold).options(runtime_env=task_env())
         seen: set[int] = set()
         deadline = time.monotonic() + timeout_s
         while len(seen) < workers and time.monotonic() < deadline:

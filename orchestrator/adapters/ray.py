@@ -312,7 +312,7 @@ def to_ray_dataset(plan: ReadPlan, ledger: SkipLedger | None = None, split: Hash
     crosses the network. At most ``plan.options.ray_fetch_actors`` read tasks run at once."""
     import ray.data
 
-    from orchestrator.ray_runtime import ensure_ray, read_concurrency
+    from orchestrator.ray_runtime import ensure_ray, read_concurrency, task_env
 
     ensure_ray()
     source = item_datasource(plan, ledger, split, item_ids, batch_fn)
@@ -322,7 +322,8 @@ def to_ray_dataset(plan: ReadPlan, ledger: SkipLedger | None = None, split: Hash
     if tasks == 0:
         return ray.data.from_items([])
     return ray.data.read_datasource(source, override_num_blocks=tasks, num_cpus=0.5,
-                                    concurrency=min(concurrency, tasks), ray_remote_args=pinned_to(node_id))
+                                    concurrency=min(concurrency, tasks),
+                                    ray_remote_args={**pinned_to(node_id), "runtime_env": task_env()})
 
 
 def pinned_to(node_id: str | None) -> dict:

@@ -32,6 +32,7 @@ from orchestrator.ray_runtime import (
     ensure_ray,
     orchestrator_error_in,
     running_cluster_address,
+    warm_up_for_training,
 )
 from orchestrator.stream.split import HashSplit, validation_mask
 from orchestrator.train.config import RunSettings
@@ -208,6 +209,7 @@ def run(plan: Plan) -> Lineage:
         may_grow = ray.is_initialized() or running_cluster_address()[0] is not None
         ensure_ray()  # without a cluster to attach to, a local one: it never grows
         anchor_data_actors()
+        warm_up_for_training(plan.settings.scaling.num_workers)  # on a local cluster only
         request = ResourceRequest.from_settings(plan.settings.scaling)
         _refuse_unplaceable(request, may_grow=may_grow)
         trainer, watch = _trainer(plan)

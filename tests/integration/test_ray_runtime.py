@@ -1,5 +1,6 @@
-"""ray_runtime on a running cluster: the warm-up starts distinct worker processes, and how many
-read tasks a pipeline runs at once by default."""
+"""ray_runtime on a running cluster: the warm-up starts distinct worker processes, read tasks
+get the same worker environment wherever they are submitted (the driver, a Ray Train actor),
+and how many read tasks a pipeline runs at once by default."""
 
 from __future__ import annotations
 
@@ -22,3 +23,61 @@ def test_read_concurrency_is_the_cores_on_a_cluster_of_our_own_else_eight(monkey
     monkeypatch.setattr(ray_runtime, "_STARTED_LOCAL", type(ray_runtime._STARTED_LOCAL)())
     ray_runtime._STARTED_LOCAL.set()
     assert ray_runtime.read_concurrency() == max(2, usable_cores())
+
+
+def _env_and_pid() -> tuple[str, int]:
+    import os
+
+    import ray
+
+    return ray.get_runtime_context().get_runtime_env_string(), os.getpid()
+
+
+class _LikeTrainWorker:
+    """An actor started as Ray Train starts its controller (whose environment its workers,
+    and every task they submit, inherit): the job's environment plus Train's variables."""
+
+    def submit(self, explicit: bool) -> tuple[str, int]:
+        import ray
+
+        from orchestrator.ray_runtime import task_env
+
+        task = ray.remote(num_cpus=0.5)(_env_and_pid)
+        return ray.get((task.options(runtime_env=task_env()) if explicit else task).remote())
+
+
+def test_read_tasks_get_one_worker_environment_wherever_submitted():
+    """A task runs only in a worker started for exactly its runtime environment's text, and a
+    train worker's differs from the driver's (Train adds RAY_WARN_BLOCKING_GET_INSIDE_ASYNC):
+    read tasks it submitted waited for new worker processes although the warm-up had started
+    some. With ``task_env`` asked for explicitly, the driver's and the train worker's tasks (and
+    the warm-up's) share one environment, so one pool of workers."""
+    import ray
+
+    from orchestrator import ray_runtime
+
+    train_env = {"env_vars": {"RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0"}}  # as TrainController gets
+    actor = ray.remote(num_cpus=0)(_LikeTrainWorker).options(runtime_env=train_env).remote()
+    task = ray.remote(num_cpus=0.5)(_env_and_pid)
+    from_driver, _ = ray.get(task.options(runtime_env=ray_runtime.task_env()).remote())
+    inherited, _ = ray.get(actor.submit.remote(False))
+    explicit, _ = ray.get(actor.submit.remote(True))
+    plain, _ = ray.get(task.remote())
+    assert explicit == from_driver == inherited
+    assert plain != inherited  # the job's own environment: the reason for task_env
+
+
+def test_task_env_names_what_ray_train_propagates(monkeypatch):
+    """``TRAIN_PROPAGATED_ENV`` mirrors Ray Train's list (a Ray upgrade that changes it fails
+    here), and a variable set in the driver's environment is carried as Train carries it."""
+    constants = pytest.importorskip("ray.train.v2._internal.constants")
+    from orchestrator import ray_runtime
+
+    assert set(ray_runtime.TRAIN_PROPAGATED_ENV) == set(constants.ENV_VARS_TO_PROPAGATE)
+    assert (ray_runtime.TRAIN_ENV_DEFAULTS["RAY_WARN_BLOCKING_GET_INSIDE_ASYNC"]
+            == constants.DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
+    monkeypatch.delenv("RAY_WARN_BLOCKING_GET_INSIDE_ASYNC", raising=False)
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "7")
+    monkeypatch.setenv("RAY_TRAIN_METRICS_ENABLED", "1")  # driver only: not propagated
+    assert ray_runtime.task_env() == {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "7",
+                                                   "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0"}}
