@@ -322,8 +322,8 @@ def to_ray_dataset(plan: ReadPlan, ledger: SkipLedger | None = None, split: Hash
     if tasks == 0:
         return ray.data.from_items([])
     return ray.data.read_datasource(source, override_num_blocks=tasks, num_cpus=0.5,
-                                    concurrency=min(concurrency, tasks),
-                                    ray_remote_args={**pinned_to(node_id), "runtime_env": task_env()})
+                                    concurrency=min(concurrency, tasks), runtime_env=task_env(),
+                                    ray_remote_args=pinned_to(node_id) or None)
 
 
 def pinned_to(node_id: str | None) -> dict:
