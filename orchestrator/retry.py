@@ -27,13 +27,13 @@ from __future__ import annotations
 import logging
 import random
 import re
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from orchestrator.errors import ConfigError, OrchestratorError, StoreError, StoreUnavailable
+from orchestrator.fork_safety import ForkSafeLock
 
 __all__ = ["RetryPolicy", "RetryStats", "call_with_retries", "is_transient", "retry_stats"]
 
@@ -146,7 +146,7 @@ class RetryStats:
     """Counts of retried calls in this process (for benchmarks and the fault report)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = ForkSafeLock()
         self.retries = 0
         self.recovered = 0
         self.gave_up = 0
@@ -182,7 +182,7 @@ class _Outages:
     success ends the store's outage."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = ForkSafeLock()
         self._since: dict[str, float] = {}
 
     def failed(self, store: str, now: float) -> float:

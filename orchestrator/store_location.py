@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ from urllib.parse import parse_qs, urlparse
 import pyarrow.fs as pafs
 
 from orchestrator.errors import StoreError
+from orchestrator.fork_safety import ForkSafeLock
 from orchestrator.retry import RetryPolicy
 
 #: The AWS C++ SDK inside pyarrow signs uploads with trailing CRC checksums by default; S3-
@@ -236,7 +236,7 @@ def no_store_error(location: StoreLocation) -> StoreError:
 #: Open S3 files of this process, by (location, path, pid): a pack's size is learnt once (one
 #: HEAD), then every range of it is one GET.
 _OPEN_FILES: OrderedDict[tuple[StoreLocation, str, int], Any] = OrderedDict()
-_OPEN_FILES_LOCK = threading.Lock()
+_OPEN_FILES_LOCK = ForkSafeLock()
 _OPEN_FILES_MAX = 256
 
 

@@ -253,3 +253,167 @@ def test_a_cache_folder_on_a_network_file_system_is_refused_with_the_fix(tmp_pat
     assert cache.disk is None
     message = " ".join(r.getMessage() for r in caplog.records)
     assert "network file system (nfs4)" in message and "ORCHESTRATOR_CACHE_DIR" in message
+
+
+# -- forks: a DataLoader forks its workers while the parent's threads use the cache ------------
+
+def _child_reads_and_writes(cache: BlobCache, first: int, results) -> None:
+    """In a forked child: read what the parent wrote, write new entries, and report them."""
+    seen = sum(cache.lookup(_blob(i)[0]) == _blob(i)[1] for i in range(20))
+    for i in range(first, first + 20):
+        cache.store(*_blob(i))
+    cache.disk.drain()
+    results.put((os.getpid(), seen))
+
+
+def _join_or_fail(procs, what: str) -> None:
+    for p in procs:
+        p.join(60)
+    hung = [p.pid for p in procs if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not hung, f"forked children {hung} hung {what}"
+    assert [p.exitcode for p in procs] == [0] * len(procs)
+
+
+def test_fork_during_cache_traffic_never_hangs_the_child(tmp_path):
+    """Parent threads keep reading and writing the cache (both tiers) while the parent forks
+    children that use it at once. Before the fork gate, the first round hung: the child closing
+    the environment it inherited waited for a parent write transaction's thread, which the
+    child does not have. Every child must finish, see the parent's entries, and leave its own
+    where the parent sees them."""
+    import threading
+
+    cache = BlobCache(memory_budget=1 << 20, disk_dir=tmp_path, disk_budget=64 << 20)
+    for i in range(20):
+        cache.store(*_blob(i))
+    cache.disk.drain()
+    stop = threading.Event()
+
+    def churn(offset: int) -> None:
+        n = 0
+        while not stop.is_set():
+            key, data = _blob(10_000 + offset + n % 500, 3000)
+            cache.store(key, data)
+            cache.disk.put(*_blob(20_000 + offset + n % 500, 2000))  # a write transaction now
+            cache.lookup(_blob(n % 20)[0])
+            n += 1
+
+    threads = [threading.Thread(target=churn, args=(k * 1000,), daemon=True) for k in range(3)]
+    for t in threads:
+        t.start()
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    try:
+        for round_ in range(12):
+            procs = [ctx.Process(target=_child_reads_and_writes, args=(cache, 1000 + 100 * (2 * round_ + k), results))
+                     for k in range(2)]
+            for p in procs:
+                p.start()
+            _join_or_fail(procs, f"in round {round_}")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    reports = [results.get(timeout=10) for _ in range(24)]
+    assert all(seen == 20 for _, seen in reports), reports
+    for first in range(1000, 1000 + 100 * 24, 100):
+        for i in range(first, first + 20):
+            assert cache.disk.get(_blob(i)[0]) == _blob(i)[1], f"a child's entry {i} is missing"
+
+
+def test_fork_while_a_write_transaction_is_open_waits_for_it(tmp_path):
+    """Deterministic form of the hang: a parent thread holds a write transaction across the
+    fork; the fork waits until it commits, and the child then opens its own environment."""
+    import threading
+
+    disk = DiskLRU(tmp_path, 64 << 20)
+    disk.put(*_blob(1))
+    inside, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with disk._db.begin(write=True) as txn:
+            inside.set()
+            release.wait(10)
+            txn.put(b"held", b"1", db=disk._db.meta)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert inside.wait(10)
+    threading.Timer(0.3, release.set).start()
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    cache = BlobCache(memory_budget=1 << 20, disk_dir=tmp_path, disk_budget=64 << 20)
+    started = time.monotonic()
+    procs = [ctx.Process(target=_child_reads_and_writes, args=(cache, 100, results))]
+    procs[0].start()
+    assert time.monotonic() - started >= 0.2, "the fork did not wait for the open transaction"
+    holder.join(10)
+    _join_or_fail(procs, "after a fork during a write transaction")
+    assert cache.disk.get(_blob(100)[0]) == _blob(100)[1]
+
+
+def test_a_lock_held_by_a_parent_thread_at_the_fork_is_free_in_the_child(tmp_path):
+    """The memory tier's lock held by another parent thread at the fork (a prefetch thread in a
+    lookup): the child's lookups must not wait for a thread it does not have."""
+    import threading
+
+    cache = BlobCache(memory_budget=1 << 20)
+    cache.store(*_blob(1))
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with cache.memory._lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(10)
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    proc = ctx.Process(target=lambda: results.put(cache.lookup(_blob(1)[0]) == _blob(1)[1]))
+    proc.start()
+    release.set()
+    holder.join(10)
+    _join_or_fail([proc], "on a lock a parent thread held at the fork")
+    assert results.get(timeout=10) is True
+
+
+def test_a_child_forked_past_the_gate_wait_reads_without_the_disk_tier(tmp_path, monkeypatch, caplog):
+    """A transaction open past the gate's wait (blocked on another process): the child must not
+    touch the inherited environment; it warns and reads from the store, never hangs."""
+    import threading
+
+    monkeypatch.setattr(cache_module._GATE, "wait_s", 0.2)
+    disk = DiskLRU(tmp_path, 64 << 20)
+    disk.put(*_blob(1))
+    inside, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with disk._db.begin():
+            inside.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert inside.wait(10)
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+
+    def child() -> None:
+        disk.put_later(*_blob(2))
+        disk.drain()
+        results.put((disk.get(_blob(1)[0]), cache_module._GATE.quiet_at_fork))
+
+    try:
+        proc = ctx.Process(target=child)
+        proc.start()
+        _join_or_fail([proc], "after the gate's wait ran out")
+    finally:
+        release.set()
+        holder.join(10)
+    assert results.get(timeout=10) == (None, False)
+    assert disk.get(_blob(1)[0]) == _blob(1)[1]  # the parent's environment is untouched
+    assert disk.get(_blob(2)[0]) is None

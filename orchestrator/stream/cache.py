@@ -67,7 +67,8 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,7 @@ from typing import Any
 import lmdb
 
 from orchestrator.errors import ConfigError
+from orchestrator.fork_safety import ForkGate, ForkSafeLock
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ WRITE_QUEUE_BYTES = 64 << 20  # disk writes waiting for a process's writer threa
 _LOW_WATER = 0.9  # a trim evicts down to this fraction of the budget
 _TOUCH_S = 60.0  # a hit refreshes an entry's mtime only if older than this (LRU to the minute)
 _warned: set[tuple[str, str]] = set()
-_warned_lock = threading.Lock()
+_warned_lock = ForkSafeLock()
 
 
 def _warn_once(what: str, directory: Path, message: str) -> None:
@@ -171,7 +173,7 @@ class MemoryLRU:
         self.budget = budget
         self.size = 0
         self._items: OrderedDict[str, bytes] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = ForkSafeLock()
 
     def get(self, key: str) -> bytes | None:
         with self._lock:
@@ -306,7 +308,7 @@ class DiskLRU:
             return queued
         k = _key(key)
         try:
-            with self._db.env.begin() as txn:
+            with self._db.begin() as txn:
                 data = txn.get(k, db=self._db.blobs)
                 used = txn.get(k, db=self._db.atime) if data is not None else None
         except lmdb.Error as exc:
@@ -343,7 +345,7 @@ class DiskLRU:
         now = _TIME.pack(time.time())
         db = self._db
         try:
-            with db.env.begin(write=True) as txn:
+            with db.begin(write=True) as txn:
                 total = _total(txn, db)
                 for key in drops:
                     old = txn.pop(_key(key), db=db.blobs)
@@ -366,7 +368,7 @@ class DiskLRU:
             # More pages than the map holds (a smaller budget set earlier on this directory, or
             # small blobs' page overhead): make room once, then give up on this batch.
             try:
-                with db.env.begin(write=True) as txn:
+                with db.begin(write=True) as txn:
                     _, total = _evict(txn, db, _total(txn, db), self.budget // 2)
                     txn.put(_TOTAL, _COUNT.pack(total), db=db.meta)
                 return 0
@@ -385,7 +387,7 @@ class DiskLRU:
 
     def trim(self) -> int:
         """Evict least recently used entries until the total fits the budget."""
-        with self._db.env.begin(write=True) as txn:
+        with self._db.begin(write=True) as txn:
             total = _total(txn, self._db)
             evicted, total = _evict(txn, self._db, total, self.budget) if total > self.budget else (0, total)
             txn.put(_TOTAL, _COUNT.pack(total), db=self._db.meta)
@@ -393,23 +395,23 @@ class DiskLRU:
 
     def size(self) -> int:
         """The entries' bytes on disk (pages), by a full scan (for tests and tools)."""
-        with self._db.env.begin(buffers=True) as txn:
+        with self._db.begin() as txn:
             return sum(_footprint(len(value)) for _, value in txn.cursor(db=self._db.blobs))
 
     def estimate(self) -> int:
         """The running total that trims are decided by (kept in the same transactions as the
         entries, so it equals ``size()``)."""
-        with self._db.env.begin() as txn:
+        with self._db.begin() as txn:
             return _total(txn, self._db)
 
     def count(self) -> int:
         """How many entries there are (not ``__len__``: an empty cache must not be falsy)."""
-        with self._db.env.begin() as txn:
+        with self._db.begin() as txn:
             return txn.stat(self._db.blobs)["entries"]
 
     def items(self) -> list[tuple[str, bytes]]:
         """Every entry as (name, bytes) as stored, unchecked (for tests and tools)."""
-        with self._db.env.begin() as txn:
+        with self._db.begin() as txn:
             return [(key.hex() if len(key) == 32 else key.decode(), value)
                     for key, value in txn.cursor(db=self._db.blobs)]
 
@@ -461,6 +463,13 @@ class _Env:
     atime: Any
     meta: Any
 
+    @contextmanager
+    def begin(self, write: bool = False) -> Iterator[lmdb.Transaction[bytes]]:
+        """A transaction through ``_GATE``: a fork waits until none is open (see
+        ``_reset_in_child``)."""
+        with _GATE.operation(), self.env.begin(write=write) as txn:
+            yield txn
+
 
 _ENV_DIR = "blobs.lmdb"
 _PAGE = 4096
@@ -472,12 +481,20 @@ _WRITE_BATCH = 64  # entries per write transaction of the writer thread
 # locks); a forked child opens its own (the parent's must not be used after a fork).
 _envs: dict[Path, _Env] = {}
 _envs_lock = threading.Lock()
+# Every transaction of this process passes it, so a fork happens with none open.
+_GATE = ForkGate()
+# Environments a child inherited while a transaction was still open (``_reset_in_child``): kept,
+# never closed or reopened, in that process.
+_inherited_busy: dict[Path, _Env] = {}
 
 
 def _environment(path: Path, budget: int) -> _Env:
     """This process's environment at ``path`` (created if absent), with a map large enough for
     ``budget``. Raises OSError when it cannot be opened."""
     key = path.absolute()
+    if key in _inherited_busy:
+        raise lmdb.Error(f"{path} was inherited from the parent process mid-transaction; this "
+                         "process reads from the store instead")
     with _envs_lock:
         db = _envs.get(key)
         if db is None:
@@ -583,16 +600,29 @@ def _flush_all() -> None:
 def _reset_in_child() -> None:
     """After a fork the child opens its own environments (LMDB's rule) and starts with empty
     queues and fresh locks (a parent thread may have held one at the fork); the parent's writer
-    thread and its queue stay with the parent."""
+    thread and its queue stay with the parent.
+
+    It must close the inherited environments first (py-lmdb refuses a second open of the same
+    files in a process). That is safe only with no transaction open: py-lmdb's ``close`` waits
+    for the thread owning an open write transaction, which does not exist in the child (a
+    DataLoader worker hung there for good), and aborting an inherited read transaction frees a
+    reader slot the parent still uses. ``_GATE`` makes the fork wait until none is open; if one
+    stayed open past its wait (blocked on another process), the child keeps the inherited
+    environments untouched and reads without the disk tier."""
     global _envs_lock
-    for db in _envs.values():
-        # LMDB refuses a second open of a path in a process while the inherited one is open.
-        # Closing it here releases only what this process holds (its own reader slots and
-        # fcntl locks: none yet); the parent's stay.
+    for key, db in _envs.items():
+        if not _GATE.quiet_at_fork:
+            _inherited_busy[key] = db
+            continue
+        # Releases only what this process holds (its own reader slots and fcntl locks: none
+        # yet); the parent's stay.
         try:
             db.env.close()
         except lmdb.Error:
             pass
+    if not _GATE.quiet_at_fork and _envs:
+        log.warning("blob cache: forked while a cache transaction stayed open for %.0f s; this "
+                    "process reads without the disk tier", _GATE.wait_s)
     _envs.clear()
     _envs_lock = threading.Lock()
     for disk in list(_live):
@@ -643,7 +673,7 @@ class BlobCache:
         memory = self.memory_budget if self.memory_budget is not None else default_memory_budget(
             disk_tier=self.disk is not None)
         self.memory = MemoryLRU(memory)
-        self._lock = threading.Lock()
+        self._lock = ForkSafeLock()
 
     def __getstate__(self) -> dict:  # a copy in another process starts empty, same settings
         return {"memory_budget": self.memory_budget, "disk_dir": self.disk_dir,
@@ -689,7 +719,7 @@ class BlobCache:
 
 
 _node_cache: BlobCache | None = None
-_node_lock = threading.Lock()
+_node_lock = ForkSafeLock()
 
 
 def node_cache(memory_budget: int | None = None, disk_dir: Path | None = None,
