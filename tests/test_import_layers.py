@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent / "orchestrator"
 
 #: Bottom up. A module may import its own layer and the layers below it, nothing above.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundation", ["errors", "retry", "store_location", "storage_errors", "optional", "yaml_docs",
+    ("foundation", ["errors", "retry", "store_location", "storage_errors", "optional", "yaml_docs", "fork_safety",
                     "machine", "ray_runtime"]),
     ("store handle", ["manifest_faults", "manifest", "blobs", "packs", "handle"]),
     ("query, scan, access", ["query", "query.*", "access", "access.*", "scan"]),
