@@ -376,16 +376,29 @@ def test_importing_the_package_caps_malloc_arenas_unless_the_user_did(env):
     assert out.stdout.split() == ["0", "1", "True" if env is None else "False"]
 
 
-@pytest.mark.parametrize("items", [0, 1, 31, 32, 100, 3000])
+@pytest.mark.parametrize("items", [0, 1, 31, 32, 100, 1000, 3000, 10_001])
 def test_ray_read_tasks_cover_the_slice_once_in_order_small_ones_first(items):
     """``read_spans``: every position once, in order; a block-sized task per concurrent slot first
-    (the first batch need not wait for a whole task), then larger ones."""
+    (the first batch need not wait for a whole task), then larger ones, and an even last round
+    (no slot works alone at the end)."""
     from orchestrator.adapters.ray import FIRST_TASK_ITEMS, TASK_ITEMS, read_spans
 
-    spans = read_spans(items, concurrency=2)
+    concurrency = 2
+    spans = read_spans(items, concurrency)
     assert np.array_equal(np.concatenate(spans) if spans else np.arange(0), np.arange(items))
     assert (items == 0) == (spans == [])
     sizes = [len(s) for s in spans]
     assert all(n > 0 for n in sizes)
     planned = [FIRST_TASK_ITEMS] * 2 + [2 * FIRST_TASK_ITEMS] * 2 + [TASK_ITEMS] * items
-    assert sizes[:-1] == planned[:max(0, len(sizes) - 1)]
+    last = len(sizes) - min(concurrency, len(sizes))
+    assert sizes[:last] == planned[:last]
+    tail = sizes[last:]
+    assert max(tail, default=0) - min(tail, default=0) <= 1 and max(tail, default=0) <= max(planned[last], 1)
+    assert len(tail) == concurrency or sum(tail) <= FIRST_TASK_ITEMS
+
+
+def test_ray_read_tasks_of_the_demo_dataset():
+    from orchestrator.adapters.ray import read_spans
+
+    assert [len(s) for s in read_spans(3000, 2)] == [32, 32, 64, 64, 512, 512, 512, 512, 380, 380]
+    assert [len(s) for s in read_spans(100, 2)] == [32, 32, 18, 18]
