@@ -12,7 +12,10 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -196,7 +199,6 @@ def test_a_process_killed_while_writing_leaves_a_consistent_cache(tmp_path):
 
 def test_an_entry_queued_for_the_writer_is_served_before_it_reaches_the_disk(tmp_path, monkeypatch):
     """A cold pass outruns the writer thread; the next epoch must not fetch what is still queued."""
-    import threading
 
     disk = DiskLRU(tmp_path, 1 << 20)
     release = threading.Event()
@@ -266,6 +268,21 @@ def _child_reads_and_writes(cache: BlobCache, first: int, results) -> None:
     results.put((os.getpid(), seen))
 
 
+def _hold_in_a_thread(enter: Callable[[], AbstractContextManager]) -> tuple[threading.Event, threading.Thread]:
+    """Enter ``enter()`` in another thread and stay inside until the returned event is set."""
+    inside, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with enter():
+            inside.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert inside.wait(10)
+    return release, holder
+
+
 def _join_or_fail(procs, what: str) -> None:
     for p in procs:
         p.join(60)
@@ -283,8 +300,6 @@ def test_fork_during_cache_traffic_never_hangs_the_child(tmp_path):
     the environment it inherited waited for a parent write transaction's thread, which the
     child does not have. Every child must finish, see the parent's entries, and leave its own
     where the parent sees them."""
-    import threading
-
     cache = BlobCache(memory_budget=1 << 20, disk_dir=tmp_path, disk_budget=64 << 20)
     for i in range(20):
         cache.store(*_blob(i))
@@ -326,21 +341,9 @@ def test_fork_during_cache_traffic_never_hangs_the_child(tmp_path):
 def test_fork_while_a_write_transaction_is_open_waits_for_it(tmp_path):
     """Deterministic form of the hang: a parent thread holds a write transaction across the
     fork; the fork waits until it commits, and the child then opens its own environment."""
-    import threading
-
     disk = DiskLRU(tmp_path, 64 << 20)
     disk.put(*_blob(1))
-    inside, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with disk._db.begin(write=True) as txn:
-            inside.set()
-            release.wait(10)
-            txn.put(b"held", b"1", db=disk._db.meta)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert inside.wait(10)
+    release, holder = _hold_in_a_thread(lambda: disk._db.begin(write=True))
     threading.Timer(0.3, release.set).start()
     ctx = multiprocessing.get_context("fork")
     results = ctx.Queue()
@@ -357,20 +360,9 @@ def test_fork_while_a_write_transaction_is_open_waits_for_it(tmp_path):
 def test_a_lock_held_by_a_parent_thread_at_the_fork_is_free_in_the_child(tmp_path):
     """The memory tier's lock held by another parent thread at the fork (a prefetch thread in a
     lookup): the child's lookups must not wait for a thread it does not have."""
-    import threading
-
     cache = BlobCache(memory_budget=1 << 20)
     cache.store(*_blob(1))
-    held, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with cache.memory._lock:
-            held.set()
-            release.wait(10)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert held.wait(10)
+    release, holder = _hold_in_a_thread(lambda: cache.memory._lock)
     ctx = multiprocessing.get_context("fork")
     results = ctx.Queue()
     proc = ctx.Process(target=lambda: results.put(cache.lookup(_blob(1)[0]) == _blob(1)[1]))
@@ -381,24 +373,13 @@ def test_a_lock_held_by_a_parent_thread_at_the_fork_is_free_in_the_child(tmp_pat
     assert results.get(timeout=10) is True
 
 
-def test_a_child_forked_past_the_gate_wait_reads_without_the_disk_tier(tmp_path, monkeypatch, caplog):
+def test_a_child_forked_past_the_gate_wait_reads_without_the_disk_tier(tmp_path, monkeypatch):
     """A transaction open past the gate's wait (blocked on another process): the child must not
-    touch the inherited environment; it warns and reads from the store, never hangs."""
-    import threading
-
+    touch the inherited environment; it reads without the disk tier (from the store), never hangs."""
     monkeypatch.setattr(cache_module._GATE, "wait_s", 0.2)
     disk = DiskLRU(tmp_path, 64 << 20)
     disk.put(*_blob(1))
-    inside, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with disk._db.begin():
-            inside.set()
-            release.wait(10)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert inside.wait(10)
+    release, holder = _hold_in_a_thread(lambda: disk._db.begin())
     ctx = multiprocessing.get_context("fork")
     results = ctx.Queue()
 
