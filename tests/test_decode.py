@@ -253,3 +253,43 @@ def test_prepare_item_gives_the_same_example_from_a_sized_item(source):
         assert np.array_equal(sized["image"], full["image"])
     else:
         _assert_close(sized["image"], full["image"])
+
+
+def _pillow_rgb(data: bytes) -> np.ndarray:
+    """The reference full-size decode: Pillow, EXIF orientation applied, as RGB."""
+    from PIL import ImageOps
+
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+
+
+def test_full_size_jpegs_take_the_turbo_path_with_pillows_pixels(demo_jpegs, monkeypatch):
+    """Unrotated full-size JPEGs go through simplejpeg (counted), rotated ones through Pillow;
+    every image equals Pillow's decode bit for bit, subsampled or not, at any quality."""
+    import simplejpeg
+
+    from orchestrator.stream import decode as decode_module
+
+    calls = []
+    real = simplejpeg.decode_jpeg
+    monkeypatch.setattr(decode_module.simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or real(*a, **k))
+    extra = [_jpeg(_large(333, 219, seed=s), quality=q) for s, q in [(1, 95), (2, 75), (3, 40)]]
+    extra.append(_jpeg(_large(160, 120, seed=4).transpose(Image.Transpose.ROTATE_90), orientation=6))
+    with io.BytesIO() as out:  # 4:4:4, no chroma subsampling
+        _large(97, 61, seed=5).save(out, "JPEG", quality=90, subsampling=0)
+        extra.append(out.getvalue())
+    blobs = demo_jpegs + extra
+    for data in blobs:
+        assert np.array_equal(decode_image(data), _pillow_rgb(data))
+    rotated = sum(1 for data in blobs if Image.open(io.BytesIO(data)).getexif().get(0x0112, 1) != 1)
+    assert rotated == 3 and len(calls) == len(blobs) - rotated
+
+
+def test_a_jpeg_simplejpeg_refuses_keeps_pillows_verdict():
+    """A truncated JPEG: simplejpeg (strict) refuses it, and the Pillow path decides as before:
+    an undecodable item, named."""
+    from orchestrator.errors import ItemError
+
+    data = _jpeg(_large(333, 219, seed=7))
+    with pytest.raises(ItemError, match="'cut'.*not a readable image"):
+        decode_image(data[: len(data) // 2], "cut")

@@ -8,6 +8,13 @@ not preserved) with the same filter (bilinear). A JPEG that is at least twice th
 size in both axes is first decoded at a reduced DCT scale (Pillow's draft mode: 1/2, 1/4 or
 1/8, never below the requested size), which skips most of the decode work; the one resize then
 goes from that to exactly the size.
+
+A full-size JPEG that needs no EXIF rotation (nearly all) is decoded by libjpeg-turbo through
+simplejpeg, straight to packed RGB: Pillow keeps RGB as 4 bytes a pixel and packs it to 3 in a
+second pass, and its per-image set-up costs more. Measured on the 3,000 demo JPEGs (one core,
+CPU time): 0.37 ms an image against 0.64-0.69 ms through Pillow, with identical pixels for every
+one of them (the same libjpeg-turbo, the same default IDCT and upsampling). Anything else, and
+any JPEG simplejpeg rejects, takes the Pillow path, whose errors and leniency are unchanged.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from orchestrator.errors import ConfigError, ItemError
@@ -56,6 +64,10 @@ def decode_image(data: bytes, item_id: str = "?", size: tuple[int, int] | None =
     readable image."""
     try:
         with Image.open(io.BytesIO(data)) as opened:
+            if size is None and opened.format == "JPEG" and opened.mode == "RGB":
+                pixels = _turbo_rgb(data, opened)
+                if pixels is not None:
+                    return pixels
             if size is not None and opened.format in ("JPEG", "MPO"):  # MPO: a camera JPEG with previews
                 _draft(opened, size)
             # In place: the default returns a copy of every image even when it needs no rotation
@@ -72,6 +84,21 @@ def decode_image(data: bytes, item_id: str = "?", size: tuple[int, int] | None =
             f"item {item_id!r}: its blob is not a readable image ({exc})",
             hint="re-ingest the item from its source file", reason="undecodable",
         ) from None
+
+
+def _turbo_rgb(data: bytes, opened: Image.Image) -> np.ndarray | None:
+    """The full-size pixels of a 3-channel JPEG that needs no EXIF rotation, decoded by
+    simplejpeg (see the module doc); None when it needs rotation or simplejpeg refuses it
+    (strict: any libjpeg warning, such as a truncated file), so the caller takes Pillow's path."""
+    if opened.getexif().get(_ORIENTATION, 1) not in (None, 1):
+        return None
+    try:
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+    except ValueError:
+        return None
+    if pixels.shape != (opened.height, opened.width, 3):
+        return None
+    return pixels
 
 
 def _draft(jpeg: Image.Image, size: tuple[int, int]) -> None:
