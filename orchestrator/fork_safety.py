@@ -46,9 +46,6 @@ class ForkSafeLock:
                  tb: TracebackType | None) -> None:
         self._lock.release()
 
-    def locked(self) -> bool:
-        return self._lock.locked()
-
 
 _locks: weakref.WeakSet[ForkSafeLock] = weakref.WeakSet()
 

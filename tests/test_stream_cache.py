@@ -386,7 +386,8 @@ def test_a_child_forked_past_the_gate_wait_reads_without_the_disk_tier(tmp_path,
     def child() -> None:
         disk.put_later(*_blob(2))
         disk.drain()
-        results.put((disk.get(_blob(1)[0]), cache_module._GATE.quiet_at_fork))
+        # The writer turned writing off (one warning), not died with the write queued.
+        results.put((disk.get(_blob(1)[0]), cache_module._GATE.quiet_at_fork, disk._writable))
 
     try:
         proc = ctx.Process(target=child)
@@ -395,6 +396,6 @@ def test_a_child_forked_past_the_gate_wait_reads_without_the_disk_tier(tmp_path,
     finally:
         release.set()
         holder.join(10)
-    assert results.get(timeout=10) == (None, False)
+    assert results.get(timeout=10) == (None, False, False)
     assert disk.get(_blob(1)[0]) == _blob(1)[1]  # the parent's environment is untouched
     assert disk.get(_blob(2)[0]) is None

@@ -343,8 +343,8 @@ class DiskLRU:
         if not self._writable:
             return 0
         now = _TIME.pack(time.time())
-        db = self._db
         try:
+            db = self._db  # raises in a child that inherited it mid-transaction (``_reset_in_child``)
             with db.begin(write=True) as txn:
                 total = _total(txn, db)
                 for key in drops:
@@ -480,7 +480,7 @@ _WRITE_BATCH = 64  # entries per write transaction of the writer thread
 # One environment per folder per process (LMDB's rule: opening one twice in a process breaks its
 # locks); a forked child opens its own (the parent's must not be used after a fork).
 _envs: dict[Path, _Env] = {}
-_envs_lock = threading.Lock()
+_envs_lock = ForkSafeLock()
 # Every transaction of this process passes it, so a fork happens with none open.
 _GATE = ForkGate()
 # Environments a child inherited while a transaction was still open (``_reset_in_child``): kept,
@@ -490,7 +490,8 @@ _inherited_busy: dict[Path, _Env] = {}
 
 def _environment(path: Path, budget: int) -> _Env:
     """This process's environment at ``path`` (created if absent), with a map large enough for
-    ``budget``. Raises OSError when it cannot be opened."""
+    ``budget``. Raises OSError when it cannot be opened, ``lmdb.Error`` in a child that
+    inherited it mid-transaction (readers treat that as a miss, writers stop writing)."""
     key = path.absolute()
     if key in _inherited_busy:
         raise lmdb.Error(f"{path} was inherited from the parent process mid-transaction; this "
@@ -609,7 +610,6 @@ def _reset_in_child() -> None:
     reader slot the parent still uses. ``_GATE`` makes the fork wait until none is open; if one
     stayed open past its wait (blocked on another process), the child keeps the inherited
     environments untouched and reads without the disk tier."""
-    global _envs_lock
     for key, db in _envs.items():
         if not _GATE.quiet_at_fork:
             _inherited_busy[key] = db
@@ -624,7 +624,6 @@ def _reset_in_child() -> None:
         log.warning("blob cache: forked while a cache transaction stayed open for %.0f s; this "
                     "process reads without the disk tier", _GATE.wait_s)
     _envs.clear()
-    _envs_lock = threading.Lock()
     for disk in list(_live):
         disk._mutex = threading.Lock()
         disk._queue, disk._queued, disk._touches, disk._drops = {}, 0, set(), set()
