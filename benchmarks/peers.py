@@ -94,8 +94,10 @@ that a system delivered exactly the same pixels and boxes for every item (order 
 Figures per epoch: items/s (items / epoch wall time), time to first item (TTFI), the consumer's
 peak RSS (``VmHWM``), its descendants' peak RSS (DataLoader workers, Ray's daemons and workers,
 curl: ``VmHWM`` of each, sampled every 0.25 s, summed; forked workers count pages they share with
-their parent, so the sum overstates) and the whole process tree's peak PSS (sampled each second,
-shared pages counted once), S3 requests and bytes the server answered (SeaweedFS's
+their parent, and each Ray process counts the object-store pages it touched, so the sum
+overstates), the whole process tree's peak PSS (sampled each second, shared pages counted once)
+and its peak private memory (``RssAnon`` summed, every 0.25 s; the growth of all three across
+warm epochs is printed), S3 requests and bytes the server answered (SeaweedFS's
 ``SeaweedFS_s3_request_total`` by type, HEAD counted as GET by SeaweedFS; bytes:
 ``SeaweedFS_s3_bucket_traffic_sent_bytes_total``), and the SeaweedFS process's CPU seconds
 (utime + stime from ``/proc/<pid>/stat``). The server shares the machine's cores with the
@@ -256,8 +258,29 @@ def descendants(root: int) -> list[int]:
     return out
 
 
+def status_mb(pid: int | str, fields: tuple[str, ...]) -> dict[str, float] | None:
+    """The named ``/proc/<pid>/status`` fields (kB lines) in MB, or None when the process is gone."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name in fields:
+                    out[name] = int(value.split()[0]) / 1024
+    except (OSError, ValueError):
+        return None
+    return out
+
+
 class TreeSampler(threading.Thread):
-    """Peak ``VmHWM`` of each descendant (every 0.25 s) and peak PSS of the whole tree (every 1 s)."""
+    """Per epoch: peak ``VmHWM`` of each descendant and peak private (anonymous) memory of the
+    whole tree (every 0.25 s), and peak PSS of the whole tree (every 1 s).
+
+    Why three: ``VmHWM`` summed over processes counts a shared page once per process that touched
+    it: Ray's driver and read workers each count the object-store pages they wrote or read, though
+    the store is one fixed-size shared segment. PSS counts every page once (shared pages split
+    between their processes) but costs ~2 ms a process to read, so it is sampled less often;
+    the private sum (``RssAnon``) is what a leak in any one process grows."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True, name="tree-sampler")
@@ -270,6 +293,7 @@ class TreeSampler(threading.Thread):
         with getattr(self, "lock", threading.Lock()):
             self.child_peak: dict[int, float] = {}
             self.pss_peak = 0.0
+            self.private_peak = 0.0
 
     def run(self) -> None:
         tick = 0
@@ -279,18 +303,22 @@ class TreeSampler(threading.Thread):
 
     def sample(self, pss: bool = True) -> None:
         pids = descendants(self.root)
-        peaks = {pid: hwm for pid in pids if (hwm := vm_hwm_mb(pid)) is not None}
+        status = {pid: st for pid in [self.root, *pids] if (st := status_mb(pid, ("VmHWM", "RssAnon")))}
+        private = sum(st.get("RssAnon", 0.0) for st in status.values())
         total = sum(pss_mb(pid) for pid in [self.root, *pids]) if pss else 0.0
         with self.lock:
-            for pid, hwm in peaks.items():
-                self.child_peak[pid] = max(hwm, self.child_peak.get(pid, 0.0))
+            for pid in pids:
+                if "VmHWM" in status.get(pid, {}):
+                    self.child_peak[pid] = max(status[pid]["VmHWM"], self.child_peak.get(pid, 0.0))
             self.pss_peak = max(self.pss_peak, total)
+            self.private_peak = max(self.private_peak, private)
 
     def result(self) -> dict:
         with self.lock:
             peaks = list(self.child_peak.values())
             return {"workers": len(peaks), "workers_peak_rss_mb_sum": sum(peaks),
-                    "workers_peak_rss_mb_max": max(peaks, default=0.0), "tree_pss_peak_mb": self.pss_peak}
+                    "workers_peak_rss_mb_max": max(peaks, default=0.0), "tree_pss_peak_mb": self.pss_peak,
+                    "tree_private_peak_mb": self.private_peak}
 
 
 class ServerProbe:
@@ -1063,6 +1091,9 @@ def report(runs: list[dict], failures: list[dict], systems: list[str], args, dat
             # per round: flat (issue 14: within 5%) when warm epochs neither leak nor grow.
             "warm_peak_rss_mb": [[e["consumer_peak_rss_mb"] + e["workers_peak_rss_mb_sum"] for e in r["epochs"][1:]]
                                  for r in mine],
+            # The same epochs' peak PSS and peak private memory of the tree (``TreeSampler``).
+            "warm_pss_mb": [[e["tree_pss_peak_mb"] for e in r["epochs"][1:]] for r in mine],
+            "warm_private_mb": [[e.get("tree_private_peak_mb", 0.0) for e in r["epochs"][1:]] for r in mine],
         }
     print(f"\n{args.n:,} demo images ({data_bytes / 1e6:.1f} MB of JPEG) on one SeaweedFS on loopback, "
           f"{args.rounds} interleaved round(s), {os.cpu_count()} cores; cold = epoch 1 of a fresh process, "
@@ -1091,11 +1122,14 @@ def report(runs: list[dict], failures: list[dict], systems: list[str], args, dat
           "(VmHWM); workers MB: sum of its descendants' peaks (DataLoader workers, Ray daemons and workers, curl); "
           "tree PSS: peak PSS of the whole process tree (sampled each second); GETs: GET+HEAD requests SeaweedFS "
           "answered in the epoch; MB: bytes it sent; srv CPU: its CPU seconds.")
-    growth = {k: [(r[-1] / r[0] - 1) * 100 for r in s["warm_peak_rss_mb"] if len(r) > 1] for k, s in summary.items()}
-    if any(growth.values()):
-        print(f"peak RSS (consumer + workers, VmHWM) from the first to the last warm epoch (epochs 2-{args.epochs}): "
-              + "; ".join(f"{k} {s['warm_peak_rss_mb'][0][0]:.0f}->{s['warm_peak_rss_mb'][0][-1]:.0f} MB, "
-                          f"{spread(growth[k], '{:+.1f}')}%" for k, s in summary.items() if growth[k]))
+    for key, what in (("warm_peak_rss_mb", "peak RSS (consumer + workers, VmHWM summed: a shared page per process)"),
+                      ("warm_pss_mb", "peak PSS of the tree (every page once; sampled each second)"),
+                      ("warm_private_mb", "peak private memory of the tree (RssAnon summed, sampled every 0.25 s)")):
+        growth = {k: [(r[-1] / r[0] - 1) * 100 for r in s[key] if len(r) > 1 and r[0]] for k, s in summary.items()}
+        if any(growth.values()):
+            print(f"{what} from the first to the last warm epoch (epochs 2-{args.epochs}): "
+                  + "; ".join(f"{k} {s[key][0][0]:.0f}->{s[key][0][-1]:.0f} MB, "
+                              f"{spread(growth[k], '{:+.1f}')}%" for k, s in summary.items() if growth[k]))
     loads = [r["loadavg_1min_start"] for r in runs] + [e["loadavg_1min_end"] for r in runs for e in r["epochs"]]
     if loads:
         print(f"1-minute load average at the runs' starts and epochs' ends: {spread(loads, '{:.1f}')} "
