@@ -23,7 +23,8 @@ from orchestrator.train.runner import plan_run, run
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dir", type=Path, default=Path(".demo"))
+    # At the repository root whatever the working directory: the shipped configs name this store.
+    parser.add_argument("--dir", type=Path, default=Path(__file__).resolve().parent.parent / ".demo")
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=3)

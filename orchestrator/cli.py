@@ -142,6 +142,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="run a training config on Ray Train")
     p.set_defaults(func=cmd_train)
     p.add_argument("config", type=Path, help="run config YAML (see configs/)")
+    p.add_argument("--store", default=None,
+                   help="the store to train from, instead of the config's `store:`. Precedence: "
+                        "--set store=URI > --store > $ORCHESTRATOR_STORE > the config's store "
+                        "(a relative path there is relative to the config file)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.epochs=3 (repeatable)")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_ID",
@@ -350,7 +354,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from orchestrator.train.lineage import lineage_uri
     from orchestrator.train.runner import plan_run, run
 
-    settings = load_config(args.config, args.overrides)
+    settings = load_config(args.config, args.overrides, store=args.store or os.environ.get("ORCHESTRATOR_STORE"))
     plan = plan_run(settings, config_name=args.config.stem, resume=args.resume)
     say = emit if not args.json else (lambda *a, **k: print(*a, file=sys.stderr, **k))
     say(f"run {plan.run_id}: {settings.framework} {settings.model.name} on {settings.dataset!r} "

@@ -30,7 +30,7 @@ def test_overrides_parse_yaml_values():
 @pytest.mark.parametrize(
     "doc, needles",
     [
-        ({"dataset": "x"}, ["store: Field required"]),
+        ({"dataset": "x"}, ["names no store"]),
         ({"store": "file:///s", "dataset": "x", "train": {"epochs": 0}},
          ["train.epochs: Input should be greater than or equal to 1 (got 0)"]),
         ({"store": "file:///s", "dataset": "x", "framework": "jax"},
@@ -70,3 +70,22 @@ def test_schedule_timeout_has_a_default_and_must_be_positive():
     for bad in (0, -5, "soon"):
         with pytest.raises(ConfigError, match="scaling.schedule_timeout_s"):
             load_config(doc={**base, "scaling": {"schedule_timeout_s": bad}})
+
+
+def test_the_shipped_configs_name_the_quickstarts_store():
+    """jobs/quickstart.py writes <repo>/.demo/store; the configs run as-is after it."""
+    for name in ("street_torch.yaml", "street_tf.yaml"):
+        assert load_config(REPO / "configs" / name).store == f"file://{REPO / '.demo' / 'store'}"
+
+
+def test_store_precedence_set_over_store_argument_over_config(tmp_path, monkeypatch):
+    config = tmp_path / "sub" / "run.yaml"
+    config.parent.mkdir()
+    config.write_text("store: ../stores/a\ndataset: x\n")
+    assert load_config(config).store == f"file://{tmp_path / 'stores' / 'a'}"  # relative to the file
+    assert load_config(config, store="s3://team/b").store == "s3://team/b"
+    assert load_config(config, ["store=s3://team/c"], store="s3://team/b").store == "s3://team/c"
+    monkeypatch.chdir(tmp_path)  # given elsewhere than the file, a path is relative to the working directory
+    assert load_config(config, store="here").store == f"file://{tmp_path / 'here'}"
+    assert load_config(config, ["store=there"]).store == f"file://{tmp_path / 'there'}"
+    assert load_config(doc={"dataset": "x"}, store="file:///s").store == "file:///s"

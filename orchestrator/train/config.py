@@ -110,9 +110,22 @@ def _apply_override(doc: dict, assignment: str) -> None:
     node[parts[-1]] = value
 
 
+def store_uri(value: Any, base: Path) -> Any:
+    """A config's ``store``: a URI as given, or a path (relative to ``base``) as a ``file://``
+    URI. Why paths: the shipped configs name the quickstart's store next to them
+    (``../.demo/store``), so they run as-is after it from any working directory."""
+    if not isinstance(value, str) or "://" in value or not value.strip():
+        return value
+    return f"file://{(base / value.strip()).resolve()}"
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                doc: dict | None = None) -> RunSettings:
-    """Read, override and validate a run config; every problem is a ``ConfigError``."""
+                doc: dict | None = None, store: str | None = None) -> RunSettings:
+    """Read, override and validate a run config; every problem is a ``ConfigError``.
+
+    The store, highest precedence first: ``--set store=...`` in ``overrides``, ``store`` (the
+    CLI's ``--store``, else ``$ORCHESTRATOR_STORE``), the config's own ``store:``. A relative
+    path in the config is relative to the config file; given otherwise, to the working directory."""
     source = str(path) if path is not None else "config"
     if doc is None:
         try:
@@ -123,8 +136,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if not isinstance(doc, dict):
         raise ConfigError(f"{source} must be a mapping of keys (store, dataset, train, ...)")
     doc = yaml.safe_load(yaml.safe_dump(doc))  # deep copy
+    if "store" in doc:
+        doc["store"] = store_uri(doc["store"], Path(path).resolve().parent if path is not None else Path.cwd())
+    if store:
+        doc["store"] = store_uri(store, Path.cwd())
     for assignment in overrides:
         _apply_override(doc, assignment)
+    if "store" in doc:
+        doc["store"] = store_uri(doc["store"], Path.cwd())
+    else:
+        raise ConfigError(f"{source} names no store",
+                          hint="add `store: file:///abs/path` (or s3://bucket/prefix) to the config, "
+                               "or pass --store URI or set ORCHESTRATOR_STORE")
     try:
         return RunSettings.model_validate(doc)
     except ValidationError as exc:
