@@ -355,7 +355,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from orchestrator.train.runner import plan_run, run
 
     settings = load_config(args.config, args.overrides, store=args.store or os.environ.get("ORCHESTRATOR_STORE"))
-    plan = plan_run(settings, config_name=args.config.stem, resume=args.resume)
+    extend = any(o.split("=", 1)[0].strip() == "train.epochs" for o in args.overrides)
+    plan = plan_run(settings, config_name=args.config.stem, resume=args.resume, extend_epochs=extend)
     say = emit if not args.json else (lambda *a, **k: print(*a, file=sys.stderr, **k))
     say(f"run {plan.run_id}: {settings.framework} {settings.model.name} on {settings.dataset!r} "
           f"version {plan.lineage.version} ({plan.lineage.items['train']} train / "

@@ -87,18 +87,56 @@ def latest_run_id(store: orchestrator.Store, config_name: str) -> str:
     return runs[-1].run_id
 
 
-def plan_run(settings: RunSettings, *, config_name: str = "run", resume: str | bool | None = None) -> Plan:
+#: Config sections a resume may change: how the run is placed, fed and checkpointed, not what
+#: it trains on or how (``train.epochs`` too, when extending is asked for explicitly).
+RESUME_MAY_CHANGE = ("scaling.", "data.", "checkpoint.")
+
+
+def _flat(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in doc.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_conflicts(recorded: dict[str, Any], resolved: dict[str, Any], *, extend: bool) -> list[str]:
+    """The keys in which a resume's config differs from the run it resumes, each as
+    ``key: recorded -> now``, leaving out what a resume may change (``RESUME_MAY_CHANGE``, the
+    store URI's spelling, ``version: latest``, and ``train.epochs`` when ``extend``)."""
+    before, after = _flat(recorded), _flat(resolved)
+    conflicts = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if old == new or key.startswith(RESUME_MAY_CHANGE) or key == "store":
+            continue
+        if key == "train.epochs" and extend:
+            continue
+        conflicts.append(f"{key}: {old!r} -> {new!r}")
+    return conflicts
+
+
+def plan_run(settings: RunSettings, *, config_name: str = "run", resume: str | bool | None = None,
+             extend_epochs: bool = False) -> Plan:
     """Resolve everything a run needs without starting Ray; raise user errors early.
 
-    ``resume``: a run id, or True for the latest run of ``config_name``; the resumed run keeps
-    its version and continues from its latest checkpoint."""
+    ``resume``: a run id, or True for the latest run of ``config_name``. A resumed run trains
+    what it recorded: the same dataset version, query, split, model and training settings; a
+    config that differs in any of them is refused with the keys that differ. ``extend_epochs``
+    (the CLI: an explicit ``--set train.epochs=N``) lets ``train.epochs`` grow; placement,
+    data-path and checkpoint settings may change freely (e.g. fewer workers)."""
     store = orchestrator.connect(settings.store)
     if resume is True:
         resume = latest_run_id(store, config_name)
     version = None if settings.version == "latest" else int(settings.version)
     if resume:
         previous = read_lineage(store.runs, resume)
+        if settings.version == "latest":  # the recorded number; another number is refused below
+            settings = settings.model_copy(update={"version": previous.version})
         version = previous.version
+        _check_resume(previous, settings, extend_epochs)
     ds = store.dataset(settings.dataset, version)
     if settings.query:
         ds = ds.slice(settings.query)
@@ -130,7 +168,33 @@ def plan_run(settings: RunSettings, *, config_name: str = "run", resume: str | b
     if resume:
         lineage.metrics = previous.metrics
         lineage.started_at = previous.started_at
+        if lineage.items_digest != previous.items_digest:  # e.g. a policy change hides items now
+            raise ConfigError(
+                f"run {resume} cannot resume: its items are not the ones it recorded "
+                f"(train {previous.items.get('train')} -> {lineage.items['train']}, validation "
+                f"{previous.items.get('validation')} -> {lineage.items['validation']} items)",
+                hint="start a new run; a resume must train on exactly what the run began with")
     return Plan(settings, store, ds, run_id, lineage, train_ids)
+
+
+def _check_resume(previous: Lineage, settings: RunSettings, extend_epochs: bool) -> None:
+    """Refuse a resume that would train something else than the run recorded (see ``plan_run``)."""
+    resolved = settings.model_dump(mode="json")
+    conflicts = resume_conflicts(previous.config, resolved, extend=extend_epochs)
+    if conflicts:
+        raise ConfigError(
+            f"run {previous.run_id} cannot resume with a different config; it differs in:\n  "
+            + "\n  ".join(conflicts),
+            hint="resume with the recorded config (lineage.json's `config`), or start a new run; "
+                 "only scaling.*, data.* and checkpoint.* may change, and train.epochs with an "
+                 "explicit --set train.epochs=N")
+    epochs, done = settings.train.epochs, len(previous.metrics)
+    if previous.status == "finished" and epochs <= done:
+        raise ConfigError(f"run {previous.run_id} finished all {done} of its epochs: nothing to resume",
+                          hint=f"to train it further: --resume {previous.run_id} --set train.epochs={done + 1} (or more)")
+    if epochs < done:
+        raise ConfigError(f"run {previous.run_id} has trained {done} epochs; train.epochs={epochs} is fewer",
+                          hint=f"resume with train.epochs >= {done}")
 
 
 def run_data(plan: Plan) -> RunData:
