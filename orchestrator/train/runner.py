@@ -191,7 +191,8 @@ def _check_resume(previous: Lineage, settings: RunSettings, extend_epochs: bool)
     epochs, done = settings.train.epochs, len(previous.metrics)
     if previous.status == "finished" and epochs <= done:
         raise ConfigError(f"run {previous.run_id} finished all {done} of its epochs: nothing to resume",
-                          hint=f"to train it further: --resume {previous.run_id} --set train.epochs={done + 1} (or more)")
+                          hint=f"to train it further: --resume {previous.run_id} "
+                               f"--set train.epochs={done + 1} (or more)")
     if epochs < done:
         raise ConfigError(f"run {previous.run_id} has trained {done} epochs; train.epochs={epochs} is fewer",
                           hint=f"resume with train.epochs >= {done}")
