@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
+import sys
 from pathlib import Path
 
 import orchestrator
 from orchestrator.dev.demo import make_demo_data
-from orchestrator.scan import label_totals
 from orchestrator.train.config import load_config
+from orchestrator.train.display import RunDisplay, checkpoint_uri, finished_lines
+from orchestrator.train.lineage import lineage_uri
 from orchestrator.train.runner import plan_run, run
 
 
@@ -49,9 +52,9 @@ def main() -> None:
         print(f"  v{v.version}  {v.timestamp:%Y-%m-%d %H:%M:%S}  {v.items:>6} items  "
               f"{v.operation:<7} by {v.principal}: {v.message}")
 
-    snapshot = store.manifest("street").snapshot()
-    print(f"\nlabel counts in version {snapshot.version} ({snapshot.rows} items):")
-    for label, count in label_totals(store, snapshot).items():
+    latest = store.dataset("street")
+    print(f"\nlabel counts in version {latest.version} ({len(latest)} items):")
+    for label, count in latest.label_counts().items():
         print(f"  {label:<14} {count:>7}")
     busy = store.dataset("street").slice("labels.car > 3 and labels.pedestrian >= 1")
     print(f"\nslice 'labels.car > 3 and labels.pedestrian >= 1': {len(busy)} items")
@@ -63,13 +66,18 @@ def main() -> None:
     plan = plan_run(settings, config_name="quickstart")
     print(f"\ntraining run {plan.run_id}: torch detector, {settings.scaling.num_workers} workers, "
           f"version {plan.lineage.version}, {plan.lineage.items['train']} train / "
-          f"{plan.lineage.items['validation']} validation items ...", flush=True)
-    lineage = run(plan)
-    for m in lineage.metrics:
-        print(f"  epoch {m['epoch']}: train_loss {m['train_loss']:.3f}  val mAP@0.5 {m['val_map50']:.3f}")
-    from orchestrator.train.lineage import runs_dir
-
-    print(f"lineage: {runs_dir(store.runs)}/{plan.run_id}/lineage.json")
+          f"{plan.lineage.items['validation']} validation items, {args.epochs} epochs ...", flush=True)
+    display = RunDisplay(sys.stdout, epochs=args.epochs)
+    try:
+        lineage = run(plan, display)
+    finally:
+        display.close()
+    further = shlex.join(["orchestrator", "train", str(config), "--store", store.uri, "--resume", plan.run_id,
+                          "--set", f"train.epochs={len(lineage.metrics) + 1}"])
+    for line in finished_lines(plan.run_id, len(lineage.metrics), lineage.skipped_items,
+                               lineage_uri(store.runs, plan.run_id),
+                               checkpoint_uri(store.uri, lineage.checkpoint), further):
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

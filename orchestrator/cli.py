@@ -8,9 +8,11 @@ wrong (bad URI, unknown dataset, bad file), 3 ``--strict`` ingest refused reject
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
+import shlex
 import sys
 import threading
 from collections.abc import Sequence
@@ -351,35 +353,64 @@ def cmd_vacuum(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from orchestrator.train.config import load_config
+    from orchestrator.train.display import RunDisplay, checkpoint_uri, finished_lines
     from orchestrator.train.lineage import lineage_uri
     from orchestrator.train.runner import plan_run, run
 
     settings = load_config(args.config, args.overrides, store=args.store or os.environ.get("ORCHESTRATOR_STORE"))
     extend = any(o.split("=", 1)[0].strip() == "train.epochs" for o in args.overrides)
     plan = plan_run(settings, config_name=args.config.stem, resume=args.resume, extend_epochs=extend)
-    say = emit if not args.json else (lambda *a, **k: print(*a, file=sys.stderr, **k))
+    # Human lines go to stdout, or to stderr under --json, whose stdout is the record alone.
+    human = _out if not args.json else sys.stderr
+    say = functools.partial(print, file=human, flush=True)
     say(f"run {plan.run_id}: {settings.framework} {settings.model.name} on {settings.dataset!r} "
-          f"version {plan.lineage.version} ({plan.lineage.items['train']} train / "
-          f"{plan.lineage.items['validation']} validation items), "
-          f"{settings.scaling.num_workers} workers", flush=True)
+        f"version {plan.lineage.version} ({plan.lineage.items['train']} train / "
+        f"{plan.lineage.items['validation']} validation items), {settings.scaling.num_workers} workers, "
+        f"{settings.train.epochs} epochs" + (f", resuming after epoch {len(plan.lineage.metrics)}"
+                                            if args.resume else ""))
+    display = RunDisplay(human, epochs=settings.train.epochs)
+    resume = _resume_command(args, plan.store.uri, plan.run_id)
     try:
-        lineage = run(plan)
+        lineage = run(plan, display)
     except (KeyboardInterrupt, SystemExit) as stop:  # run() has stopped the workers and recorded it
+        display.close()
         done = len(plan.lineage.metrics)
         print(f"error: run {plan.run_id} interrupted after {done} finished epoch{'s' if done != 1 else ''}; "
-              f"lineage (status interrupted): {lineage_uri(plan.store.runs, plan.run_id)}", file=sys.stderr)
+              f"lineage (status interrupted): {lineage_uri(plan.store.runs, plan.run_id)}\n"
+              f"to continue it: {resume}", file=sys.stderr)
         if isinstance(stop, KeyboardInterrupt):
             return 130  # 128 + SIGINT, as shells report it
         code = stop.code  # Ray's SIGTERM handler exits with the signal number
         return 128 + code if isinstance(code, int) and code > 0 else EXIT_SYSTEM
+    except OrchestratorError as exc:
+        display.close()
+        if exc.user_fault:
+            raise
+        raise OrchestratorError(f"{exc}\nafter fixing the cause, continue it from its last checkpoint: {resume}",
+                                hint=exc.hint, user_fault=False) from None
+    display.close()
     if args.json:
         emit(json.dumps(lineage.as_dict(), indent=2, default=str))
-    else:
-        for m in lineage.metrics:
-            emit("  " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                   for k, v in m.items()))
-        emit(f"finished; lineage: {lineage_uri(plan.store.runs, plan.run_id)}")
+        return 0
+    epochs = len(lineage.metrics)
+    for line in finished_lines(plan.run_id, epochs, lineage.skipped_items, lineage_uri(plan.store.runs, plan.run_id),
+                               checkpoint_uri(plan.store.uri, lineage.checkpoint),
+                               _resume_command(args, plan.store.uri, plan.run_id, epochs=epochs + 1)):
+        say(line)
     return 0
+
+
+def _resume_command(args: argparse.Namespace, store_uri: str, run_id: str, *, epochs: int | None = None) -> str:
+    """The command that continues this run: the same config and overrides (but the store, named
+    once with --store) and ``--resume RUN_ID``; with ``epochs``, ``--set train.epochs=epochs``."""
+    drop = {"store"} | ({"train.epochs"} if epochs is not None else set())
+    kept = [o for o in args.overrides if o.split("=", 1)[0].strip() not in drop]
+    if epochs is not None:
+        kept.append(f"train.epochs={epochs}")
+    parts = ["orchestrator", "train", str(args.config), "--store", store_uri, "--resume", run_id]
+    for override in kept:
+        parts += ["--set", override]
+    return shlex.join(parts)
 
 
 def cmd_runs(args: argparse.Namespace) -> int:

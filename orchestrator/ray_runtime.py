@@ -87,6 +87,35 @@ def _job_env() -> dict:
     return {"env_vars": {k: os.environ.get(k, v) for k, v in S3_COMPAT_ENV.items()}}
 
 
+#: Ray's loggers whose INFO and WARNING lines (cluster start, token-auth notice, Ray Data's
+#: execution plans and progress blocks every few seconds) are hidden unless this process logs INFO.
+RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air", "ray.util")
+
+
+def ray_log_level() -> int:
+    """The level for Ray's own loggers: INFO when this process logs INFO (the CLI's ``-v``, or a
+    library user's logging config), else ERROR: errors always show, chatter never."""
+    return logging.INFO if logging.getLogger().isEnabledFor(logging.INFO) else logging.ERROR
+
+
+def quiet_ray_logs() -> int:
+    """Apply ``ray_log_level`` to Ray's loggers now (again after ``ray.init``, which sets its
+    own); returns the level. Ray Data's logger keeps writing everything to its session log file
+    (``.../logs/ray-data/ray-data.log``): only its console handler is turned down."""
+    import ray.data  # noqa: F401 - its import configures the ray.data logger, which is undone here
+    from ray.data._internal.logging import SessionFileHandler
+
+    level = ray_log_level()
+    for name in RAY_LOGGERS:
+        if name == "ray.data":
+            for handler in logging.getLogger(name).handlers:
+                if not isinstance(handler, SessionFileHandler):
+                    handler.setLevel(level)
+        else:
+            logging.getLogger(name).setLevel(level)
+    return level
+
+
 def ensure_ray() -> None:
     """Connect once per process; idempotent."""
     import ray
@@ -99,7 +128,9 @@ def ensure_ray() -> None:
     address, explicit = running_cluster_address()
     if address:
         try:
-            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env,
+                     logging_level=quiet_ray_logs())
+            quiet_ray_logs()
             log.info("attached to the Ray cluster at %s", address)
             return
         except ConnectionError as exc:
@@ -129,7 +160,8 @@ def start_local_ray(wait_warm: bool = False) -> None:
     # already, and adding a setup hook to it fails the job's runtime-env setup.
     runtime_env["worker_process_setup_hook"] = "orchestrator.ray_runtime.prepare_worker"
     ray.init(address="local", num_cpus=local_cpus(), include_dashboard=False, log_to_driver=False,
-             runtime_env=runtime_env)
+             runtime_env=runtime_env, logging_level=quiet_ray_logs())
+    quiet_ray_logs()
     _STARTED_LOCAL.set()
     log.info("started a local Ray cluster with %d logical CPUs", local_cpus())
     if wait_warm:

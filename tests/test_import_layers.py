@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent / "orchestrator"
 #: Bottom up. A module may import its own layer and the layers below it, nothing above.
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["errors", "retry", "store_location", "storage_errors", "optional", "yaml_docs", "fork_safety",
-                    "machine", "ray_runtime"]),
+                    "machine", "meter", "ray_runtime"]),
     ("store handle", ["manifest_faults", "manifest", "blobs", "packs", "handle"]),
     ("query, scan, access", ["query", "query.*", "access", "access.*", "scan"]),
     ("read plan and reader", ["stream", "stream.*"]),
@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("ingest, train, verify", ["ingest", "ingest.*", "train", "train.batches", "train.config",
                                "train.data", "train.lineage", "train.loops", "train.metrics",
                                "train.models", "train.models.*", "train.placement",
-                               "train.progress", "train.storage", "verify", "optimize", "vacuum"]),
+                               "train.progress", "train.display", "train.storage", "verify", "optimize", "vacuum"]),
     ("developer tooling", ["dev", "dev.*"]),
     ("facade, CLI, run driver", ["dataset", "store", "", "train.runner", "cli", "__main__"]),
 ]

@@ -24,6 +24,7 @@ from orchestrator.ingest.records import build_row
 from orchestrator.ingest.report import IngestReport
 from orchestrator.ingest.sources import Rejection, Source
 from orchestrator.manifest import conform, label_field, now_utc
+from orchestrator.meter import Meter
 from orchestrator.packs import DEFAULT_PACK_BYTES, group_into_packs
 from orchestrator.ray_runtime import ensure_ray, orchestrator_error_in
 from orchestrator.scan import read_table
@@ -137,12 +138,15 @@ def _run_pack(store: StoreHandle, dataset: str, unique: dict[str, tuple[str, int
     where: dict[str, tuple[str, int]] = {}
     uploaded = reused = nbytes = 0
     try:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for row in batch.to_pylist():
-                where[row["blob"]] = (row["pack"], row["offset"])
-                uploaded += bool(row["uploaded"])
-                reused += not row["uploaded"]
-                nbytes += row["bytes"]
+        with Meter("packing media", len(unique), "blob", rate_bytes=True) as meter:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                rows = batch.to_pylist()
+                for row in rows:
+                    where[row["blob"]] = (row["pack"], row["offset"])
+                    uploaded += bool(row["uploaded"])
+                    reused += not row["uploaded"]
+                    nbytes += row["bytes"]
+                meter.update(len(rows), sum(row["bytes"] for row in rows))
     except Exception as exc:  # a stage's error arrives wrapped in Ray's report: raise ours
         raise _from_stage(exc) from None
     if len(where) != len(unique):
@@ -200,9 +204,11 @@ def _run_probe(items: list) -> list[Probe]:
     ds = ray.data.from_items(records, override_num_blocks=_blocks(len(records)))
     ds = ds.map_batches(probe_batch, batch_format="pyarrow", batch_size=32)
     probes: list[Probe | None] = [None] * len(items)
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        for row in batch.to_pylist():
-            probes[row["idx"]] = Probe(**{k: row[k] for k in _PROBE_FIELDS})
+    with Meter("probing files", len(items), "file") as meter:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for row in batch.to_pylist():
+                probes[row["idx"]] = Probe(**{k: row[k] for k in _PROBE_FIELDS})
+            meter.update(batch.num_rows)
     missing = [i for i, p in enumerate(probes) if p is None]
     if missing:
         raise IngestError(f"the probe stage lost {len(missing)} items; nothing was committed")
@@ -224,11 +230,14 @@ def _run_upload(
     )
     uploaded = reused = nbytes = 0
     try:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for flag, size in zip(batch.column("uploaded").to_pylist(), batch.column("bytes").to_pylist()):
-                uploaded += bool(flag)
-                reused += not flag
-                nbytes += size
+        with Meter("uploading media", len(records), "blob", rate_bytes=True) as meter:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                sizes = batch.column("bytes").to_pylist()
+                for flag, size in zip(batch.column("uploaded").to_pylist(), sizes):
+                    uploaded += bool(flag)
+                    reused += not flag
+                    nbytes += size
+                meter.update(batch.num_rows, sum(sizes))
     except Exception as exc:  # a stage's error arrives wrapped in Ray's report: raise ours
         raise _from_stage(exc) from None
     return uploaded, reused, nbytes

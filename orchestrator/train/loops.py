@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.train.progress import StepReporter, skipped_so_far
+
 HISTORY = "history.json"
 
 
@@ -53,6 +55,14 @@ def _evaluate(predict_fn, spec, val_shard, batch_size: int, num_classes: int) ->
         score = mean_average_precision(preds, truth, num_classes, 0.5) if truth else float("nan")
         return {"val_map50": float(score) if np.isfinite(score) else 0.0}
     return {"val_count_mae": float(np.concatenate(errors).mean()) if errors else 0.0}
+
+
+def _skipped_since(before: int | None, config: dict[str, Any]) -> dict[str, int]:
+    """``{"skipped_items": n}``: items the run's pipelines skipped since ``before`` (rank 0 reads
+    the ledger at the epoch's start and again after scoring validation, when every rank has
+    finished the epoch and no pipeline reads the next one yet); empty when unreadable."""
+    after = skipped_so_far(config.get("skip_ledger")) if before is not None else None
+    return {} if before is None or after is None else {"skipped_items": after - before}
 
 
 def _in_step(batches):
@@ -113,12 +123,16 @@ def torch_loop(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
     local = model.module if hasattr(model, "module") else model
     rank = ray.train.get_context().get_world_rank()
+    world = ray.train.get_context().get_world_size()
+    steps = -(-(config["train_items"] // world) // t["batch_size"])  # expected, for the progress bar
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
 
     for epoch in range(start_epoch, t["epochs"]):
         model.train()
         loss_sum, seen = 0.0, 0
+        skipped_before = skipped_so_far(config.get("skip_ledger")) if rank == 0 else None
+        reporter = StepReporter(config.get("mailbox") if rank == 0 else None, epoch, steps, world)
         batches = train_shard.iter_batches(batch_size=t["batch_size"], batch_format="numpy",
                                            prefetch_batches=config["data"]["prefetch_batches"])
         for batch in _in_step(batches):
@@ -127,13 +141,16 @@ def torch_loop(config: dict[str, Any]) -> None:
             loss.backward()
             optimizer.step()
             n = len(batch["num_boxes"])
-            loss_sum += float(loss.detach()) * n
+            value = float(loss.detach())
+            loss_sum += value * n
             seen += n
+            reporter.step(n, value)
         totals = torch.tensor([loss_sum, float(seen)], dtype=torch.float64)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(totals)
         metrics = {"epoch": epoch, "train_loss": float(totals[0] / max(totals[1], 1.0)),
-                   "train_items": int(totals[1]), "attempt_start_epoch": start_epoch}
+                   "train_items": int(totals[1]), "attempt_start_epoch": start_epoch,
+                   **reporter.finish(int(totals[1]))}
         last = epoch == t["epochs"] - 1
         save = rank == 0 and ((epoch + 1) % config["checkpoint_every"] == 0 or last)
         with tempfile.TemporaryDirectory() as d:
@@ -143,6 +160,7 @@ def torch_loop(config: dict[str, Any]) -> None:
                 with torch.no_grad():
                     metrics.update(_evaluate(lambda b: local(spec.inputs(b)), spec, val_shard,
                                              t["batch_size"], config["num_classes"]))
+                metrics.update(_skipped_since(skipped_before, config))
             history.append(dict(metrics))
             if save:
                 torch.save({"model": local.state_dict(), "optimizer": optimizer.state_dict(),
@@ -200,7 +218,21 @@ def tf_loop(config: dict[str, Any]) -> None:
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
 
+    class StepReports(keras.callbacks.Callback):
+        """Rank 0's step reports for the driver's progress bar (``progress.StepReporter``)."""
+
+        reporter: StepReporter | None = None
+
+        def on_train_batch_end(self, batch, logs=None):
+            if self.reporter is not None:
+                loss = (logs or {}).get("loss")
+                self.reporter.step(t["batch_size"], running_loss=None if loss is None else float(loss))
+
+    step_reports = StepReports()
     for epoch in range(start_epoch, t["epochs"]):
+        skipped_before = skipped_so_far(config.get("skip_ledger")) if rank == 0 else None
+        reporter = step_reports.reporter = StepReporter(config.get("mailbox") if rank == 0 else None,
+                                                        epoch, steps, world)
         shard_batches = iter(train_shard.iter_batches(
             batch_size=t["batch_size"], batch_format="numpy", drop_last=True,
             prefetch_batches=config["data"]["prefetch_batches"]))
@@ -221,11 +253,12 @@ def tf_loop(config: dict[str, Any]) -> None:
 
         data = (tf.data.Dataset.from_generator(first_steps, output_signature=signature)
                 .apply(tf.data.experimental.assert_cardinality(steps)).with_options(options))
-        fitted = model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0)
+        fitted = model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[step_reports])
         for _ in shard_batches:  # finish this epoch of the shard
             pass
         metrics = {"epoch": epoch, "train_loss": float(fitted.history["loss"][-1]),
-                   "train_items": steps * t["batch_size"] * world, "attempt_start_epoch": start_epoch}
+                   "train_items": steps * t["batch_size"] * world, "attempt_start_epoch": start_epoch,
+                   **reporter.finish(steps * t["batch_size"] * world)}
         last = epoch == t["epochs"] - 1
         with tempfile.TemporaryDirectory() as d:
             # Reading weights is a collective (BatchNorm statistics are sync-on-read
@@ -239,6 +272,7 @@ def tf_loop(config: dict[str, Any]) -> None:
                 # The lambda is used by _evaluate within this iteration only.
                 metrics.update(_evaluate(lambda b: local(spec.inputs(b), training=False), spec,  # noqa: B023
                                          val_shard, t["batch_size"], config["num_classes"]))
+                metrics.update(_skipped_since(skipped_before, config))
                 history.append(dict(metrics))
                 if (epoch + 1) % config["checkpoint_every"] == 0 or last:
                     with open(os.path.join(d, "epoch.txt"), "w") as f:

@@ -31,6 +31,7 @@ from orchestrator.errors import OrchestratorError
 from orchestrator.train.lineage import HEARTBEAT_S, Lineage, merge_epoch_metrics, now, write_lineage
 
 if TYPE_CHECKING:
+    from orchestrator.train.display import RunDisplay
     from orchestrator.train.lineage import RunHome
 
 log = logging.getLogger(__name__)
@@ -51,12 +52,22 @@ class RunMailbox:
 
     def __init__(self) -> None:
         self._messages: list[tuple[str, Any]] = []
+        self._step: dict[str, Any] | None = None
 
     def post(self, kind: str, payload: Any) -> None:
         self._messages.append((kind, payload))
 
+    def step(self, report: dict[str, Any]) -> None:
+        """Rank 0's latest step report (``StepReporter``): kept alone, not queued, since only
+        the newest matters to a progress bar and a long run sends one a second."""
+        self._step = report
+
     def read(self, since: int) -> list[tuple[str, Any]]:
         return self._messages[since:]
+
+    def read_with_step(self, since: int) -> tuple[list[tuple[str, Any]], dict[str, Any] | None]:
+        """``read(since)`` and the latest step report, in one call."""
+        return self._messages[since:], self._step
 
 
 def open_mailbox():
@@ -90,14 +101,75 @@ class RunProgressCallback(ControllerCallback, ReportCallback):
             self._mailbox.post.remote("report", {k: _plain(v) for k, v in metrics[0].items()})
 
 
+class StepReporter:
+    """Rank 0's step reports for the driver's progress bar, sent to the run's mailbox at most
+    every ``every_s`` seconds (fire and forget: a step never waits on the driver), and the
+    epoch's time and throughput for its metrics (``finish``).
+
+    ``samples`` counts this rank's items times the world size: the global figure when shards
+    are equal, without a collective per step."""
+
+    def __init__(self, mailbox: Any, epoch: int, steps: int | None, world: int, *,
+                 every_s: float = 1.0, clock=time.monotonic) -> None:
+        self.mailbox, self.epoch, self.steps, self.world = mailbox, epoch, steps, world
+        self.every_s, self.clock = every_s, clock
+        self.started = clock()
+        self.step_count = self.samples = 0
+        self.loss_sum = 0.0
+        self._running_loss: float | None = None
+        self._sent_at = -float("inf")
+
+    def step(self, samples: int, loss: float | None = None, *, running_loss: float | None = None) -> None:
+        """One step of ``samples`` items on this rank, with its ``loss`` (or Keras's
+        ``running_loss``, already a mean over the epoch's steps)."""
+        self.step_count += 1
+        self.samples += samples * self.world
+        if loss is not None:
+            self.loss_sum += loss
+        self._running_loss = running_loss
+        now = self.clock()
+        if self.mailbox is not None and now - self._sent_at >= self.every_s:
+            self._sent_at = now
+            self.mailbox.step.remote(self.report())
+
+    def report(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "step": self.step_count, "steps": self.steps, "samples": self.samples,
+                "loss": (self._running_loss if self._running_loss is not None
+                         else self.loss_sum / self.step_count if self.step_count else None),
+                "elapsed_s": self.clock() - self.started}
+
+    def finish(self, samples: int | None = None) -> dict[str, float]:
+        """``epoch_s`` and ``samples_per_s`` of the epoch (``samples``: the exact global count,
+        when the loop has it)."""
+        seconds = max(self.clock() - self.started, 1e-9)
+        total = self.samples if samples is None else samples
+        return {"epoch_s": round(seconds, 3), "samples_per_s": round(total / seconds, 2)}
+
+
+def skipped_so_far(ledger_name: str | None) -> int | None:
+    """Items the run's pipelines have skipped so far (its skip ledger), or None when it cannot
+    be read; an epoch's count is the difference across it."""
+    if not ledger_name:
+        return None
+    try:
+        from orchestrator.adapters.ray import SkipLedger
+
+        return SkipLedger(ledger_name, None).read(timeout=10.0).count
+    except Exception:  # noqa: BLE001 - a count missing from a metric must not fail training
+        log.warning("cannot read the skip ledger %s", ledger_name, exc_info=True)
+        return None
+
+
 class RunWatch:
     """The driver's side: applies the mailbox to the lineage (metrics appended per epoch, a
     heartbeat every ``HEARTBEAT_S``), tracks how long the worker group has waited to be placed,
     and stops the controller. ``apply`` is pure given ``at``; the rest talks to Ray and the store."""
 
     def __init__(self, runs: RunHome, lineage: Lineage, mailbox: Any = None, *,
-                 clock=time.monotonic) -> None:
+                 clock=time.monotonic, display: RunDisplay | None = None) -> None:
         self.runs, self.lineage, self.mailbox, self.clock = runs, lineage, mailbox, clock
+        self.display = display
+        self._last_step: dict[str, Any] | None = None
         self.controller: Any = None
         self.controller_id: str | None = None
         # Set by the thread running trainer.fit() when it ends. Not Thread.join/is_alive: on
@@ -122,7 +194,16 @@ class RunWatch:
             elif kind == "report":
                 self.lineage.metrics = merge_epoch_metrics(self.lineage.metrics, payload)
                 changed = True
+                if self.display is not None:
+                    self.display.epoch(payload)
         return changed
+
+    def apply_step(self, report: dict[str, Any] | None) -> None:
+        """Rank 0's latest step report, to the display (once each)."""
+        if report is not None and report != self._last_step and self.display is not None:
+            self._last_step = report
+            if not self.lineage.metrics or report.get("epoch", -1) > self.lineage.metrics[-1].get("epoch", -1):
+                self.display.progress(report)  # not a late report of an epoch already printed
 
     def waited_for_placement(self) -> float | None:
         """Seconds the worker group has been waiting to be placed and started, or None."""
@@ -137,8 +218,10 @@ class RunWatch:
         import ray
 
         if self.mailbox is not None:
+            step = None
             try:
-                messages = ray.get(self.mailbox.read.remote(self._read), timeout=max(0.1, timeout))
+                messages, step = ray.get(self.mailbox.read_with_step.remote(self._read),
+                                         timeout=max(0.1, timeout))
             except ray.exceptions.GetTimeoutError:
                 messages = []
             except ray.exceptions.RayError as exc:  # the mailbox is gone or never started
@@ -147,6 +230,7 @@ class RunWatch:
                 self.mailbox, messages, self.waiting_since = None, [], None
             self._read += len(messages)
             changed = self.apply(messages, self.clock())
+            self.apply_step(step)
         else:
             changed = False
         if write and (changed or self.clock() - self._written_at >= HEARTBEAT_S):

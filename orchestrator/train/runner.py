@@ -59,6 +59,7 @@ from orchestrator.train.storage import checkpoint_filesystem
 
 if TYPE_CHECKING:
     from orchestrator.train.data import RunData
+    from orchestrator.train.display import RunDisplay
     from orchestrator.train.progress import RunWatch
 
 log = logging.getLogger(__name__)
@@ -259,11 +260,12 @@ def train_datasets(plan: Plan) -> tuple[dict[str, Any], Any]:
 POLL_S = 1.0  # how often the driver reads the fit's progress
 
 
-def run(plan: Plan) -> Lineage:
+def run(plan: Plan, display: RunDisplay | None = None) -> Lineage:
     """Fit on Ray Train; the lineage record is written at start, after every epoch, every
     ``HEARTBEAT_S`` while the driver lives, and at the end: ``finished``, ``failed`` (the error
     is raised as an ``OrchestratorError``) or ``interrupted`` (``KeyboardInterrupt`` /
-    ``SystemExit`` is re-raised once the workers are gone)."""
+    ``SystemExit`` is re-raised once the workers are gone). ``display`` shows the steps and
+    each finished epoch as they happen (``train.display``)."""
     lineage = plan.lineage
     lineage.status, lineage.driver, lineage.heartbeat_at = "running", driver_identity(), now()
     watch: RunWatch | None = None
@@ -277,7 +279,7 @@ def run(plan: Plan) -> Lineage:
         warm_up_for_training(plan.settings.scaling.num_workers)  # on a local cluster only
         request = ResourceRequest.from_settings(plan.settings.scaling)
         _refuse_unplaceable(request, may_grow=may_grow)
-        trainer, watch = _trainer(plan)
+        trainer, watch = _trainer(plan, display)
         result = _fit_watched(plan, trainer, watch, request)
     except (KeyboardInterrupt, SystemExit) as stop:
         with _sigint_ignored():
@@ -344,7 +346,7 @@ _UNPLACEABLE_HINT = ("lower scaling.num_workers or scaling.cpus_per_worker, or g
                      "nodes; if they are on their way, raise scaling.schedule_timeout_s")
 
 
-def _trainer(plan: Plan) -> tuple[Any, RunWatch]:
+def _trainer(plan: Plan, display: RunDisplay | None = None) -> tuple[Any, RunWatch]:
     """The Ray Train trainer for a plan, reporting its progress to a new ``RunWatch``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
@@ -357,6 +359,7 @@ def _trainer(plan: Plan) -> tuple[Any, RunWatch]:
         "num_classes": len(plan.dataset.label_map), "checkpoint_every": s.checkpoint.every_epochs,
         "framework": s.framework, "train_items": plan.lineage.items["train"],
         "cpus_per_worker": s.scaling.cpus_per_worker,
+        "skip_ledger": skip_ledger_name(plan.run_id),
     }
     scaling = ScalingConfig(
         num_workers=s.scaling.num_workers, use_gpu=s.scaling.use_gpu,
@@ -364,6 +367,7 @@ def _trainer(plan: Plan) -> tuple[Any, RunWatch]:
         placement_strategy=s.scaling.placement_strategy,
     )
     mailbox = open_mailbox()
+    loop_config["mailbox"] = mailbox  # rank 0's step reports (progress.StepReporter)
     storage_path = s.checkpoint.path or runs_dir(plan.store.runs)
     run_config = RunConfig(
         name=plan.run_id,
@@ -380,11 +384,14 @@ def _trainer(plan: Plan) -> tuple[Any, RunWatch]:
         trainer = TorchTrainer(loops.torch_loop, train_loop_config=loop_config, scaling_config=scaling,
                                run_config=run_config, datasets=datasets, dataset_config=data_config)
     else:
-        from ray.train.tensorflow import TensorflowTrainer
+        from orchestrator.optional import native_logs_hidden
+
+        with native_logs_hidden():  # TensorFlow's C++ start-up lines
+            from ray.train.tensorflow import TensorflowTrainer
 
         trainer = TensorflowTrainer(loops.tf_loop, train_loop_config=loop_config, scaling_config=scaling,
                                     run_config=run_config, datasets=datasets, dataset_config=data_config)
-    return trainer, RunWatch(plan.store.runs, plan.lineage, mailbox)
+    return trainer, RunWatch(plan.store.runs, plan.lineage, mailbox, display=display)
 
 
 def _fit_watched(plan: Plan, trainer: Any, watch: RunWatch, request: ResourceRequest) -> Any:
