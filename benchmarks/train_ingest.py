@@ -294,8 +294,9 @@ def model_step_alone(plan, batch: dict, steps: int = 20) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(s.train.seed)
-    spec = get_model(s.model.name, "torch")
-    model = spec.build(len(plan.dataset.label_map), **s.model.params)
+    spec = get_model(s.model.name, "torch", len(plan.dataset.label_map), image_size=s.model.image_size,
+                     max_boxes=s.model.max_boxes, params=dict(s.model.params))
+    model = spec.model
     opt = torch.optim.Adam(model.parameters(), lr=s.train.learning_rate)
     model.train()
 

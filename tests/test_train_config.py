@@ -40,7 +40,7 @@ def test_overrides_parse_yaml_values():
         ({"store": "file:///s", "dataset": "x", "version": -1}, ["version"]),
         ({"store": "file:///s", "dataset": "x", "version": "newest"}, ["version"]),
         ({"store": "file:///s", "dataset": "x", "model": {"name": "resnet"}},
-         ["model.name: Input should be 'detector' or 'counter'"]),
+         ["model.name: must be a built-in model (counter, detector) or \"package.module:function\""]),
     ],
 )
 def test_invalid_configs_name_the_key_path(doc, needles):

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from orchestrator.dev.demo import make_demo_data
+from orchestrator.errors import ConfigError
 from orchestrator.train.batches import ground_truth, prepare_item, stack
 from orchestrator.train.metrics import average_precision, iou, mean_average_precision
 from orchestrator.train.models import MODELS, get_model
@@ -244,9 +245,9 @@ def test_make_targets_and_decode_round_trip() -> None:
 
 def test_torch_detector_learns_on_demo_data(demo_batch, torch_one_thread) -> None:
     torch = torch_one_thread
-    spec = get_model("detector", "torch")
     torch.manual_seed(0)
-    model = spec.build(NUM_CLASSES)
+    spec = get_model("detector", "torch", NUM_CLASSES)
+    model = spec.model
     opt = torch.optim.Adam(model.parameters(), 3e-3)
     losses = []
     t0 = time.perf_counter()
@@ -298,9 +299,9 @@ def test_torch_detector_stride_8_and_empty_images() -> None:
 def test_keras_detector_learns_with_fit(demo_batch) -> None:
     tf = pytest.importorskip("tensorflow")
     keras = pytest.importorskip("tf_keras")
-    spec = get_model("detector", "tensorflow")
     keras.utils.set_random_seed(0)
-    model = spec.build(NUM_CLASSES, image_size=SIZE)
+    spec = get_model("detector", "tensorflow", NUM_CLASSES, image_size=SIZE)
+    model = spec.model
     model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=spec.loss)
     x, y = spec.inputs(demo_batch), spec.targets(demo_batch, model)
     assert x.dtype == np.float32 and y.shape == (64, SIZE // 4, SIZE // 4, NUM_CLASSES + 5)
@@ -372,9 +373,9 @@ def test_counting_targets() -> None:
 
 def test_torch_counter_trains(demo_batch, torch_one_thread) -> None:
     torch = torch_one_thread
-    spec = get_model("counter", "torch")
     torch.manual_seed(0)
-    model = spec.build(NUM_CLASSES)
+    spec = get_model("counter", "torch", NUM_CLASSES)
+    model = spec.model
     opt = torch.optim.Adam(model.parameters(), 3e-3)
     losses = []
     for batch in _minibatches(demo_batch, 20):
@@ -394,9 +395,9 @@ def test_torch_counter_trains(demo_batch, torch_one_thread) -> None:
 def test_keras_counter_trains(demo_batch) -> None:
     tf = pytest.importorskip("tensorflow")
     keras = pytest.importorskip("tf_keras")
-    spec = get_model("counter", "tensorflow")
     keras.utils.set_random_seed(0)
-    model = spec.build(NUM_CLASSES)
+    spec = get_model("counter", "tensorflow", NUM_CLASSES, image_size=SIZE)
+    model = spec.model
     model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=spec.loss)
     x, y = spec.inputs(demo_batch), spec.targets(demo_batch, model)
     assert y.shape == (64, NUM_CLASSES)
@@ -425,13 +426,30 @@ def test_counting_losses_agree_across_frameworks() -> None:
 # registry
 
 
-def test_registry_covers_every_model_and_framework() -> None:
+def test_registry_builds_every_builtin_for_both_frameworks_and_names_bad_choices() -> None:
     assert set(MODELS) == {"detector", "counter"}
-    for name in MODELS:
-        assert set(MODELS[name]) == {"torch", "tensorflow"}
-    spec = get_model("counter", "torch")
+    spec = get_model("counter", "torch", 3)
     assert (spec.name, spec.framework, spec.task, spec.targets) == ("counter", "torch", "counting", None)
-    with pytest.raises(ValueError, match="detector"):
+    with pytest.raises(ConfigError, match="detector"):
         get_model("yolo", "torch")
-    with pytest.raises(ValueError, match="tensorflow"):
+    with pytest.raises(ConfigError, match="tensorflow"):
         get_model("detector", "jax")
+    with pytest.raises(ConfigError, match="cannot import 'no_such_module_xyz'"):
+        get_model("no_such_module_xyz:build", "torch")
+    with pytest.raises(ConfigError, match="has no function 'nope'"):
+        get_model("orchestrator.train.models.registry:nope", "torch")
+
+
+def test_a_model_function_that_returns_the_wrong_thing_is_named(tmp_path, monkeypatch) -> None:
+    (tmp_path / "bad_models.py").write_text(
+        "from orchestrator.train.models import ModelSpec\n"
+        "def not_a_spec(ctx):\n    return 42\n"
+        "def no_targets(ctx):\n    return ModelSpec('x', ctx.framework, 'counting', object(), id, id, id)\n"
+        "def wrong_framework(ctx):\n    return ModelSpec('x', 'torch', 'counting', object(), id, id, id, id)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match="returned int, not a ModelSpec"):
+        get_model("bad_models:not_a_spec", "torch")
+    with pytest.raises(ConfigError, match="needs targets"):
+        get_model("bad_models:no_targets", "tensorflow")
+    with pytest.raises(ConfigError, match="built a torch model for a tensorflow run"):
+        get_model("bad_models:wrong_framework", "tensorflow")

@@ -30,10 +30,22 @@ class SplitSettings(_Strict):
 
 
 class ModelSettings(_Strict):
-    name: Literal["detector", "counter"] = "detector"
+    name: str = Field("detector", description='a built-in model (detector, counter) or your own, '
+                                              '"package.module:function" (train/models/registry.py)')
     image_size: int = Field(128, ge=32, le=1024, multiple_of=8)
     max_boxes: int = Field(32, ge=1, le=512)
     params: dict[str, Any] = Field(default_factory=dict)
+
+
+    @field_validator("name")
+    @classmethod
+    def _model_name(cls, v: str) -> str:
+        from orchestrator.train.models.registry import MODELS, valid_model_name
+
+        if not valid_model_name(v):
+            raise ValueError(f"must be a built-in model ({', '.join(sorted(MODELS))}) or "
+                             '"package.module:function"')
+        return v
 
 
 class TrainLoopSettings(_Strict):

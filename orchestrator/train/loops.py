@@ -44,17 +44,38 @@ def _evaluate(predict_fn, spec, val_shard, batch_size: int, num_classes: int) ->
     from orchestrator.train.models.counting import count_targets
 
     preds, truth, errors = [], [], []
+    sums: dict[str, float] = {}
+    seen = 0
     for batch in val_shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
         out = predict_fn(batch)
-        if spec.task == "detection":  # a low threshold: mAP integrates over all scores
+        if spec.task == "custom":  # the model's own metrics, weighted by batch size
+            n = len(batch["num_boxes"])
+            for name, value in spec.metrics(out, batch).items():
+                sums[name] = sums.get(name, 0.0) + float(value) * n
+            seen += n
+        elif spec.task == "detection":  # a low threshold: mAP integrates over all scores
             preds += spec.predict(out, score_threshold=0.05, max_detections=50)
             truth += ground_truth(batch)
         else:
             errors.append(np.abs(spec.predict(out) - count_targets(batch["labels"], num_classes)))
+    if spec.task == "custom":
+        return {f"val_{name}": total / max(seen, 1) for name, total in sums.items()}
     if spec.task == "detection":
         score = mean_average_precision(preds, truth, num_classes, 0.5) if truth else float("nan")
         return {"val_map50": float(score) if np.isfinite(score) else 0.0}
     return {"val_count_mae": float(np.concatenate(errors).mean()) if errors else 0.0}
+
+
+def _build(config: dict[str, Any], framework: str):
+    """The run's model for this worker (``models.registry``: built-in or the user's function,
+    whose folder the driver sent along in ``model_path``)."""
+    from orchestrator.train.models.registry import ModelContext, build_model, ensure_importable
+
+    m = config["model"]
+    ensure_importable(config.get("model_path"))
+    ctx = ModelContext(framework, config["num_classes"], tuple(config.get("label_names", ())),  # type: ignore[arg-type]
+                       m["image_size"], m["max_boxes"], dict(m["params"]), dict(config.get("run_config", {})))
+    return build_model(m["name"], ctx)
 
 
 def _skipped_since(before: int | None, config: dict[str, Any]) -> dict[str, int]:
@@ -103,13 +124,11 @@ def torch_loop(config: dict[str, Any]) -> None:
     import torch.distributed as dist
     from ray.train import Checkpoint
 
-    from orchestrator.train.models import get_model
-
-    m, t = config["model"], config["train"]
+    t = config["train"]
     torch.manual_seed(t["seed"])
     torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
-    spec = get_model(m["name"], "torch")
-    model = spec.build(config["num_classes"], **m["params"])
+    spec = _build(config, "torch")
+    model = spec.model
     optimizer = torch.optim.Adam(model.parameters(), lr=t["learning_rate"])
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -177,15 +196,12 @@ def tf_loop(config: dict[str, Any]) -> None:
     import tf_keras as keras
     from ray.train import Checkpoint
 
-    from orchestrator.train.models import get_model
-
     m, t = config["model"], config["train"]
     tf.random.set_seed(t["seed"])
-    spec = get_model(m["name"], "tensorflow")
-    params = {**m["params"], "image_size": m["image_size"]}
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     with strategy.scope():
-        model = spec.build(config["num_classes"], **params)
+        spec = _build(config, "tensorflow")
+        model = spec.model
         model.compile(optimizer=keras.optimizers.Adam(t["learning_rate"]), loss=spec.loss)
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -267,7 +283,7 @@ def tf_loop(config: dict[str, Any]) -> None:
             weights = model.get_weights()
             ckpt = None
             if rank == 0:
-                local = spec.build(config["num_classes"], **params)  # outside the strategy
+                local = _build(config, "tensorflow").model  # outside the strategy
                 local.set_weights(weights)
                 # The lambda is used by _evaluate within this iteration only.
                 metrics.update(_evaluate(lambda b: local(spec.inputs(b), training=False), spec,  # noqa: B023

@@ -47,6 +47,7 @@ from orchestrator.train.lineage import (
     runs_dir,
     write_lineage,
 )
+from orchestrator.train.models.registry import import_root, model_function
 from orchestrator.train.placement import (
     ResourceRequest,
     autoscaler_node_types,
@@ -156,6 +157,7 @@ def plan_run(settings: RunSettings, *, config_name: str = "run", resume: str | b
             f"only {len(train_ids)} training items for {settings.scaling.num_workers} workers",
             hint="lower scaling.num_workers or split.validation_fraction",
         )
+    model_function(settings.model.name)  # a user model's import fails here, before Ray starts
     resolved = settings.model_dump(mode="json")
     resolved["version"] = ds.version
     run_id = resume or new_run_id(config_name)
@@ -360,6 +362,9 @@ def _trainer(plan: Plan, display: RunDisplay | None = None) -> tuple[Any, RunWat
         "framework": s.framework, "train_items": plan.lineage.items["train"],
         "cpus_per_worker": s.scaling.cpus_per_worker,
         "skip_ledger": skip_ledger_name(plan.run_id),
+        # What a model function receives beyond model.*: the label names and the whole config.
+        "label_names": list(plan.dataset.label_map.names), "run_config": plan.lineage.config,
+        "model_path": import_root(s.model.name),  # where a user model's module was found
     }
     scaling = ScalingConfig(
         num_workers=s.scaling.num_workers, use_gpu=s.scaling.use_gpu,
