@@ -1,4 +1,4 @@
-"""Shard assignment for train workers: equal, disjoint, stable (pure logic, no Ray)."""
+"""Shard assignment for train workers: balanced, disjoint, complete, stable (pure logic, no Ray)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,13 @@ from orchestrator.stream.split import balanced_shards
 
 @settings(max_examples=200, deadline=None)
 @given(n=st.integers(0, 300), world=st.integers(1, 9), seed=st.integers(0, 3))
-def test_shards_equal_disjoint_and_drop_less_than_world(n: int, world: int, seed: int) -> None:
+def test_shards_hold_every_item_once_and_differ_by_at_most_one(n: int, world: int, seed: int) -> None:
     ids = [f"item-{i}" for i in range(n)]
     shards = balanced_shards(ids, world, seed)
     assert len(shards) == world
-    assert {len(s) for s in shards} == {n // world}
+    assert {len(s) for s in shards} <= {n // world, n // world + 1}
     flat = [i for s in shards for i in s]
-    assert len(flat) == len(set(flat))  # disjoint
-    assert set(flat) <= set(ids)
-    assert n - len(flat) == n % world  # only the remainder sits out
+    assert sorted(flat) == sorted(ids)  # disjoint, and none sits out
 
 
 def test_assignment_depends_on_ids_not_their_order() -> None:

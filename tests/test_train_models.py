@@ -333,9 +333,26 @@ def test_keras_detector_any_input_size_and_targets() -> None:
     assert y.shape == (3, 8, 8, 7) and y[..., 1].max() == 1.0
     out = model(kd.inputs(batch), training=False)
     assert out.shape == (3, 8, 8, 6)
-    assert np.isfinite(float(kd.loss_fn(y, out)))
+    assert np.isfinite(float(np.mean(kd.loss_fn(y, out))))
     with pytest.raises(ValueError, match="multiple of 8"):
         kd.build(2, image_size=100)
+
+
+def test_keras_detector_loss_with_zero_weight_padding_equals_the_loss_of_the_real_rows(demo_batch) -> None:
+    """The training loop pads a short step with blank rows of sample weight 0 (train.loops);
+    Keras's weighted mean over the padded batch must be the loss of the real rows alone."""
+    pytest.importorskip("tensorflow")
+    from orchestrator.train.loops import blank_batch
+    from orchestrator.train.models import keras_detector as kd
+
+    g, real = SIZE // 4, {k: v[:3] for k, v in demo_batch.items()}
+    blank = blank_batch(SIZE, demo_batch["boxes"].shape[1], 2)
+    padded = {k: np.concatenate([real[k], blank[k]]) for k in ("boxes", "labels", "num_boxes")}
+    raw = np.random.default_rng(2).normal(0, 1.5, (5, g, g, NUM_CLASSES + 4)).astype(np.float32)
+    alone = kd.loss_fn(kd.make_targets(real["boxes"], real["labels"], real["num_boxes"], g, NUM_CLASSES), raw[:3])
+    per_row = kd.loss_fn(kd.make_targets(padded["boxes"], padded["labels"], padded["num_boxes"], g, NUM_CLASSES), raw)
+    weights = np.array([1, 1, 1, 0, 0], np.float32)
+    assert float(np.sum(np.asarray(per_row) * weights) / 5) == pytest.approx(float(np.mean(alone)), rel=1e-5)
 
 
 def test_torch_and_keras_detectors_agree_on_loss_and_decoding(demo_batch) -> None:
@@ -351,7 +368,7 @@ def test_torch_and_keras_detectors_agree_on_loss_and_decoding(demo_batch) -> Non
     torch_out = {"heatmap": torch.from_numpy(raw[..., :NUM_CLASSES]).permute(0, 3, 1, 2),
                  "box": torch.from_numpy(raw[..., NUM_CLASSES:]).permute(0, 3, 1, 2)}
     y = kd.make_targets(batch["boxes"], batch["labels"], batch["num_boxes"], g, NUM_CLASSES)
-    assert float(kd.loss_fn(y, raw)) == pytest.approx(td.loss(torch_out, batch).item(), rel=1e-4)
+    assert float(np.mean(kd.loss_fn(y, raw))) == pytest.approx(td.loss(torch_out, batch).item(), rel=1e-4)
     for (b1, s1, l1), (b2, s2, l2) in zip(td.predict(torch_out, 0.2, 20), kd.predict_boxes(raw, 0.2, 20)):
         np.testing.assert_allclose(s1, s2, rtol=1e-5)
         np.testing.assert_allclose(b1, b2, atol=1e-5)

@@ -43,17 +43,18 @@ def _shard_key(seed: int, item_id: str) -> bytes:
 
 
 def balanced_shards(item_ids: Sequence[str], num_shards: int, seed: int = 0) -> list[list[str]]:
-    """Split items into ``num_shards`` disjoint shards of exactly ``len(item_ids) // num_shards``
-    items each (synchronous data-parallel training needs equal step counts).
+    """Split items into ``num_shards`` disjoint shards that together hold every item, of
+    ``len // num_shards`` or one more items each.
 
     Items are ordered by a seeded hash of their id and dealt round robin, so the assignment
     depends only on the ids, the shard count and the seed: a restarted run gives every rank the
-    same items, and its node's blob cache stays warm. The ``len % num_shards`` items last in
-    hash order sit out (the same ones each epoch; never more than ``num_shards - 1``)."""
+    same items, and its node's blob cache stays warm. Why not equal sizes (synchronous training
+    needs equal step counts): the training loops equalize steps themselves with zero-weight
+    padding (``train.loops``), which also absorbs items skipped for a bad blob; dropping the
+    remainder instead left the same items out of every epoch."""
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     ordered = sorted(set(item_ids), key=lambda i: _shard_key(seed, i))
     if len(ordered) != len(item_ids):
         raise ValueError("item ids must be unique")
-    per = len(ordered) // num_shards
-    return [ordered[rank:per * num_shards:num_shards] for rank in range(num_shards)]
+    return [ordered[rank::num_shards] for rank in range(num_shards)]

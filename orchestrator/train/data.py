@@ -5,7 +5,7 @@ out with ``streaming_split(equal=True, locality_hints=...)``. The hints are best
 the local worker is ahead, the splitter gives a block to the worker with the least data, wherever
 it was produced, so decoded images cross the network and a node's cache fills with items its
 worker never sees. Here the split is decided on item ids before anything is fetched
-(:func:`~orchestrator.stream.split.balanced_shards`: equal sizes, stable across restarts) and each
+(:func:`~orchestrator.stream.split.balanced_shards`: sizes within one, stable across restarts) and each
 worker's scan → fetch → decode → resize stages are pinned to the node that worker runs on. Every
 blob is fetched once per epoch, on the node that trains on it, into that node's cache; when the
 worker group is rebuilt (a node lost, a resize), ``configure`` runs again with the new nodes.

@@ -7,9 +7,10 @@ rank 0 with a local, collective-free copy of the model, and ``ray.train.report``
 a checkpoint (rank 0 uploads it).
 
 A worker's shard is its own node-local pipeline (train/data.py, ``NodeLocalDataConfig``). Every
-worker takes the same number of steps per epoch even when skipped items leave one shard short
-(torch: ``_in_step``; TensorFlow: a fixed step count), as a worker that stopped early would leave
-the others waiting in a collective.
+worker takes the same number of steps per epoch, the longest shard's, even when skipped items
+leave one shard short (torch: ``_in_step``; TensorFlow: a fixed step count): a worker out of data
+takes zero-weight steps, since one that stopped early would leave the others waiting in a
+collective. Every item of every shard is trained once an epoch, none twice.
 """
 
 from __future__ import annotations
@@ -86,29 +87,50 @@ def _skipped_since(before: int | None, config: dict[str, Any]) -> dict[str, int]
     return {} if before is None or after is None else {"skipped_items": after - before}
 
 
-def _in_step(batches):
-    """The batches of this worker's shard for as long as every worker still has one.
+def _in_step(batches, blank: dict[str, np.ndarray]):
+    """``(batch, weight)`` for as many steps as the longest shard of any worker has batches.
 
-    DDP needs every worker to take the same number of steps (each backward is a collective):
-    shards are equal in size, but an item skipped for a missing or corrupt blob makes one
-    shorter, and a worker that stopped a step early would leave the others waiting forever in
-    an all-reduce. One tiny all-reduce per step agrees on whether all have a batch; a batch a
-    worker holds beyond the shortest shard is left out of this epoch.
+    DDP needs every worker to take the same number of steps (each backward is a collective),
+    but shards differ by an item (``balanced_shards``) and an item skipped for a missing or
+    corrupt blob shortens one more. A worker whose shard has run out takes zero-weight steps
+    (its last batch, or ``blank``, with the loss times 0: it adds no gradient) until every
+    worker's has, so each item of every shard is trained once per epoch and no worker is left
+    waiting in an all-reduce. One tiny all-reduce per step agrees on whether any has a batch.
+    (DDP averages gradients over all workers, so a step in which some pad is a slightly
+    smaller step for the others: at most the last one or two of an epoch.)
     """
     import torch.distributed as dist
 
     together = dist.is_available() and dist.is_initialized()
+    last = None
     for batch in _with_end(batches):
         if together:
             import torch
 
             have = torch.tensor([0 if batch is None else 1], dtype=torch.int32)
-            dist.all_reduce(have, op=dist.ReduceOp.MIN)
+            dist.all_reduce(have, op=dist.ReduceOp.MAX)
             if not have.item():
                 return
-        if batch is None:
+        elif batch is None:
             return
-        yield batch
+        if batch is None:
+            yield (last if last is not None else blank), 0.0
+        else:
+            last = batch
+            yield batch, 1.0
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def blank_batch(size: int, max_boxes: int, rows: int = 1) -> dict[str, np.ndarray]:
+    """A batch of ``rows`` empty examples (black image, no boxes) in the examples' layout: the
+    input of a padding step whose weight is 0."""
+    return {"image": np.zeros((rows, size, size, 3), np.uint8),
+            "boxes": np.zeros((rows, max_boxes, 4), np.float32),
+            "labels": np.full((rows, max_boxes), -1, np.int64), "num_boxes": np.zeros(rows, np.int64),
+            "id": np.array([""] * rows, dtype=object)}
 
 
 def _with_end(batches):
@@ -143,7 +165,8 @@ def torch_loop(config: dict[str, Any]) -> None:
     local = model.module if hasattr(model, "module") else model
     rank = ray.train.get_context().get_world_rank()
     world = ray.train.get_context().get_world_size()
-    steps = -(-(config["train_items"] // world) // t["batch_size"])  # expected, for the progress bar
+    steps = _ceil_div(_ceil_div(config["train_items"], world), t["batch_size"])  # the longest shard's, for the bar
+    blank = blank_batch(config["model"]["image_size"], config["model"]["max_boxes"])
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
 
@@ -154,16 +177,17 @@ def torch_loop(config: dict[str, Any]) -> None:
         reporter = StepReporter(config.get("mailbox") if rank == 0 else None, epoch, steps, world)
         batches = train_shard.iter_batches(batch_size=t["batch_size"], batch_format="numpy",
                                            prefetch_batches=config["data"]["prefetch_batches"])
-        for batch in _in_step(batches):
-            loss = spec.loss(model(spec.inputs(batch)), batch)
+        for batch, weight in _in_step(batches, blank):
+            loss = spec.loss(model(spec.inputs(batch)), batch) * weight
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            n = len(batch["num_boxes"])
-            value = float(loss.detach())
-            loss_sum += value * n
-            seen += n
-            reporter.step(n, value)
+            if weight:
+                n = len(batch["num_boxes"])
+                value = float(loss.detach())
+                loss_sum += value * n
+                seen += n
+                reporter.step(n, value)
         totals = torch.tensor([loss_sum, float(seen)], dtype=torch.float64)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(totals)
@@ -213,26 +237,24 @@ def tf_loop(config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
-    size = m["image_size"]
-    sample = {"image": np.zeros((1, size, size, 3), np.uint8),
-              "boxes": np.zeros((1, m["max_boxes"], 4), np.float32),
-              "labels": np.full((1, m["max_boxes"]), -1, np.int64), "num_boxes": np.zeros(1, np.int64)}
-    target_shape = spec.targets(sample, model).shape[1:]
+    size, batch_size = m["image_size"], t["batch_size"]
+    target_shape = spec.targets(blank_batch(size, m["max_boxes"]), model).shape[1:]
 
     # MultiWorkerMirroredStrategy needs every worker to take the same number of steps, and
     # Keras must know that number up front (an unknown-size dataset can leave one worker waiting
-    # in a collective at the end of an epoch). Each worker's node-local shard
-    # (train/data.py, stream.split.balanced_shards) holds train_items // world items; we feed
-    # the full batches and drain the rest of the shard.
+    # in a collective at the end of an epoch). Each worker's node-local shard (train/data.py,
+    # stream.split.balanced_shards) holds at most ceil(train_items / world) items: every
+    # worker takes the steps of the longest, and a step's rows beyond its shard (its shard is
+    # shorter by an item, or lost one to a bad blob) are blank examples of sample weight 0, so
+    # every item is trained once an epoch and none twice.
     world = ray.train.get_context().get_world_size()
-    steps = (config["train_items"] // world) // t["batch_size"]
-    if steps < 1:
-        raise ValueError(f"train.batch_size {t['batch_size']} exceeds the {config['train_items'] // world} "
-                         f"training items each of the {world} workers gets")
-    signature = (tf.TensorSpec((t["batch_size"], size, size, 3), tf.float32),
-                 tf.TensorSpec((t["batch_size"], *target_shape), tf.float32))
+    steps = _ceil_div(_ceil_div(config["train_items"], world), batch_size)
+    signature = (tf.TensorSpec((batch_size, size, size, 3), tf.float32),
+                 tf.TensorSpec((batch_size, *target_shape), tf.float32),
+                 tf.TensorSpec((batch_size,), tf.float32))
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    padding = blank_batch(size, m["max_boxes"], batch_size)
 
     class StepReports(keras.callbacks.Callback):
         """Rank 0's step reports for the driver's progress bar (``progress.StepReporter``)."""
@@ -250,31 +272,33 @@ def tf_loop(config: dict[str, Any]) -> None:
         reporter = step_reports.reporter = StepReporter(config.get("mailbox") if rank == 0 else None,
                                                         epoch, steps, world)
         shard_batches = iter(train_shard.iter_batches(
-            batch_size=t["batch_size"], batch_format="numpy", drop_last=True,
+            batch_size=batch_size, batch_format="numpy",
             prefetch_batches=config["data"]["prefetch_batches"]))
 
-        def first_steps():
-            # A shard that came up short (items skipped for a missing or corrupt blob) repeats
-            # its own batches: every worker must take exactly ``steps`` steps.
-            taken: list = []
-            for step in range(steps):
-                batch = next(shard_batches, None)  # noqa: B023 (fit consumes this within the epoch)
-                if batch is None:
-                    if not taken:
-                        raise ValueError(f"worker {rank} received no full batch this epoch")
-                    batch = taken[step % len(taken)]
-                else:
-                    taken.append(batch)
-                yield spec.inputs(batch).astype(np.float32), spec.targets(batch, model).astype(np.float32)
+        trained = [0]  # this worker's real (weight 1) rows this epoch
 
-        data = (tf.data.Dataset.from_generator(first_steps, output_signature=signature)
+        def padded_steps():
+            for _ in range(steps):
+                batch = next(shard_batches, None)  # noqa: B023 (fit consumes this within the epoch)
+                rows = 0 if batch is None else len(batch["num_boxes"])
+                trained[0] += rows  # noqa: B023
+                if rows < batch_size:  # the shard ran short: blank rows of weight 0
+                    batch = {k: np.concatenate([batch[k], padding[k][:batch_size - rows]]) if rows else
+                             padding[k] for k in padding}
+                weights = (np.arange(batch_size) < rows).astype(np.float32)
+                yield (spec.inputs(batch).astype(np.float32), spec.targets(batch, model).astype(np.float32),
+                       weights)
+
+        data = (tf.data.Dataset.from_generator(padded_steps, output_signature=signature)
                 .apply(tf.data.experimental.assert_cardinality(steps)).with_options(options))
         fitted = model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[step_reports])
         for _ in shard_batches:  # finish this epoch of the shard
             pass
+        # Every worker's real rows, summed (a collective: every worker gets here).
+        items = int(strategy.reduce(tf.distribute.ReduceOp.SUM,
+                                    strategy.run(lambda: tf.constant(trained[0], tf.int64)), axis=None))  # noqa: B023
         metrics = {"epoch": epoch, "train_loss": float(fitted.history["loss"][-1]),
-                   "train_items": steps * t["batch_size"] * world, "attempt_start_epoch": start_epoch,
-                   **reporter.finish(steps * t["batch_size"] * world)}
+                   "train_items": items, "attempt_start_epoch": start_epoch, **reporter.finish(items)}
         last = epoch == t["epochs"] - 1
         with tempfile.TemporaryDirectory() as d:
             # Reading weights is a collective (BatchNorm statistics are sync-on-read

@@ -194,18 +194,20 @@ def test_ray_job_submit_runs_jobs_train_py(ray_cluster, tmp_path, demo_small):
     assert len(runs) == 1 and runs[0].status == "finished" and runs[0].run_id.startswith("street_torch-")
 
 
-def test_a_skipped_item_is_counted_in_lineage_and_workers_stay_in_step(demo_small, tmp_path):
+@pytest.mark.parametrize("config", ["street_torch.yaml", "street_tf.yaml"])
+def test_a_skipped_item_is_counted_in_lineage_and_workers_stay_in_step(config, demo_small, tmp_path):
     """A corrupt item in one worker's shard (a byte flipped in its bytes in the pack, the
     default layout): the run finishes (no DDP worker left waiting in an all-reduce for a step
-    the other never takes) and its lineage counts the skip by reason."""
+    the other never takes; no TF worker short of its fixed step count) and its lineage counts
+    the skip by reason, in total and in the epoch's metrics."""
     uri = f"file://{tmp_path / 'store'}"
     store = orchestrator.connect(uri)
     store.ingest("street", coco=demo_small / "annotations.json", images=demo_small / "images")
-    first = plan_run(_settings("street_torch.yaml", uri))
+    first = plan_run(_settings(config, uri))
     shard = len(first.train_ids) // 2
     # One batch short of two per worker: the full shard takes 2 steps, the one missing an item 1.
     # No disk cache: the session's node cache may hold the demo item's good bytes from an earlier test.
-    plan = plan_run(_settings("street_torch.yaml", uri, "train.epochs=1", f"train.batch_size={shard - 1}",
+    plan = plan_run(_settings(config, uri, "train.epochs=1", f"train.batch_size={shard - 1}",
                               "data.disk_cache_mb=0"))
     victim = plan.train_ids[0]
     row = {r["item_id"]: r for r in
@@ -221,8 +223,10 @@ def test_a_skipped_item_is_counted_in_lineage_and_workers_stay_in_step(demo_smal
     assert lineage.status == "finished"
     assert lineage.skipped_items == 1 and lineage.skipped["by_reason"] == {"corrupt": 1}
     assert victim in lineage.skipped["examples"][0]
-    # Each worker stopped at the shortest shard's step count (without that, the full shard's
-    # extra step leaves its peer waiting in DDP's all-reduce: the run hangs).
-    assert 0 < lineage.metrics[0]["train_items"] <= 2 * (shard - 1), json.dumps(lineage.metrics)
+    assert lineage.metrics[0]["skipped_items"] == 1, json.dumps(lineage.metrics)
+    # Every worker took the longest shard's step count (torch: a worker that stopped early would
+    # leave its peer waiting in DDP's all-reduce; TensorFlow: Keras's fixed count), the short
+    # shard padding with zero-weight rows: every other item was trained, once.
+    assert lineage.metrics[0]["train_items"] == len(plan.train_ids) - 1, json.dumps(lineage.metrics)
     recorded = {r.run_id: r for r in list_runs(store.runs)}[plan.run_id]
     assert recorded.skipped_items == 1

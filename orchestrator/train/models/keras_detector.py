@@ -104,25 +104,29 @@ def targets(batch: Mapping[str, Any], model: keras.Model) -> np.ndarray:
 
 
 def loss_fn(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
-    """Scalar loss: ``y_true`` ``[B, G, G, C+5]`` from :func:`make_targets`, ``y_pred`` the model
-    output ``[B, G, G, C+4]``. Same formula as the torch detector (see ``centernet``)."""
+    """Per-image losses ``[B]`` whose mean is the torch detector's loss (same formula, see
+    ``centernet``): ``y_true`` ``[B, G, G, C+5]`` from :func:`make_targets`, ``y_pred`` the model
+    output ``[B, G, G, C+4]``. Per image, not one scalar, so that Keras applies sample weights:
+    the rows a training step pads with (``train.loops``) have weight 0. The normalizers (the
+    batch's positives and boxes) count real images only: padded rows have none."""
     y_true = tf.cast(y_true, tf.float32)
     y_pred = tf.cast(y_pred, tf.float32)
     C = tf.shape(y_pred)[-1] - 4
     logits, box = y_pred[..., :C], y_pred[..., C:]
     heat, box_t, mask = y_true[..., :C], y_true[..., C : C + 4], y_true[..., C + 4 : C + 5]
+    rows = tf.cast(tf.shape(y_pred)[0], tf.float32)
 
     p = tf.sigmoid(logits)
     pos = tf.cast(tf.equal(heat, 1.0), tf.float32)
     pos_term = pos * (1 - p) ** 2 * tf.math.log_sigmoid(logits)
     neg_term = (1 - pos) * (1 - heat) ** 4 * p**2 * tf.math.log_sigmoid(-logits)
-    focal = -tf.reduce_sum(pos_term + neg_term) / tf.maximum(tf.reduce_sum(pos), 1.0)
+    focal = -tf.reduce_sum(pos_term + neg_term, axis=[1, 2, 3]) / tf.maximum(tf.reduce_sum(pos), 1.0)
 
     n = tf.maximum(tf.reduce_sum(mask), 1.0)
     l1 = tf.abs(box - box_t) * mask
-    offset_l1 = tf.reduce_sum(l1[..., 0:2]) / (2 * n)
-    size_l1 = tf.reduce_sum(l1[..., 2:4]) / (2 * n)
-    return focal + cn.OFFSET_WEIGHT * offset_l1 + cn.SIZE_WEIGHT * size_l1
+    offset_l1 = tf.reduce_sum(l1[..., 0:2], axis=[1, 2, 3]) / (2 * n)
+    size_l1 = tf.reduce_sum(l1[..., 2:4], axis=[1, 2, 3]) / (2 * n)
+    return rows * (focal + cn.OFFSET_WEIGHT * offset_l1 + cn.SIZE_WEIGHT * size_l1)
 
 
 def predict_boxes(
