@@ -41,9 +41,13 @@ def running_cluster_address() -> tuple[str | None, bool]:
     explicit = os.environ.get("RAY_ADDRESS")
     if explicit:
         return explicit, True
+    return _recorded_address(), False
+
+
+def _recorded_address() -> str | None:
     from ray._private.utils import read_ray_address
 
-    return read_ray_address(), False
+    return read_ray_address()
 
 
 #: Variables Ray Train (V2) puts in the runtime environment of its controller, and so of its
@@ -117,7 +121,17 @@ def quiet_ray_logs() -> int:
 
 
 def ensure_ray() -> None:
-    """Connect once per process; idempotent."""
+    """Connect once per process; idempotent: attach to the cluster ``running_cluster_address``
+    names, else start a local one.
+
+    Token authentication (on by default since Ray 2.52): for the cluster ``ray start`` recorded
+    on this machine, this process authenticates with the machine's token as Ray's own
+    ``address="auto"`` would (``RAY_AUTH_MODE=token`` when a token exists); Ray never sends it to
+    an explicit ``RAY_ADDRESS`` by itself, so there the user sets ``RAY_AUTH_MODE`` (and the
+    token), unless that address is the recorded one. A cluster that answers but refuses the
+    connection is reported as such, with the fix;
+    only one that does not answer at all is "gone" (and, when merely recorded, replaced by a
+    local one)."""
     import ray
 
     from orchestrator.errors import OrchestratorError
@@ -126,21 +140,75 @@ def ensure_ray() -> None:
         return
     runtime_env = _job_env()
     address, explicit = running_cluster_address()
+    if address and not explicit and not _answers(address):
+        # A cluster recorded here that is gone: ray.init would retry it for ~20 s first.
+        log.info("the Ray cluster recorded at %s does not answer; starting a local one", address)
+        address = None
     if address:
+        level = quiet_ray_logs()
+        if not explicit or address == _recorded_address():  # the cluster `ray start` made here
+            _authenticate_like_auto()
         try:
-            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env,
-                     logging_level=quiet_ray_logs())
+            from orchestrator.optional import native_logs_hidden
+
+            with native_logs_hidden():  # Ray's C++ retry warnings while a connection is refused
+                ray.init(address=address, log_to_driver=False, runtime_env=runtime_env, logging_level=level)
             quiet_ray_logs()
             log.info("attached to the Ray cluster at %s", address)
             return
-        except ConnectionError as exc:
+        except (ConnectionError, RuntimeError) as exc:  # Ray's AuthenticationError is a RuntimeError
+            where = f"RAY_ADDRESS={address}" if explicit else f"{address} (recorded by `ray start`)"
+            if _answers(address):
+                raise OrchestratorError(
+                    f"the Ray cluster at {where} answers but refused this connection: {_first_line(exc)}",
+                    hint=_auth_hint()) from None
             if explicit:
                 raise OrchestratorError(
-                    f"no Ray cluster answers at RAY_ADDRESS={address}: {exc}",
+                    f"no Ray cluster answers at {where}: {_first_line(exc)}",
                     hint="start it (`ray start --head`) or unset RAY_ADDRESS to run locally",
                 ) from None
-            log.info("the Ray cluster recorded at %s is gone; starting a local one", address)
+            log.info("the Ray cluster recorded at %s does not answer; starting a local one", address)
     start_local_ray()
+
+
+def _auth_hint() -> str:
+    import ray
+
+    return ("it uses token authentication (Ray's default): set RAY_AUTH_MODE=token and give this "
+            "process the cluster's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, "
+            "as `ray start` wrote it on the head node); or it runs another Ray version than this "
+            f"process ({ray.__version__})")
+
+
+def _authenticate_like_auto() -> None:
+    """Turn token authentication on for this process when a token exists on this machine and
+    RAY_AUTH_MODE is unset: what ``ray.init(address="auto")`` does for the cluster it finds
+    here (Ray-internal helper, checked against Ray 2.60; without it, a plain attach retried
+    ``InvalidAuthToken`` for 20 s)."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # pragma: no cover - an older or newer Ray: let ray.init decide
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def _answers(address: str, timeout: float = 2.0) -> bool:
+    """Whether anything accepts a TCP connection at ``host:port`` (a cluster that is up)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def start_local_ray(wait_warm: bool = False) -> None:

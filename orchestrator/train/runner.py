@@ -233,6 +233,10 @@ def skip_ledger_name(run_id: str) -> str:
 def _record_skips(lineage: Lineage) -> None:
     """Copy the run's skip ledger into its lineage and end the ledger; never raises (the run's
     own outcome is what must be recorded)."""
+    import ray
+
+    if not ray.is_initialized():  # the run failed before Ray was up: nothing was read (and any
+        return  # Ray call here would start or attach to a cluster of its own)
     try:
         from orchestrator.adapters.ray import SkipLedger
 
