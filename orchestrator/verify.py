@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from orchestrator.errors import ConfigError, ItemError
+from orchestrator.meter import Meter
 from orchestrator.packs import RangeRead, plan_reads
 from orchestrator.storage_errors import storage_errors, store_call
 from orchestrator.store_location import read_range
@@ -213,7 +213,6 @@ def verify_dataset(
     report = VerifyReport(dataset=dataset, version=plan.version,
                           blobs_checked=len(loose) + len({blob for _, _, blob in packed}))
     blobs, packs = plan.blobs, plan.packs
-    show = sys.stderr.isatty() if progress is None else progress
 
     def check(unit: str | RangeRead) -> tuple[list[BadBlob], int]:
         if isinstance(unit, str):
@@ -224,9 +223,11 @@ def verify_dataset(
         return check_pack_range(packs, unit, parts)
 
     units: list[str | RangeRead] = [*sorted(loose), *reads]
-    for bad, nbytes in _progress(_bounded_map(check, units, threads), len(units), show, f"verify {dataset}"):
-        report.bytes_checked += nbytes
-        report.bad.extend(bad)
+    with Meter(f"verify {dataset}", len(units), "check", show=progress, rate_bytes=True) as meter:
+        for bad, nbytes in _bounded_map(check, units, threads):
+            report.bytes_checked += nbytes
+            report.bad.extend(bad)
+            meter.update(1, nbytes)
     report.bad.sort(key=lambda b: (b.items, b.blob))
     if source is not None:
         report.repair_source = str(source)
@@ -356,15 +357,3 @@ def _bounded_map(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Iter
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
                 yield fut.result()
-
-
-def _progress(results: Iterator[R], total: int, show: bool, desc: str) -> Iterator[R]:
-    if not show:
-        yield from results
-        return
-    from tqdm import tqdm
-
-    with tqdm(total=total, unit="blob", desc=desc, file=sys.stderr) as bar:
-        for r in results:
-            bar.update()
-            yield r

@@ -39,3 +39,26 @@ def test_an_orchestrator_error_is_recovered_from_a_ray_report():
     chained.__cause__ = ItemError("item 'a': missing", reason="missing")
     assert orchestrator_error_in(chained).reason == "missing"
     assert orchestrator_error_in(RuntimeError("plain")) is None
+
+
+def test_a_ledger_closes_only_in_the_process_that_made_it(monkeypatch):
+    """A forked DataLoader worker that collects an inherited Dataset runs its finalizer, which
+    closes the Dataset's ledger: that must not touch the parent's Ray connection (it hung)."""
+    import os
+
+    from orchestrator.adapters.ray import SkipLedger
+
+    import ray
+
+    calls = []
+    monkeypatch.setattr(SkipLedger, "_actor", lambda self, create: calls.append(os.getpid()))
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # as inherited by a forked child
+    ledger = SkipLedger("orchestrator-skips-test", None)
+    pid = os.fork()
+    if pid == 0:  # the child: close must return without asking Ray anything
+        ledger.close()
+        os._exit(0 if not calls else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    ledger.close()  # the owner does ask
+    assert calls == [os.getpid()]

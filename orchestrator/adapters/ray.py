@@ -16,6 +16,7 @@ Rows are ``stream.item.to_ray_row`` of the item (plus ``fetch_node``), or the co
 
 from __future__ import annotations
 
+import os
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -95,12 +96,14 @@ class SkipLedger:
     A named Ray actor, created by the first skip only (a clean read starts no process), detached
     so that it outlives the fetch actors that wrote to it, and placed on the driver's node so
     it never keeps an autoscaled node alive. Each skip is recorded synchronously before the
-    stage moves on, so a reader that finished consuming sees every skip. ``close()`` ends it.
+    stage moves on, so a reader that finished consuming sees every skip. ``close()`` ends it,
+    in the process that made this handle only.
     """
 
     def __init__(self, name: str, home_node: str | None) -> None:
         self.name = name
         self.home_node = home_node
+        self.owner_pid = os.getpid()
 
     def _actor(self, create: bool):
         import ray
@@ -138,8 +141,14 @@ class SkipLedger:
         return skips
 
     def close(self) -> None:
+        """End the ledger's actor. A no-op outside the process that made this handle: a
+        DataLoader worker forked from it inherits the ``Dataset`` whose finalizer calls this
+        (collected by the child's garbage collector), and the inherited Ray connection is not
+        usable there: ``ray.get_actor`` waited forever and hung the DataLoader (seen in CI)."""
         import ray
 
+        if os.getpid() != self.owner_pid:
+            return
         actor = self._actor(create=False) if ray.is_initialized() else None
         if actor is not None:
             ray.kill(actor)
