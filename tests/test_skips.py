@@ -46,9 +46,9 @@ def test_a_ledger_closes_only_in_the_process_that_made_it(monkeypatch):
     closes the Dataset's ledger: that must not touch the parent's Ray connection (it hung)."""
     import os
 
-    from orchestrator.adapters.ray import SkipLedger
-
     import ray
+
+    from orchestrator.adapters.ray import SkipLedger
 
     calls = []
     monkeypatch.setattr(SkipLedger, "_actor", lambda self, create: calls.append(os.getpid()))
