@@ -358,7 +358,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from orchestrator.train.runner import plan_run, run
 
     settings = load_config(args.config, args.overrides, store=args.store or os.environ.get("ORCHESTRATOR_STORE"))
-    extend = any(o.split("=", 1)[0].strip() == "train.epochs" for o in args.overrides)
+    extend = any(_override_key(o) == "train.epochs" for o in args.overrides)
     plan = plan_run(settings, config_name=args.config.stem, resume=args.resume, extend_epochs=extend)
     # Human lines go to stdout, or to stderr under --json, whose stdout is the record alone.
     human = _out if not args.json else sys.stderr
@@ -373,7 +373,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         lineage = run(plan, display)
     except (KeyboardInterrupt, SystemExit) as stop:  # run() has stopped the workers and recorded it
-        display.close()
+        display.close()  # before the message (close is idempotent; finally closes it otherwise)
         done = len(plan.lineage.metrics)
         print(f"error: run {plan.run_id} interrupted after {done} finished epoch{'s' if done != 1 else ''}; "
               f"lineage (status interrupted): {lineage_uri(plan.store.runs, plan.run_id)}\n"
@@ -383,12 +383,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         code = stop.code  # Ray's SIGTERM handler exits with the signal number
         return 128 + code if isinstance(code, int) and code > 0 else EXIT_SYSTEM
     except OrchestratorError as exc:
-        display.close()
         if exc.user_fault:
             raise
         raise OrchestratorError(f"{exc}\nafter fixing the cause, continue it from its last checkpoint: {resume}",
                                 hint=exc.hint, user_fault=False) from None
-    display.close()
+    finally:
+        display.close()  # the bar goes before any line that follows
     if args.json:
         emit(json.dumps(lineage.as_dict(), indent=2, default=str))
         return 0
@@ -400,11 +400,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _override_key(assignment: str) -> str:
+    """``train.epochs`` of ``--set train.epochs=3``."""
+    return assignment.split("=", 1)[0].strip()
+
+
 def _resume_command(args: argparse.Namespace, store_uri: str, run_id: str, *, epochs: int | None = None) -> str:
     """The command that continues this run: the same config and overrides (but the store, named
     once with --store) and ``--resume RUN_ID``; with ``epochs``, ``--set train.epochs=epochs``."""
     drop = {"store"} | ({"train.epochs"} if epochs is not None else set())
-    kept = [o for o in args.overrides if o.split("=", 1)[0].strip() not in drop]
+    kept = [o for o in args.overrides if _override_key(o) not in drop]
     if epochs is not None:
         kept.append(f"train.epochs={epochs}")
     parts = ["orchestrator", "train", str(args.config), "--store", store_uri, "--resume", run_id]
