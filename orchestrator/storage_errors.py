@@ -4,6 +4,12 @@ pyarrow, deltalake and botocore each report a bad key, a missing bucket or a ref
 their own words, often deep inside a C++ or Rust message. Callers wrap storage calls in
 ``storage_errors(action, target)`` and get ``AccessDenied`` or ``StoreError`` naming the action
 and the object instead.
+
+``store_call`` and ``retrying`` also hold each S3 request open on ``S3_REQUESTS``: a process
+that forks (a PyTorch DataLoader starting its workers) while another of its threads is inside
+an S3 request hands the child an AWS SDK (pyarrow's C++ client) that never completes a request
+there, or crashes: measured, every child forked during reads hung in its first read, and CI saw
+a DataLoader worker die of SIGSEGV. The fork now waits for requests in flight to end.
 """
 
 from __future__ import annotations
@@ -14,12 +20,29 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar
 
 from orchestrator.errors import AccessDenied, OrchestratorError, StoreError
+from orchestrator.fork_safety import ForkGate
 from orchestrator.retry import RetryPolicy, call_with_retries, is_transient
 
 if TYPE_CHECKING:
     from orchestrator.store_location import StoreLocation
 
 T = TypeVar("T")
+
+#: The S3 requests of this process (see the module docstring): a fork waits up to ``wait_s``
+#: for those in flight, longer than one attempt's request timeout takes to give up by default.
+S3_REQUESTS = ForkGate(wait_s=60.0)
+
+
+def _one_request(fn: Callable[[], T], location: StoreLocation) -> Callable[[], T]:
+    """``fn`` as one attempt that a fork waits for, on S3 (a local file has no client state)."""
+    if location.scheme != "s3":
+        return fn
+
+    def attempt() -> T:
+        with S3_REQUESTS.operation():
+            return fn()
+
+    return attempt
 
 _CREDENTIALS = re.compile(
     r"InvalidAccessKeyId|INVALID_ACCESS_KEY_ID|SignatureDoesNotMatch|SIGNATURE_DOES_NOT_MATCH|InvalidClientTokenId|ExpiredToken|"
@@ -85,7 +108,7 @@ def store_call(
     retry policy (or ``policy``) then ``StoreUnavailable``; any other failure translated at once
     (see ``orchestrator.retry``). ``fn`` must be safe to repeat."""
     return call_with_retries(
-        fn, policy=policy or location.retry, action=action, target=target, store=location.uri,
+        _one_request(fn, location), policy=policy or location.retry, action=action, target=target, store=location.uri,
         translate=lambda exc: translate(exc, action, target),
     )
 
@@ -96,5 +119,5 @@ def retrying(
 ) -> T:
     """Like ``store_call`` but a non-transient failure is re-raised as it is, for callers that
     explain it themselves (a damaged manifest file names the file)."""
-    return call_with_retries(fn, policy=policy or location.retry, action=action, target=target,
-                             store=location.uri)
+    return call_with_retries(_one_request(fn, location), policy=policy or location.retry, action=action,
+                             target=target, store=location.uri)

@@ -82,6 +82,7 @@ def test_a_model_from_a_module_outside_the_package_trains_with_its_own_metrics(c
     (tmp_path / module / "tiny.py").write_text(USER_MODEL)
     monkeypatch.syspath_prepend(str(tmp_path))
     settings = load_config(REPO / "configs" / config, [f"store={street}", "train.epochs=2", "train.batch_size=8",
+                                                       "train.learning_rate=0.1",  # moves the loss in 12 steps
                                                        f"model.name={module}.tiny:build"])
     lineage = run(plan_run(settings))
     assert lineage.status == "finished" and lineage.config["model"]["name"] == f"{module}.tiny:build"
