@@ -83,6 +83,9 @@ class DataSettings(_Strict):
 class CheckpointSettings(_Strict):
     path: str | None = Field(None, description="default: <store>/runs")
     every_epochs: int = Field(1, ge=1)
+    every_steps: int | None = Field(
+        None, ge=1, description="also checkpoint every N steps inside an epoch, with the data position: "
+        "a run killed mid-epoch resumes with exactly the items the epoch had not trained (train.position)")
     keep: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0, description="worker failures to recover from")
 

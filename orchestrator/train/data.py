@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import ray
 import ray.train
 
 from orchestrator.adapters.ray import SkipLedger, to_ray_dataset
@@ -25,6 +26,8 @@ from orchestrator.stream.split import HashSplit, balanced_shards
 
 if TYPE_CHECKING:
     import ray.data
+
+    from orchestrator.train.position import Resume
 
 
 @dataclass
@@ -54,12 +57,32 @@ class RunData:
         return to_ray_dataset(plan, ledger, self.split, node_id=node_id, batch_fn=examples)
 
 
+def rest_of_epoch(data: RunData, resume: Resume, rank: int, world_size: int) -> tuple[ray.data.Dataset, int]:
+    """This rank's pipeline of the items a mid-epoch checkpoint's epoch had not trained yet
+    (``train.position``), on this worker's node, and how many items remain over all ranks.
+
+    The remaining items are dealt over the worker group as it is now (``balanced_shards``: sizes
+    within one), which may be larger or smaller than the one that wrote the checkpoint. Built in
+    the worker, once, for the resumed epoch; the epochs after it read the shards
+    ``NodeLocalDataConfig`` made."""
+    remaining = resume.remaining(data.train_ids)
+    shards = balanced_shards(remaining, world_size, data.shard_seed)
+    rds = data.pipeline("train", rank, world_size, ray.get_runtime_context().get_node_id(), shards)
+    rds.context.execution_options = ray.train.DataConfig.default_ingest_options()
+    return rds, len(remaining)
+
+
 class NodeLocalDataConfig(ray.train.DataConfig):
     """A ``DataConfig`` that gives every worker its own node-local pipeline (see module doc)."""
 
     def __init__(self, data: RunData) -> None:
         super().__init__(datasets_to_split=["train"])
         self._data = data
+
+    @property
+    def data(self) -> RunData:
+        """What the run reads (the workers' ``data.rest_of_epoch`` needs it too)."""
+        return self._data
 
     def configure(self, datasets: dict[str, Any], world_size: int, worker_handles: Any,
                   worker_node_ids: list[str] | None, **kwargs: Any) -> list[dict[str, Any]]:

@@ -89,6 +89,9 @@ class Lineage:
     # on_error="skip"), summed over every worker's pipeline and epoch: count, by_reason, examples.
     skipped_items: int = 0
     skipped: dict[str, Any] | None = None
+    # The latest mid-epoch checkpoint of the epoch in progress ({epoch, step}; checkpoint.every_steps),
+    # where a resume continues; None once that epoch finished.
+    position: dict[str, Any] | None = None
 
     # New fields go above with a default, so records written before them still load.
 

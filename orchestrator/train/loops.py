@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.train.position import EpochTally, Resume, epoch_totals, read_position, write_position
 from orchestrator.train.progress import StepReporter, skipped_so_far
 
 HISTORY = "history.json"
@@ -139,6 +140,35 @@ def _with_end(batches):
         yield None
 
 
+def _epoch_source(config: dict[str, Any], train_shard, epoch: int, resume: Resume | None, rank: int,
+                  world: int) -> tuple[Any, int, Resume | None]:
+    """What this rank reads in ``epoch``: its shard and the epoch's item count; in the epoch a
+    mid-epoch checkpoint left unfinished, only the items that epoch had not trained
+    (``data.rest_of_epoch``), with the checkpoint's ``Resume`` to carry into the epoch's totals."""
+    if resume is None or resume.epoch != epoch:
+        return train_shard, config["train_items"], None
+    from orchestrator.train.data import rest_of_epoch
+
+    source, remaining = rest_of_epoch(config["run_data"], resume, rank, world)
+    return source, remaining, resume
+
+
+def _mid_epoch_report(directory: str, *, rank: int, epoch: int, step: int, tally: EpochTally,
+                      carried: Resume | None, save_model) -> None:
+    """A mid-epoch checkpoint (every ``checkpoint.every_steps`` steps): the model state
+    (``save_model(directory)``, called on every rank, which keeps rank 0's) and every rank's
+    data position (``train.position``), merged by Ray Train into one directory. The report says
+    ``mid_epoch``, so the driver does not take it for a finished epoch."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    save_model(directory)  # every rank: saving may be a collective (Keras); rank 0's is kept
+    write_position(directory, rank=rank, epoch=epoch, step=step, tally=tally, carried=carried)
+    items = len(tally.ids) + (len(carried.consumed) if carried else 0)
+    ray.train.report({"epoch": epoch, "mid_epoch": True, "step": step, "rank0_items": items},
+                     checkpoint=Checkpoint.from_directory(directory))
+
+
 def torch_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -152,32 +182,48 @@ def torch_loop(config: dict[str, Any]) -> None:
     spec = _build(config, "torch")
     model = spec.model
     optimizer = torch.optim.Adam(model.parameters(), lr=t["learning_rate"])
-    start_epoch, history = 0, []
+    start_epoch, history, resume = 0, [], None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, "state.pt"), weights_only=False)
             history = _load_history(d)
+            resume = read_position(d)  # a mid-epoch checkpoint: the epoch is half trained
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start_epoch = state["epoch"] + 1
+        start_epoch = state["epoch"] + 1  # the last finished epoch's
     model = ray.train.torch.prepare_model(model)
     local = model.module if hasattr(model, "module") else model
     rank = ray.train.get_context().get_world_rank()
     world = ray.train.get_context().get_world_size()
-    steps = _ceil_div(_ceil_div(config["train_items"], world), t["batch_size"])  # the longest shard's, for the bar
     blank = blank_batch(config["model"]["image_size"], config["model"]["max_boxes"])
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
+    every_steps = config.get("checkpoint_every_steps")
+
+    def save_model(directory: str, finished_epoch: int) -> None:
+        if rank != 0:  # rank 0's model is the checkpoint's
+            return
+        torch.save({"model": local.state_dict(), "optimizer": optimizer.state_dict(), "epoch": finished_epoch},
+                   os.path.join(directory, "state.pt"))
+        _save_history(directory, history)
 
     for epoch in range(start_epoch, t["epochs"]):
         model.train()
-        loss_sum, seen = 0.0, 0
+        source, items, carried = _epoch_source(config, train_shard, epoch, resume, rank, world)
+        steps = _ceil_div(_ceil_div(items, world), t["batch_size"])  # the longest shard's, for the bar
+        tally = EpochTally()
         skipped_before = skipped_so_far(config.get("skip_ledger")) if rank == 0 else None
         reporter = StepReporter(config.get("mailbox") if rank == 0 else None, epoch, steps, world)
-        batches = train_shard.iter_batches(batch_size=t["batch_size"], batch_format="numpy",
-                                           prefetch_batches=config["data"]["prefetch_batches"])
-        for batch, weight in _in_step(batches, blank):
+        batches = source.iter_batches(batch_size=t["batch_size"], batch_format="numpy",
+                                      prefetch_batches=config["data"]["prefetch_batches"])
+        for step, (batch, weight) in enumerate(_in_step(batches, blank)):
+            # Checkpointed once another step is known to follow (every rank learns that in
+            # _in_step's all-reduce): never a mid-epoch position at the epoch's very end.
+            if every_steps and step and step % every_steps == 0:
+                with tempfile.TemporaryDirectory() as d:
+                    _mid_epoch_report(d, rank=rank, epoch=epoch, step=step, tally=tally, carried=carried,
+                                      save_model=lambda directory: save_model(directory, epoch - 1))  # noqa: B023
             loss = spec.loss(model(spec.inputs(batch)), batch) * weight
             optimizer.zero_grad()
             loss.backward()
@@ -185,15 +231,16 @@ def torch_loop(config: dict[str, Any]) -> None:
             if weight:
                 n = len(batch["num_boxes"])
                 value = float(loss.detach())
-                loss_sum += value * n
-                seen += n
+                tally.add(batch["id"], value * n, n)
                 reporter.step(n, value)
-        totals = torch.tensor([loss_sum, float(seen)], dtype=torch.float64)
+        totals = torch.tensor(tally.vector(carried if rank == 0 else None), dtype=torch.float64)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(totals)
-        metrics = {"epoch": epoch, "train_loss": float(totals[0] / max(totals[1], 1.0)),
-                   "train_items": int(totals[1]), "attempt_start_epoch": start_epoch,
-                   **reporter.finish(int(totals[1]))}
+        done = epoch_totals(totals.tolist())
+        metrics = {"epoch": epoch, "train_loss": done["train_loss"] or 0.0, "train_items": done["train_items"],
+                   "train_digest": done["train_digest"], "attempt_start_epoch": start_epoch,
+                   **({"resumed_items": len(carried.consumed)} if carried else {}),
+                   **reporter.finish(done["train_items"] - (len(carried.consumed) if carried else 0))}
         last = epoch == t["epochs"] - 1
         save = rank == 0 and ((epoch + 1) % config["checkpoint_every"] == 0 or last)
         with tempfile.TemporaryDirectory() as d:
@@ -206,9 +253,7 @@ def torch_loop(config: dict[str, Any]) -> None:
                 metrics.update(_skipped_since(skipped_before, config))
             history.append(dict(metrics))
             if save:
-                torch.save({"model": local.state_dict(), "optimizer": optimizer.state_dict(),
-                            "epoch": epoch}, os.path.join(d, "state.pt"))
-                _save_history(d, history)
+                save_model(d, epoch)
                 ckpt = Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)
 
@@ -227,28 +272,30 @@ def tf_loop(config: dict[str, Any]) -> None:
         spec = _build(config, "tensorflow")
         model = spec.model
         model.compile(optimizer=keras.optimizers.Adam(t["learning_rate"]), loss=spec.loss)
-    start_epoch, history = 0, []
+    start_epoch, history, resume = 0, [], None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             model.load_weights(os.path.join(d, "model.weights.h5"))
-            start_epoch = int(open(os.path.join(d, "epoch.txt")).read()) + 1
+            start_epoch = int(open(os.path.join(d, "epoch.txt")).read()) + 1  # the last finished epoch's
             history = _load_history(d)
+            resume = read_position(d)  # a mid-epoch checkpoint: the epoch is half trained
     rank = ray.train.get_context().get_world_rank()
+    world = ray.train.get_context().get_world_size()
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
     size, batch_size = m["image_size"], t["batch_size"]
     target_shape = spec.targets(blank_batch(size, m["max_boxes"]), model).shape[1:]
+    every_steps = config.get("checkpoint_every_steps")
 
     # MultiWorkerMirroredStrategy needs every worker to take the same number of steps, and
     # Keras must know that number up front (an unknown-size dataset can leave one worker waiting
     # in a collective at the end of an epoch). Each worker's node-local shard (train/data.py,
-    # stream.split.balanced_shards) holds at most ceil(train_items / world) items: every
-    # worker takes the steps of the longest, and a step's rows beyond its shard (its shard is
-    # shorter by an item, or lost one to a bad blob) are blank examples of sample weight 0, so
-    # every item is trained once an epoch and none twice.
-    world = ray.train.get_context().get_world_size()
-    steps = _ceil_div(_ceil_div(config["train_items"], world), batch_size)
+    # stream.split.balanced_shards) holds at most ceil(items / world) items: every worker takes
+    # the steps of the longest, and a step's rows beyond its shard (its shard is shorter by an
+    # item, or lost one to a bad blob) are blank examples of sample weight 0, so every item is
+    # trained once an epoch and none twice. With checkpoint.every_steps the epoch is fitted in
+    # parts of that many steps, with a mid-epoch checkpoint between parts (train.position).
     signature = (tf.TensorSpec((batch_size, size, size, 3), tf.float32),
                  tf.TensorSpec((batch_size, *target_shape), tf.float32),
                  tf.TensorSpec((batch_size,), tf.float32))
@@ -266,22 +313,39 @@ def tf_loop(config: dict[str, Any]) -> None:
                 loss = (logs or {}).get("loss")
                 self.reporter.step(t["batch_size"], running_loss=None if loss is None else float(loss))
 
+    def save_weights(directory: str) -> None:
+        """Every worker saves (reading weights is a collective: BatchNorm statistics are
+        sync-on-read variables; a worker that skipped it would leave the others waiting); rank
+        0's file goes into the checkpoint, the others' into a scratch folder."""
+        if rank == 0:
+            model.save_weights(os.path.join(directory, "model.weights.h5"))
+        else:
+            with tempfile.TemporaryDirectory() as scratch:
+                model.save_weights(os.path.join(scratch, "model.weights.h5"))
+
+    def save_record(directory: str, finished_epoch: int) -> None:
+        if rank == 0:
+            with open(os.path.join(directory, "epoch.txt"), "w") as f:
+                f.write(str(finished_epoch))
+            _save_history(directory, history)
+
     step_reports = StepReports()
     for epoch in range(start_epoch, t["epochs"]):
+        source, items, carried = _epoch_source(config, train_shard, epoch, resume, rank, world)
+        steps = _ceil_div(_ceil_div(items, world), batch_size)
+        tally = EpochTally()
         skipped_before = skipped_so_far(config.get("skip_ledger")) if rank == 0 else None
         reporter = step_reports.reporter = StepReporter(config.get("mailbox") if rank == 0 else None,
                                                         epoch, steps, world)
-        shard_batches = iter(train_shard.iter_batches(
-            batch_size=batch_size, batch_format="numpy",
-            prefetch_batches=config["data"]["prefetch_batches"]))
+        shard_batches = iter(source.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                                 prefetch_batches=config["data"]["prefetch_batches"]))
 
-        trained = [0]  # this worker's real (weight 1) rows this epoch
-
-        def padded_steps():
-            for _ in range(steps):
+        def padded_steps(count: int):
+            for _ in range(count):
                 batch = next(shard_batches, None)  # noqa: B023 (fit consumes this within the epoch)
                 rows = 0 if batch is None else len(batch["num_boxes"])
-                trained[0] += rows  # noqa: B023
+                if rows:
+                    tally.add(batch["id"])  # noqa: B023
                 if rows < batch_size:  # the shard ran short: blank rows of weight 0
                     batch = {k: np.concatenate([batch[k], padding[k][:batch_size - rows]]) if rows else
                              padding[k] for k in padding}
@@ -289,22 +353,37 @@ def tf_loop(config: dict[str, Any]) -> None:
                 yield (spec.inputs(batch).astype(np.float32), spec.targets(batch, model).astype(np.float32),
                        weights)
 
-        data = (tf.data.Dataset.from_generator(padded_steps, output_signature=signature)
-                .apply(tf.data.experimental.assert_cardinality(steps)).with_options(options))
-        fitted = model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[step_reports])
+        done = 0
+        while done < steps or not steps:
+            part = min(every_steps or steps, steps - done)
+            if part:
+                data = (tf.data.Dataset.from_generator(lambda n=part: padded_steps(n), output_signature=signature)
+                        .apply(tf.data.experimental.assert_cardinality(part)).with_options(options))
+                fitted = model.fit(data, epochs=1, steps_per_epoch=part, verbose=0, callbacks=[step_reports])
+                if rank == 0:  # Keras's loss is already the global one: counted once
+                    tally.add((), fitted.history["loss"][-1] * part, part)
+            done += part
+            if done >= steps:
+                break
+            with tempfile.TemporaryDirectory() as d:
+                _mid_epoch_report(d, rank=rank, epoch=epoch, step=done, tally=tally, carried=carried,
+                                  save_model=lambda directory: (save_weights(directory),  # noqa: B023
+                                                                save_record(directory, epoch - 1)))  # noqa: B023
         for _ in shard_batches:  # finish this epoch of the shard
             pass
-        # Every worker's real rows, summed (a collective: every worker gets here).
-        items = int(strategy.reduce(tf.distribute.ReduceOp.SUM,
-                                    strategy.run(lambda: tf.constant(trained[0], tf.int64)), axis=None))  # noqa: B023
-        metrics = {"epoch": epoch, "train_loss": float(fitted.history["loss"][-1]),
-                   "train_items": items, "attempt_start_epoch": start_epoch, **reporter.finish(items)}
+        # Every worker's real rows and their digest, summed (a collective: every worker gets here).
+        vector = tally.vector(carried if rank == 0 else None)
+        summed = strategy.reduce(tf.distribute.ReduceOp.SUM,
+                                 strategy.run(lambda v=vector: tf.constant(v, tf.float64)), axis=None)
+        totals = epoch_totals(summed.numpy().tolist())
+        metrics = {"epoch": epoch, "train_loss": totals["train_loss"] or 0.0, "train_items": totals["train_items"],
+                   "train_digest": totals["train_digest"], "attempt_start_epoch": start_epoch,
+                   **({"resumed_items": len(carried.consumed)} if carried else {}),
+                   **reporter.finish(totals["train_items"] - (len(carried.consumed) if carried else 0))}
         last = epoch == t["epochs"] - 1
         with tempfile.TemporaryDirectory() as d:
-            # Reading weights is a collective (BatchNorm statistics are sync-on-read
-            # variables): every worker must do it, or the others wait forever.
-            model.save_weights(os.path.join(d, "model.weights.h5"))
-            weights = model.get_weights()
+            save_weights(d)
+            weights = model.get_weights()  # a collective too (see save_weights)
             ckpt = None
             if rank == 0:
                 local = _build(config, "tensorflow").model  # outside the strategy
@@ -313,10 +392,8 @@ def tf_loop(config: dict[str, Any]) -> None:
                 metrics.update(_evaluate(lambda b: local(spec.inputs(b), training=False), spec,  # noqa: B023
                                          val_shard, t["batch_size"], config["num_classes"]))
                 metrics.update(_skipped_since(skipped_before, config))
-                history.append(dict(metrics))
-                if (epoch + 1) % config["checkpoint_every"] == 0 or last:
-                    with open(os.path.join(d, "epoch.txt"), "w") as f:
-                        f.write(str(epoch))
-                    _save_history(d, history)
-                    ckpt = Checkpoint.from_directory(d)
+            history.append(dict(metrics))
+            save_record(d, epoch)
+            if rank == 0 and ((epoch + 1) % config["checkpoint_every"] == 0 or last):
+                ckpt = Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)

@@ -191,8 +191,12 @@ class RunWatch:
                     self.waiting_since = None
                 elif payload in WAITING_STATES and self.waiting_since is None:
                     self.waiting_since = at
+            elif kind == "report" and payload.get("mid_epoch"):  # a checkpoint inside an epoch
+                self.lineage.position = {"epoch": payload.get("epoch"), "step": payload.get("step")}
+                changed = True
             elif kind == "report":
                 self.lineage.metrics = merge_epoch_metrics(self.lineage.metrics, payload)
+                self.lineage.position = None
                 changed = True
                 if self.display is not None:
                     self.display.epoch(payload)

@@ -169,7 +169,7 @@ def plan_run(settings: RunSettings, *, config_name: str = "run", resume: str | b
         code_revision=code_revision(), started_at=now(),
     )
     if resume:
-        lineage.metrics = previous.metrics
+        lineage.metrics, lineage.position = previous.metrics, previous.position
         lineage.started_at = previous.started_at
         if lineage.items_digest != previous.items_digest:  # e.g. a policy change hides items now
             raise ConfigError(
@@ -363,6 +363,7 @@ def _trainer(plan: Plan, display: RunDisplay | None = None) -> tuple[Any, RunWat
     loop_config = {
         "model": s.model.model_dump(), "train": s.train.model_dump(), "data": s.data.model_dump(),
         "num_classes": len(plan.dataset.label_map), "checkpoint_every": s.checkpoint.every_epochs,
+        "checkpoint_every_steps": s.checkpoint.every_steps,
         "framework": s.framework, "train_items": plan.lineage.items["train"],
         "cpus_per_worker": s.scaling.cpus_per_worker,
         "skip_ledger": skip_ledger_name(plan.run_id),
@@ -387,6 +388,7 @@ def _trainer(plan: Plan, display: RunDisplay | None = None) -> tuple[Any, RunWat
         callbacks=[RunProgressCallback(mailbox)],
     )
     datasets, data_config = train_datasets(plan)
+    loop_config["run_data"] = data_config.data  # a resumed epoch's remaining items (train.position)
     if s.framework == "torch":
         from ray.train.torch import TorchTrainer
 

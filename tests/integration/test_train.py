@@ -19,6 +19,7 @@ import orchestrator
 from orchestrator.errors import ConfigError, DatasetNotFound, VersionNotFound
 from orchestrator.train.config import load_config
 from orchestrator.train.lineage import list_runs, runs_dir
+from orchestrator.train.position import multiset_digest
 from orchestrator.train.runner import plan_run, run, run_data
 from tests.conftest import REPO, run_cli
 
@@ -50,7 +51,10 @@ def test_shipped_config_trains_with_two_workers_and_records_lineage(config, s3_s
     assert [m["epoch"] for m in lineage.metrics] == [0, 1]
     assert losses[-1] < losses[0], losses
     assert all("val_map50" in m for m in lineage.metrics)
-    assert lineage.metrics[0]["train_items"] <= lineage.items["train"]
+    # An uninterrupted run trains each train item once an epoch: the count and the multiset
+    # digest a resumed run must match (test_train_mid_epoch.py).
+    every_item_once = (len(plan.train_ids), multiset_digest(plan.train_ids))
+    assert all((m["train_items"], m["train_digest"]) == every_item_once for m in lineage.metrics), lineage.metrics
     assert lineage.checkpoint and lineage.principal and lineage.code_revision
 
     store = orchestrator.connect(s3_street)
@@ -228,6 +232,7 @@ def test_a_skipped_item_is_counted_in_lineage_and_workers_stay_in_step(config, d
     # leave its peer waiting in DDP's all-reduce; TensorFlow: Keras's fixed count), the short
     # shard padding with zero-weight rows: every other item was trained, once.
     assert lineage.metrics[0]["train_items"] == len(plan.train_ids) - 1, json.dumps(lineage.metrics)
+    assert lineage.metrics[0]["train_digest"] == multiset_digest(set(plan.train_ids) - {victim})
     recorded = {r.run_id: r for r in list_runs(store.runs)}[plan.run_id]
     assert recorded.skipped_items == 1
 
