@@ -11,6 +11,11 @@ worker takes the same number of steps per epoch, the longest shard's, even when 
 leave one shard short (torch: ``_in_step``; TensorFlow: a fixed step count): a worker out of data
 takes zero-weight steps, since one that stopped early would leave the others waiting in a
 collective. Every item of every shard is trained once an epoch, none twice.
+
+With ``checkpoint.every_steps`` both also checkpoint inside an epoch, with the data position
+(``train.position``): a worker group that starts from such a checkpoint trains only the items
+that epoch had not trained, dealt over its own ranks (``data.rest_of_epoch``). Each epoch's
+metrics carry ``train_items`` and ``train_digest`` over ranks and attempts.
 """
 
 from __future__ import annotations
