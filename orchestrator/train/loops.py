@@ -159,7 +159,7 @@ def _epoch_source(config: dict[str, Any], train_shard, epoch: int, resume: Resum
 
 
 def _mid_epoch_report(directory: str, *, rank: int, epoch: int, step: int, tally: EpochTally,
-                      carried: Resume | None, save_model) -> None:
+                      carried: Resume | None, save_model, shard_seed: int) -> None:
     """A mid-epoch checkpoint (every ``checkpoint.every_steps`` steps): the model state
     (``save_model(directory)``, called on every rank, which keeps rank 0's) and every rank's
     data position (``train.position``), merged by Ray Train into one directory. The report says
@@ -168,7 +168,9 @@ def _mid_epoch_report(directory: str, *, rank: int, epoch: int, step: int, tally
     from ray.train import Checkpoint
 
     save_model(directory)  # every rank: saving may be a collective (Keras); rank 0's is kept
-    write_position(directory, rank=rank, epoch=epoch, step=step, tally=tally, carried=carried)
+    train = ray.train.get_context()
+    write_position(directory, rank=rank, epoch=epoch, step=step, tally=tally, carried=carried,
+                   world=train.get_world_size(), shard_seed=shard_seed)
     items = len(tally.ids) + (len(carried.consumed) if carried else 0)
     ray.train.report({"epoch": epoch, "mid_epoch": True, "step": step, "rank0_items": items},
                      checkpoint=Checkpoint.from_directory(directory))
@@ -228,7 +230,8 @@ def torch_loop(config: dict[str, Any]) -> None:
             if every_steps and step and step % every_steps == 0:
                 with tempfile.TemporaryDirectory() as d:
                     _mid_epoch_report(d, rank=rank, epoch=epoch, step=step, tally=tally, carried=carried,
-                                      save_model=lambda directory: save_model(directory, epoch - 1))  # noqa: B023
+                                      save_model=lambda directory: save_model(directory, epoch - 1),  # noqa: B023
+                                      shard_seed=config["run_data"].shard_seed)
             loss = spec.loss(model(spec.inputs(batch)), batch) * weight
             optimizer.zero_grad()
             loss.backward()
@@ -373,7 +376,8 @@ def tf_loop(config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as d:
                 _mid_epoch_report(d, rank=rank, epoch=epoch, step=done, tally=tally, carried=carried,
                                   save_model=lambda directory: (save_weights(directory),  # noqa: B023
-                                                                save_record(directory, epoch - 1)))  # noqa: B023
+                                                                save_record(directory, epoch - 1)),  # noqa: B023
+                                  shard_seed=config["run_data"].shard_seed)
         for _ in shard_batches:  # finish this epoch of the shard
             pass
         # Every worker's real rows and their digest, summed (a collective: every worker gets here).

@@ -112,15 +112,16 @@ class Resume:
 
 
 def write_position(directory: str, *, rank: int, epoch: int, step: int, tally: EpochTally,
-                   carried: Resume | None) -> None:
+                   carried: Resume | None, world: int | None = None, shard_seed: int | None = None) -> None:
     """This rank's part of a mid-epoch checkpoint in ``directory`` (every rank calls it; rank 0
-    also writes ``position.json`` with what earlier attempts trained of the epoch)."""
+    also writes ``position.json`` with what earlier attempts trained of the epoch, and, for a
+    person reading it, the worker count and shard seed that dealt this attempt's shards)."""
     with open(os.path.join(directory, _RANK_FILE.format(rank=rank)), "w") as f:
         json.dump({"epoch": epoch, "rank": rank, "ids": tally.ids, "loss_sum": tally.loss_sum,
                    "loss_n": tally.loss_n}, f)
     if rank == 0:
         with open(os.path.join(directory, POSITION), "w") as f:
-            json.dump({"epoch": epoch, "step": step,
+            json.dump({"epoch": epoch, "step": step, "world": world, "shard_seed": shard_seed,
                        "consumed_before": list(carried.consumed) if carried else [],
                        "loss_sum_before": carried.loss_sum if carried else 0.0,
                        "loss_n_before": carried.loss_n if carried else 0.0}, f)
