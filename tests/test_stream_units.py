@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import sys
 import time
 
 import numpy as np
@@ -374,6 +375,41 @@ def test_importing_the_package_caps_malloc_arenas_unless_the_user_did(env):
         environ["MALLOC_ARENA_MAX"] = env
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, check=True)
     assert out.stdout.split() == ["0", "1", "True" if env is None else "False"]
+
+
+_MMAP_PROBE = """
+import ctypes, sys
+import orchestrator.stream.memory as m
+libc = ctypes.CDLL("libc.so.6")
+class MI(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                              "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = MI
+pinned = m.fix_mmap_threshold() if sys.argv[1] == "pin" else False
+big = bytearray(8 << 20)  # freed: glibc raises its dynamic threshold past 8 MiB unless pinned
+del big
+before = libc.mallinfo2().hblkhd
+image = bytearray(512 << 10)
+print(pinned, libc.mallinfo2().hblkhd - before >= 512 << 10)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
+@pytest.mark.parametrize("mode", ["pin", "user", "off"])
+def test_a_read_worker_keeps_images_out_of_the_heap_arenas(mode):
+    """``stream.memory.fix_mmap_threshold`` (each Ray read task): after a large buffer is freed, an
+    image-sized one is still its own mapping (glibc's dynamic threshold would put it in a heap
+    arena, whose free space then grew every epoch); a threshold the user set is left alone."""
+    import os
+    import subprocess
+
+    environ = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    if mode == "user":
+        environ["MALLOC_MMAP_THRESHOLD_"] = str(64 << 20)
+    out = subprocess.run([sys.executable, "-c", _MMAP_PROBE, "pin" if mode != "off" else "off"],
+                         capture_output=True, text=True, env=environ, check=True)
+    assert out.stdout.split() == {"pin": ["True", "True"], "user": ["False", "False"],
+                                  "off": ["False", "False"]}[mode]
 
 
 @pytest.mark.parametrize("items", [0, 1, 31, 32, 100, 1000, 3000, 10_001])

@@ -28,6 +28,7 @@ import pyarrow as pa
 from orchestrator.errors import ItemError
 from orchestrator.stream.index import ItemIndex, RowReader, ShippedRows, build_index
 from orchestrator.stream.item import to_ray_row
+from orchestrator.stream.memory import fix_mmap_threshold
 from orchestrator.stream.plan import ReadPlan
 from orchestrator.stream.reader import ItemStream
 from orchestrator.stream.skips import Skips
@@ -224,6 +225,7 @@ def read_items(plan: ReadPlan, index: ItemIndex, ledger: SkipLedger | None, batc
     import ray
     from ray.data import DataContext
 
+    fix_mmap_threshold()  # a read worker lives for many tasks: its heap must not grow (stream.memory)
     node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     shipped = None if rows is None else ShippedRows(pa.ipc.open_stream(rows).read_all(), plan.label_map)
     stream = ItemStream(plan, index=index, rows=shipped)
