@@ -98,6 +98,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, default=None, help="version number (default: latest)")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("diff", help="what changed between two versions of a dataset (or of one slice): items "
+                       "added, removed and changed, which parts, label totals; from the manifests only")
+    p.set_defaults(func=cmd_diff)
+    _store_arg(p)
+    p.add_argument("name", help="dataset name")
+    p.add_argument("before", type=int, help="the earlier version number")
+    p.add_argument("after", type=int, nargs="?", default=None, help="the later version number (default: latest)")
+    p.add_argument("--query", default=None, help="compare only this slice of both versions, e.g. 'labels.car >= 1'")
+    p.add_argument("--limit", type=int, default=10, help="items listed per kind in the text output (default: 10)")
+    p.add_argument("--json", action="store_true", help="every added, removed and changed item, as JSON")
+
     p = sub.add_parser("slice", help="items of a dataset version that match a query")
     p.set_defaults(func=cmd_slice)
     _store_arg(p)
@@ -246,7 +257,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_REJECTED
     emit(json.dumps(report.as_dict(), indent=2) if args.json else report.summary())
-    return 0 if report.committed else EXIT_USER
+    return 0 if report.committed or report.items else EXIT_USER  # identical items: nothing to do, not a fault
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
@@ -288,6 +299,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         emit(f"dataset {args.name!r} version {ds.version}: {items} items")
         _print_table([{"label": k, "instances": v} for k, v in totals.items()], ["label", "instances"])
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    store = _need_store(args)
+    before, after = store.dataset(args.name, args.before), store.dataset(args.name, args.after)
+    if args.query:
+        before, after = before.slice(args.query), after.slice(args.query)
+    diff = before.diff(after)
+    emit(json.dumps(diff.as_dict(), indent=2) if args.json else diff.summary(limit=args.limit))
     return 0
 
 

@@ -8,13 +8,22 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from orchestrator.access.policy import ReadView
-from orchestrator.errors import DatasetNotFound
+from orchestrator.errors import DatasetNotFound, QueryError
 from orchestrator.manifest import LabelMap, Snapshot, VersionInfo
-from orchestrator.query.compile import CompiledQuery, QueryContext, combine, compile_query
+from orchestrator.query.compile import (
+    CompiledQuery,
+    QueryContext,
+    combine,
+    compile_query,
+    named_fields,
+    named_labels,
+    unknown_attribute_error,
+)
 from orchestrator.query.parse import Compare, Field, to_text
-from orchestrator.scan import ScanStats, sum_labels
+from orchestrator.scan import ScanStats, read_rows, sum_labels
 from orchestrator.storage_errors import store_call
 from orchestrator.stream.plan import ReadPlan, StreamOptions
 from orchestrator.stream.reader import ItemStream
@@ -28,7 +37,9 @@ if TYPE_CHECKING:
 
     from orchestrator.adapters.ray import SkipLedger
     from orchestrator.adapters.torch import TorchItems
+    from orchestrator.diff import DatasetDiff
     from orchestrator.store import Store
+    from orchestrator.store_location import StoreLocation
 
 
 class Dataset:
@@ -59,18 +70,53 @@ class Dataset:
         self._access = _access
         labels = self._snapshot.label_map.names
         hidden = _access.hidden_attributes if _access else frozenset()
-        for q in _queries:  # the caller's queries may not name hidden fields
-            compile_query(q, QueryContext(labels, hidden))
         if _access is not None and _access.row_filter:  # the policy's filter may
-            _queries = (_access.row_filter, *_queries)
+            everything = (_access.row_filter, *_queries)
+        else:
+            everything = _queries
+        later = self._labels_of_later_versions(everything, labels)
+        for q in _queries:  # the caller's queries may not name hidden fields, nor keys no item has
+            compile_query(q, QueryContext(labels, hidden, later))
+            self._check_attribute_keys(q)
         self._query: CompiledQuery | None = (
-            compile_query(combine(list(_queries)), QueryContext(labels)) if _queries else None
+            compile_query(combine(list(everything)), QueryContext(labels, absent_labels=later))
+            if everything else None
         )
         self._len: int | None = None if _queries else self._snapshot.rows
         self.last_scan: ScanStats | None = None
         self._stream: ItemStream | None = None
         self._ray_ledgers: dict[str, SkipLedger] = {}  # name -> ledger of this object's to_ray pipelines
         self._plan = ReadPlan(store.handle, name, self._snapshot, self._query, _access, self.options)
+
+    def _labels_of_later_versions(self, queries: tuple[str, ...], labels: tuple[str, ...]) -> frozenset[str]:
+        """Labels the latest version knows and this one does not, when a query names a label
+        this version does not know: they count 0 in every row here (labels are only ever added, so the latest version knows
+        every label any version had). The latest version is read only when a query needs it."""
+        named: set[str] = set()
+        for q in queries:
+            try:
+                named |= named_labels(q)
+            except QueryError:
+                return frozenset()  # compile_query reports it, with its caret
+        unknown = named - set(labels)
+        if not unknown:
+            return frozenset()
+        latest = store_call(lambda: self.store.manifest(self.name).snapshot().label_map.names,
+                            location=self.store.location, action="read the labels of dataset", target=repr(self.name))
+        return frozenset(set(latest) - set(labels))  # all of them: a misspelt one gets suggestions
+
+    def attribute_keys(self) -> list[str]:
+        """The file-level attribute keys the items of this version have (that this principal
+        may see), sorted; read from the manifest once per version."""
+        return list(_attribute_keys(self.store.location, self._snapshot, self._access))
+
+    def _check_attribute_keys(self, query: str) -> None:
+        fields = named_fields(query, "attributes")
+        if fields:
+            keys = self.attribute_keys()
+            for field in fields:
+                if field.name not in keys:
+                    raise unknown_attribute_error(query, field, keys)
 
     @property
     def plan(self) -> ReadPlan:
@@ -293,6 +339,36 @@ class Dataset:
         names = self.label_map.names
         return sum_labels(self.manifest_rows(["labels"]) if names else pa.table({}), names)
 
+    def diff(self, other: Dataset) -> DatasetDiff:
+        """What changed from this version (or slice) to ``other``: items added, removed and
+        changed, which parts of each changed item (``orchestrator.diff.PARTS``), and label
+        instance totals. Read from the manifests only (no media), as this principal sees them.
+        ``store.dataset("street", 1).diff(store.dataset("street", 3))``; slice both the same way
+        to compare one slice (an item that left the slice counts as removed)."""
+        from orchestrator.diff import COLUMNS, DatasetDiff, compare_rows
+
+        columns = [*COLUMNS, "labels"]
+        before, after = self.manifest_rows(columns), other.manifest_rows(columns)
+        query = self.query if self.query == other.query else f"{self.query} -> {other.query}"  # one slice, or two
+        return DatasetDiff(self.name if self.name == other.name else f"{self.name} -> {other.name}",
+                           self.version, other.version, query, compare_rows(before, after))
+
     def __repr__(self) -> str:
         q = f", query={self.query!r}" if self._queries else ""
         return f"Dataset({self.name!r}, version={self.version}{q}, store={self.store.uri!r})"
+
+
+#: Attribute keys per (location, dataset, version, access view): versions are immutable.
+_KEYS: dict[tuple[Any, ...], tuple[str, ...]] = {}
+
+
+def _attribute_keys(location: StoreLocation, snapshot: Snapshot, access: ReadView | None) -> tuple[str, ...]:
+    key = (location, snapshot.dataset, snapshot.version, access)
+    if key not in _KEYS:
+        table = read_rows(location, snapshot, None, ["attributes"], access=access).table
+        column = table.column("attributes").combine_chunks()
+        keys = pc.unique(column.keys).to_pylist() if len(column) else []
+        if len(_KEYS) > 64:
+            _KEYS.clear()
+        _KEYS[key] = tuple(sorted(k for k in keys if k is not None))
+    return _KEYS[key]

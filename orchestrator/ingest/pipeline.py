@@ -16,8 +16,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pyarrow as pa
 
+from orchestrator.diff import COLUMNS as DIFF_COLUMNS
+from orchestrator.diff import unchanged_rows
 from orchestrator.errors import IngestError, StoreError
 from orchestrator.ingest.probe import Probe, probe_file, sha256_hex
 from orchestrator.ingest.records import build_row
@@ -286,7 +289,7 @@ def ingest_source(
 
     ingested_at = now_utc()
     rows: list[dict] = []
-    unique: dict[str, tuple[str, int]] = {}  # blob -> (a path holding it, its size)
+    holders: list[tuple[str, int]] = []  # per row: a path holding its bytes, their size
     for item, probe in zip(source.items, probes):
         if probe.error:
             report.rejected.append(Rejection(item.source_name, probe.error))
@@ -296,7 +299,8 @@ def ingest_source(
         report.instances_dropped += result.instances_dropped
         report.warnings += result.warnings
         rows.append(result.row)
-        unique.setdefault(probe.blob, (item.path, probe.size_bytes))
+        holders.append((item.path, probe.size_bytes))
+    report.items = len(rows)
 
     if strict and report.rejected:
         report.seconds = time.monotonic() - started
@@ -309,6 +313,23 @@ def ingest_source(
     if not rows:
         report.seconds = time.monotonic() - started
         return report
+    # Rows identical to the latest version's are not written again: an ingest that changes
+    # nothing commits nothing (the history holds no empty versions) and keeps their ingested_at.
+    if manifest.exists():
+        same, report.version = store_call(lambda: _unchanged(store, dataset, rows, labels),
+                                          location=store.location, action="compare with dataset",
+                                          target=repr(dataset))
+        rows = [r for r, s in zip(rows, same) if not s]
+        holders = [h for h, s in zip(holders, same) if not s]
+        report.unchanged = int(same.sum())
+    report.changed = len(rows)
+    if not rows:
+        log.info("all %d items are identical to version %s: nothing to commit", report.items, report.version)
+        report.seconds = time.monotonic() - started
+        return report
+    unique: dict[str, tuple[str, int]] = {}  # blob -> (a path holding it, its size)
+    for row, holder in zip(rows, holders):
+        unique.setdefault(row["blob"], holder)
 
     if pack:
         known = store_call(lambda: _known_locations(store, dataset), location=store.location,
@@ -328,9 +349,17 @@ def ingest_source(
     report.version = manifest.upsert(
         table, message=message, principal=principal, operation="ingest"
     )
-    report.items = len(rows)
+    report.committed = True
     report.seconds = time.monotonic() - started
     return report
+
+
+def _unchanged(store: StoreHandle, dataset: str, rows: list[dict], labels: list[str]) -> tuple[np.ndarray, int]:
+    """Which of ``rows`` the dataset's latest version holds as they are (``diff.unchanged_rows``:
+    same image, instances, tags and attributes), and that version's number."""
+    snapshot = store.manifest(dataset).snapshot()
+    existing = read_table(store.location, snapshot, list(DIFF_COLUMNS))
+    return unchanged_rows(existing, conform(rows, labels).select(list(DIFF_COLUMNS))), snapshot.version
 
 
 def _check_label_fields(labels: list[str]) -> None:

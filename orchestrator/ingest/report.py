@@ -10,8 +10,10 @@ from orchestrator.ingest.sources import Rejection
 @dataclass
 class IngestReport:
     dataset: str
-    version: int | None = None  # None: nothing was committed
-    items: int = 0
+    version: int | None = None  # the version committed; with nothing to commit, the latest one
+    items: int = 0  # items the source held (accepted)
+    changed: int = 0  # of them, new or different from the latest version: what was committed
+    unchanged: int = 0  # identical to the latest version (image, instances, tags, attributes)
     rejected: list[Rejection] = field(default_factory=list)
     blobs_uploaded: int = 0
     blobs_reused: int = 0
@@ -21,9 +23,7 @@ class IngestReport:
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
-    @property
-    def committed(self) -> bool:
-        return self.version is not None
+    committed: bool = False  # False: nothing new (or everything rejected); the history did not grow
 
     def as_dict(self) -> dict:
         """The JSON the CLI prints with ``--json`` (stable keys)."""
@@ -31,6 +31,9 @@ class IngestReport:
             "dataset": self.dataset,
             "version": self.version,
             "items": self.items,
+            "committed": self.committed,
+            "changed": self.changed,
+            "unchanged": self.unchanged,
             "rejected": [r.as_dict() for r in self.rejected],
             "blobs_uploaded": self.blobs_uploaded,
             "blobs_reused": self.blobs_reused,
@@ -43,11 +46,14 @@ class IngestReport:
 
     def summary(self) -> str:
         """A few human lines: the outcome first, then rejections (capped) and warning count."""
-        head = (
-            f"dataset {self.dataset!r}: committed version {self.version} with {self.items} items"
-            if self.committed
-            else f"dataset {self.dataset!r}: nothing committed"
-        )
+        if self.committed:
+            head = (f"dataset {self.dataset!r}: committed version {self.version}: {self.changed} of {self.items} "
+                    f"items new or changed" + (f", {self.unchanged} unchanged" if self.unchanged else ""))
+        elif self.items:
+            head = (f"dataset {self.dataset!r}: nothing committed: all {self.items} items are identical to "
+                    f"version {self.version}")
+        else:
+            head = f"dataset {self.dataset!r}: nothing committed"
         lines = [
             head,
             f"  blobs: {self.blobs_uploaded} uploaded ({self.bytes_uploaded / 1e6:.1f} MB), "

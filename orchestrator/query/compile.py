@@ -70,12 +70,16 @@ class QueryContext:
 
     labels: tuple[str, ...]
     hidden_attributes: frozenset[str] = frozenset()
+    # Labels a later version of the dataset knows and this one does not: each counts 0 here, so
+    # one query runs on every version (``labels.truck >= 1`` on a version before any truck).
+    absent_labels: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
 class CompiledQuery:
     text: str
     ast: Node
+    absent_labels: frozenset[str] = frozenset()  # see QueryContext: 0 in every row, never pushed down
 
     @property
     def columns(self) -> list[str]:
@@ -97,7 +101,7 @@ class CompiledQuery:
 
     @property
     def pushdown(self) -> pads.Expression | None:
-        return _pushdown(self.ast)
+        return _pushdown(self.ast, self.absent_labels)
 
 
 def compile_query(text: str, context: QueryContext) -> CompiledQuery:
@@ -105,7 +109,26 @@ def compile_query(text: str, context: QueryContext) -> CompiledQuery:
     ast = parse(text)
     for leaf in _leaves(ast):
         _check(leaf, text, context)
-    return CompiledQuery(text, ast)
+    return CompiledQuery(text, ast, context.absent_labels)
+
+
+def named_fields(text: str, namespace: str) -> list[Field]:
+    """The fields of ``namespace`` (``labels``, ``attributes``, ...) a query refers to, with
+    their positions; raises ``QuerySyntaxError``."""
+    return [leaf.field for leaf in _leaves(parse(text))
+            if not isinstance(leaf, HasTag) and leaf.field.namespace == namespace]
+
+
+def named_labels(text: str) -> set[str]:
+    """The label names a query refers to (``labels.<name>``); raises ``QuerySyntaxError``."""
+    return {f.name for f in named_fields(text, "labels")}
+
+
+def unknown_attribute_error(text: str, field: Field, keys: list[str]) -> QueryTypeError:
+    """``attributes.<key>`` that no item of the version has: an error with the likely key,
+    rather than a slice that silently matches nothing."""
+    return QueryTypeError(caret_message(text, field.pos, f"no item of this version has the attribute {field.name!r}")
+                          + _suggest(field.name, tuple(keys), "attribute keys"))
 
 
 def combine(queries: list[str]) -> str:
@@ -126,10 +149,11 @@ def _leaves(node: Node):
 
 def _field_type(field: Field, text: str, context: QueryContext) -> str:
     if field.namespace == "labels":
-        if field.name not in context.labels:
+        if field.name not in context.labels and field.name not in context.absent_labels:
+            known = (*context.labels, *sorted(context.absent_labels))
             raise QueryTypeError(
                 caret_message(text, field.pos, f"unknown label {field.name!r}")
-                + _suggest(field.name, context.labels, "labels")
+                + _suggest(field.name, known, "labels")
             )
         return "int"
     if field.namespace == "file":
@@ -215,6 +239,8 @@ def _column(field: Field) -> str:
 def _values(field: Field, table: pa.Table) -> pa.Array:
     if field.namespace == "labels":
         labels = table.column("labels").combine_chunks()
+        if labels.type.get_field_index(label_field(field.name)) < 0:  # a label of a later version
+            return pa.array(np.zeros(len(labels), np.int32))
         return pc.fill_null(pc.struct_field(labels, label_field(field.name)), 0)
     if field.namespace == "attributes":
         return pc.map_lookup(table.column("attributes").combine_chunks(), field.name, "first")
@@ -338,10 +364,11 @@ def _may_must(node: Node, stats: FileStats) -> tuple[bool, bool]:
 
 
 # -- row-group pushdown -------------------------------------------------------------------------
-def _pushdown(node: Node) -> pads.Expression | None:
-    """A relaxation over numeric columns, or None (no pruning) where none is sound."""
+def _pushdown(node: Node, absent: frozenset[str] = frozenset()) -> pads.Expression | None:
+    """A relaxation over numeric columns, or None (no pruning) where none is sound. A label in
+    ``absent`` has no column in the files: its leaves are evaluated after the read."""
     if isinstance(node, And):
-        parts = [p for p in (_pushdown(o) for o in node.operands) if p is not None]
+        parts = [p for p in (_pushdown(o, absent) for o in node.operands) if p is not None]
         if not parts:
             return None
         out = parts[0]
@@ -349,14 +376,14 @@ def _pushdown(node: Node) -> pads.Expression | None:
             out = out & p
         return out
     if isinstance(node, Or):
-        parts = [_pushdown(o) for o in node.operands]
+        parts = [_pushdown(o, absent) for o in node.operands]
         if any(p is None for p in parts):
             return None
         out = parts[0]
         for p in parts[1:]:
             out = out | p
         return out
-    if isinstance(node, Compare):
+    if isinstance(node, Compare) and not (node.field.namespace == "labels" and node.field.name in absent):
         return _numeric_leaf(node)
     return None  # Not, lists, tags, text: evaluated exactly after the read
 

@@ -19,6 +19,7 @@ The text is only ever parsed, never evaluated: there is no path from a query to 
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 
@@ -259,6 +260,18 @@ class _Parser:
         got = "end of query" if tok.kind == "end" else repr(tok.text)
         return QuerySyntaxError(caret_message(self.query, tok.pos, f"expected {expected}, got {got}"))
 
+    def _namespace_typo(self, tok: Token) -> QuerySyntaxError:
+        """A field's namespace misspelt (``lables.car``): the error names the likely field."""
+        error = self.fail("a field: labels.<name>, file.<field>, attributes.<key> or tags")
+        close = difflib.get_close_matches(tok.text.lower(), (*NAMESPACES, "tags"), n=1, cutoff=0.6)
+        if not close:
+            return error
+        after = self.tokens[self.i + 1: self.i + 3]
+        named = (len(after) == 2 and after[0].kind == "punct" and after[0].text == "."
+                 and after[1].kind in ("ident", "string"))
+        guess = f"{close[0]}.{after[1].text}" if named and close[0] != "tags" else close[0]
+        return QuerySyntaxError(f"{error}\n  did you mean {guess}?")
+
     def keyword(self, *words: str) -> bool:
         return self.tok.kind == "ident" and self.tok.text.lower() in words
 
@@ -356,7 +369,7 @@ class _Parser:
             self.advance()
             return Field("tags", "", tok.pos)
         if ns not in NAMESPACES:
-            raise self.fail("a field: labels.<name>, file.<field>, attributes.<key> or tags")
+            raise self._namespace_typo(tok)
         self.advance()
         self.expect_punct(".", f"'.' after {tok.text!r} (e.g. {ns}.name)")
         name_tok = self.tok

@@ -74,12 +74,15 @@ def test_ingest_commits_version_zero_that_plain_pyarrow_reads(store_uri, demo_sm
     assert store.datasets() == ["street"]
 
 
-def test_reingest_reuses_blobs_and_correction_is_a_new_version(store_uri, demo_small, tmp_path):
+def test_an_identical_reingest_commits_nothing_and_a_correction_commits_only_what_changed(
+        store_uri, demo_small, tmp_path):
     store = orchestrator.connect(store_uri)
     coco, images = demo_small / "annotations.json", demo_small / "images"
     first = store.ingest("street", coco=coco, images=images)
     again = store.ingest("street", coco=coco, images=images, message="same input")
-    assert (again.version, again.blobs_uploaded, again.blobs_reused) == (1, 0, 60)
+    assert (again.committed, again.version, again.changed, again.unchanged) == (False, 0, 0, 60)
+    assert again.blobs_uploaded == 0 and "nothing committed" in again.summary()
+    assert [v.version for v in store.versions("street")] == [0]  # no empty version in the history
 
     # A corrected annotation file: every car removed from the first image.
     doc = json.loads(coco.read_text())
@@ -92,19 +95,22 @@ def test_reingest_reuses_blobs_and_correction_is_a_new_version(store_uri, demo_s
     fixed = tmp_path / "fixed.json"
     fixed.write_text(json.dumps(doc))
     corrected = store.ingest("street", coco=fixed, images=images, message="fix cars")
-    assert corrected.version == 2 and corrected.blobs_uploaded == 0
+    assert (corrected.committed, corrected.version, corrected.changed, corrected.unchanged) == (True, 1, 1, 59)
+    assert corrected.blobs_uploaded == 0
 
     manifest = store.manifest("street")
-    v0, v2 = manifest.snapshot(first.version), manifest.snapshot(2)
+    v0, v1 = manifest.snapshot(first.version), manifest.snapshot(1)
     before = label_totals(store.location, v0)
-    after = label_totals(store.location, v2)
+    after = label_totals(store.location, v1)
     removed = coco_counts(coco)[first_image["file_name"]]["car"]
     assert removed > 0
     assert after["car"] == before["car"] - removed
     assert {k: v for k, v in after.items() if k != "car"} == {k: v for k, v in before.items() if k != "car"}
-    assert v0.rows == v2.rows == 60
-    assert [v.version for v in store.versions("street")] == [0, 1, 2]
-    assert [v.message for v in store.versions("street")][1:] == ["same input", "fix cars"]
+    assert v0.rows == v1.rows == 60
+    assert [v.message for v in store.versions("street")] == ["ingest COCO annotations.json", "fix cars"]
+    # The untouched items keep the time they were first committed.
+    times = {r["item_id"]: r["ingested_at"] for r in read_table(store.location, v1, ["item_id", "ingested_at"]).to_pylist()}
+    assert len({t for i, t in times.items() if i != first_image["file_name"]}) == 1
 
 
 def _jpeg_bytes(size=(32, 24), color=(200, 10, 10)) -> bytes:
@@ -206,7 +212,7 @@ def test_jsonl_ingest_and_label_schema_evolution(store_uri, tmp_path):
 @pytest.mark.slow
 def test_2000_images_into_s3_version_zero_then_zero_reupload(seaweed, demo_2000):
     """The acceptance run: 2,000 demo images into SeaweedFS as version 0, read back with plain
-    pyarrow, then the same input again uploads nothing."""
+    pyarrow, then the same input again uploads and commits nothing."""
     import time
 
     store = orchestrator.connect(f"s3://orchestrator-test/accept-{time.time_ns()}")
@@ -224,7 +230,8 @@ def test_2000_images_into_s3_version_zero_then_zero_reupload(seaweed, demo_2000)
         assert r["labels"]["car"] == expected[r["item_id"]]["car"] or dropped[r["item_id"]]
 
     again = store.ingest("street", coco=coco, images=images)
-    assert (again.version, again.blobs_uploaded, again.blobs_reused) == (1, 0, 2000)
+    # Identical input: nothing uploaded, nothing committed (the compare reads manifest columns only).
+    assert (again.committed, again.version, again.unchanged, again.blobs_uploaded) == (False, 0, 2000, 0)
 
 
 def test_dataset_object_pins_its_version(store_uri, demo_small):
