@@ -90,8 +90,9 @@ class Dataset:
 
     def _labels_of_later_versions(self, queries: tuple[str, ...], labels: tuple[str, ...]) -> frozenset[str]:
         """Labels the latest version knows and this one does not, when a query names a label
-        this version does not know: they count 0 in every row here (labels are only ever added, so the latest version knows
-        every label any version had). The latest version is read only when a query needs it."""
+        this version does not know: they count 0 in every row here (labels are only ever added,
+        so the latest version knows every label any version had). The latest version is read
+        only when a query needs it."""
         named: set[str] = set()
         for q in queries:
             try:

@@ -109,7 +109,8 @@ def test_an_identical_reingest_commits_nothing_and_a_correction_commits_only_wha
     assert v0.rows == v1.rows == 60
     assert [v.message for v in store.versions("street")] == ["ingest COCO annotations.json", "fix cars"]
     # The untouched items keep the time they were first committed.
-    times = {r["item_id"]: r["ingested_at"] for r in read_table(store.location, v1, ["item_id", "ingested_at"]).to_pylist()}
+    rows = read_table(store.location, v1, ["item_id", "ingested_at"]).to_pylist()
+    times = {r["item_id"]: r["ingested_at"] for r in rows}
     assert len({t for i, t in times.items() if i != first_image["file_name"]}) == 1
 
 
