@@ -161,6 +161,8 @@ class Items:
             attributes,
             tags,
             ingested,
+            pa.nulls(k, pa.string()),  # pack: loose blobs (no media here at all)
+            pa.nulls(k, pa.int64()),  # pack_offset
         ]
         return pa.Table.from_arrays(arrays, schema=manifest_schema(LABELS))
 

@@ -315,18 +315,13 @@ def ingest_source(
         return report
     # Rows identical to the latest version's are not written again: an ingest that changes
     # nothing commits nothing (the history holds no empty versions) and keeps their ingested_at.
+    # Their media are still checked as before, so re-ingesting a source restores what `verify`
+    # found lost: an unchanged row whose pack is gone is packed again and committed ("restored").
+    same = np.zeros(len(rows), dtype=bool)
     if manifest.exists():
         same, report.version = store_call(lambda: _unchanged(store, dataset, rows, labels),
                                           location=store.location, action="compare with dataset",
                                           target=repr(dataset))
-        rows = [r for r, s in zip(rows, same) if not s]
-        holders = [h for h, s in zip(holders, same) if not s]
-        report.unchanged = int(same.sum())
-    report.changed = len(rows)
-    if not rows:
-        log.info("all %d items are identical to version %s: nothing to commit", report.items, report.version)
-        report.seconds = time.monotonic() - started
-        return report
     unique: dict[str, tuple[str, int]] = {}  # blob -> (a path holding it, its size)
     for row, holder in zip(rows, holders):
         unique.setdefault(row["blob"], holder)
@@ -335,16 +330,29 @@ def ingest_source(
         known = store_call(lambda: _known_locations(store, dataset), location=store.location,
                            action="read the blobs of dataset", target=repr(dataset))
         known = _without_damaged_loose(store, dataset, known, unique)
-        new = {b: v for b, v in unique.items() if b not in known}
+        restore = same & np.array([r["blob"] not in known for r in rows], dtype=bool)
+        keep = ~same | restore
+        rows = [r for r, k in zip(rows, keep) if k]
+        needed = {r["blob"] for r in rows}
+        new = {b: v for b, v in unique.items() if b not in known and b in needed}
         log.info("packing %d new blobs (%d already in the dataset)", len(new), len(unique) - len(new))
         packed, report.blobs_uploaded, reused, report.bytes_uploaded = _run_pack(store, dataset, new, pack_bytes)
         report.blobs_reused = reused + len(unique) - len(new)
         where = {**known, **packed}
         for row in rows:
             row["pack"], row["pack_offset"] = where[row["blob"]]
-    else:
+    else:  # loose: a lost or damaged blob is uploaded again under its name; its row stays as it is
         log.info("uploading %d distinct blobs", len(unique))
         report.blobs_uploaded, report.blobs_reused, report.bytes_uploaded = _run_upload(store, dataset, unique)
+        restore = np.zeros(len(rows), dtype=bool)
+        rows = [r for r, s in zip(rows, same) if not s]
+    report.unchanged = int(same.sum())
+    report.restored = int(restore.sum())
+    report.changed = report.items - report.unchanged
+    if not rows:
+        log.info("all %d items are identical to version %s: nothing to commit", report.items, report.version)
+        report.seconds = time.monotonic() - started
+        return report
     table = conform(rows, labels)
     report.version = manifest.upsert(
         table, message=message, principal=principal, operation="ingest"

@@ -14,6 +14,7 @@ class IngestReport:
     items: int = 0  # items the source held (accepted)
     changed: int = 0  # of them, new or different from the latest version: what was committed
     unchanged: int = 0  # identical to the latest version (image, instances, tags, attributes)
+    restored: int = 0  # of the unchanged, those whose lost media were packed again (committed too)
     rejected: list[Rejection] = field(default_factory=list)
     blobs_uploaded: int = 0
     blobs_reused: int = 0
@@ -34,6 +35,7 @@ class IngestReport:
             "committed": self.committed,
             "changed": self.changed,
             "unchanged": self.unchanged,
+            "restored": self.restored,
             "rejected": [r.as_dict() for r in self.rejected],
             "blobs_uploaded": self.blobs_uploaded,
             "blobs_reused": self.blobs_reused,
@@ -48,7 +50,8 @@ class IngestReport:
         """A few human lines: the outcome first, then rejections (capped) and warning count."""
         if self.committed:
             head = (f"dataset {self.dataset!r}: committed version {self.version}: {self.changed} of {self.items} "
-                    f"items new or changed" + (f", {self.unchanged} unchanged" if self.unchanged else ""))
+                    f"items new or changed" + (f", {self.unchanged} unchanged" if self.unchanged else "")
+                    + (f" ({self.restored} with lost media restored)" if self.restored else ""))
         elif self.items:
             head = (f"dataset {self.dataset!r}: nothing committed: all {self.items} items are identical to "
                     f"version {self.version}")

@@ -244,8 +244,12 @@ def _damage_packed(store: orchestrator.Store, demo: Path, tmp_path: Path) -> tup
     (tmp_path / "rest.json").write_text(json.dumps(rest))
     store.ingest("street", coco=tmp_path / "rest.json", images=demo / "images")
     store.ingest("street", coco=demo / "annotations.json", images=demo / "images")  # adds the first
-    rows = store.dataset("street").manifest_rows(["item_id", "pack", "pack_offset"]).to_pylist()[:2]
-    assert rows[0]["item_id"] == alone["file_name"] and rows[0]["pack"] != rows[1]["pack"]
+    # The second ingest commits only the new item (the others are unchanged): by id, not by row
+    # order, which follows the manifest files' (random) names.
+    by_id = {r["item_id"]: r for r in store.dataset("street").manifest_rows(["item_id", "pack", "pack_offset"])
+             .to_pylist()}
+    rows = [by_id.pop(alone["file_name"]), by_id[sorted(by_id)[0]]]
+    assert rows[0]["pack"] != rows[1]["pack"]
     packs = store.handle.packs("street")
     store.fs.delete_file(packs.path(rows[0]["pack"]))
     path = packs.path(rows[1]["pack"])
@@ -291,9 +295,13 @@ def test_missing_and_corrupt_blobs_skip_with_warning_or_raise(store_uri, demo_sm
     assert ray_ds.skipped == 2 and ray_ds.skips.by_reason == {"missing": 1, "corrupt": 1}
 
     strict = store.dataset("street", cache=BlobCache(memory_budget=1), on_error="raise")
-    with pytest.raises(ItemError, match=missing_id.replace(".", r"\.")):
+    order = strict.item_ids()
+    first = min(missing_id, corrupt_id, key=order.index)  # iteration stops at the first damaged one
+    with pytest.raises(ItemError, match=first.replace(".", r"\.")):
         list(strict)
-    position = strict.item_ids().index(corrupt_id)
+    with pytest.raises(ItemError, match="is missing|pack .* is missing"):
+        strict[order.index(missing_id)]
+    position = order.index(corrupt_id)
     # The bytes are caught by the hash check before anyone tries to decode them.
     with pytest.raises(ItemError, match=corrupt_message) as bad:
         strict[position]
