@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -349,7 +350,8 @@ class Dataset:
         from orchestrator.diff import COLUMNS, DatasetDiff, compare_rows
 
         columns = [*COLUMNS, "labels"]
-        before, after = self.manifest_rows(columns), other.manifest_rows(columns)
+        with ThreadPoolExecutor(2, thread_name_prefix="diff-read") as pool:
+            before, after = pool.map(lambda ds: ds.manifest_rows(columns), (self, other))
         query = self.query if self.query == other.query else f"{self.query} -> {other.query}"  # one slice, or two
         return DatasetDiff(self.name if self.name == other.name else f"{self.name} -> {other.name}",
                            self.version, other.version, query, compare_rows(before, after))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,24 +90,24 @@ class _Strings:
         return got
 
 
-_HEX = np.full(256, 255, np.uint8)
-_HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+_HEX_DIGITS = np.zeros(256, bool)
+_HEX_DIGITS[np.frombuffer(b"0123456789abcdef", np.uint8)] = True
 
 
 def _blob_bits(blobs: pa.Array, strings: _Strings) -> np.ndarray:
-    """The first 64 bits of each blob's name (a sha256 in hex: already a hash, unique per row,
-    so hashing it again per distinct value would be the slowest step of a diff); any name that
-    is not 64 lowercase hex digits is hashed as a string."""
+    """A fingerprint of each blob's name from its first 16 hex digits (64 bits of a sha256:
+    already a hash, unique per row, so hashing it again per distinct value would be the slowest
+    step of a diff); any name that is not 64 lowercase hex digits is hashed as a string."""
     n = len(blobs)
     if n and blobs.null_count == 0 and blobs.type == pa.string():
-        raw = np.frombuffer(blobs.buffers()[1], np.int32)[blobs.offset: blobs.offset + n + 1].astype(np.int64)
+        raw = np.frombuffer(blobs.buffers()[1], np.int32)[blobs.offset: blobs.offset + n + 1]
         data = np.frombuffer(blobs.buffers()[2], np.uint8)
         if np.all(np.diff(raw) == 64):
-            digits = _HEX[data[raw[0]: raw[-1]].reshape(n, 64)[:, :16]]
-            if not (digits == 255).any():
-                weights = (np.uint64(16) ** np.arange(15, -1, -1, dtype=np.uint64))
+            head = np.ascontiguousarray(data[raw[0]: raw[-1]].reshape(n, 64)[:, :16])
+            if _HEX_DIGITS[head].all():
+                words = head.view(np.uint64)  # (n, 2): the 16 digits' ASCII bytes
                 with np.errstate(over="ignore"):
-                    return (digits.astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
+                    return _mix(words[:, 0]) + words[:, 1]
     return strings.hashes(blobs)
 
 
@@ -131,12 +132,26 @@ def _positions(offsets: np.ndarray) -> np.ndarray:
 
 
 def _number_list(arr: pa.Array) -> np.ndarray:
-    """Per row: a fingerprint of an ordered list of float64 (a bbox, a polygon)."""
+    """Per row: a fingerprint of an ordered list of float64 (a bbox, a polygon): the values'
+    bits times a constant per position, summed, then mixed with the length. A linear sum is
+    enough to tell any real edit apart (a collision needs the bit patterns' weighted sums to
+    cancel mod 2**64) and is the cheapest pass over millions of coordinates; boxes, all of one
+    length, skip the per-element positions altogether."""
     offsets = _offsets(arr)
-    values = np.asarray(arr.flatten().cast(pa.float64()).fill_null(np.nan), dtype=np.float64)
-    values = np.where(values == 0.0, 0.0, values)  # -0.0 is 0.0
-    bits = values.view(np.uint64)
-    return _per_row_sum(_mix(bits ^ _salted(_positions(offsets).astype(np.uint64), "pos")), offsets)
+    lengths = np.diff(offsets)
+    flat = arr.flatten()
+    flat = flat.cast(pa.float64()) if flat.type != pa.float64() else flat
+    values = np.asarray(flat.fill_null(np.nan) if flat.null_count else flat, dtype=np.float64)
+    bits = values.view(np.uint64).copy()
+    bits[bits == np.uint64(1 << 63)] = 0  # -0.0 is 0.0
+    longest = int(lengths.max()) if len(lengths) else 0
+    weights = _salted(np.arange(max(longest, 1), dtype=np.uint64), "pos") | np.uint64(1)  # odd
+    with np.errstate(over="ignore"):
+        if len(lengths) and longest and (lengths == longest).all():
+            sums = (bits.reshape(-1, longest) * weights).sum(axis=1, dtype=np.uint64)
+        else:
+            sums = _per_row_sum(bits * weights[_positions(offsets)], offsets)
+        return _mix(sums + lengths.astype(np.uint64) * _SALTS["pos"])
 
 
 def _string_map(arr: pa.Array, strings: _Strings) -> np.ndarray:
@@ -246,7 +261,8 @@ def compare_rows(before: pa.Table, after: pa.Table) -> RowsDiff:
     in_b = np.asarray(pc.is_in(ids_a, value_set=ids_b), dtype=bool)
     matched_b = np.flatnonzero(where_in_a >= 0)
     matched_a = where_in_a[matched_b]
-    fa, fb = fingerprints(before, strings), fingerprints(after, strings)
+    with ThreadPoolExecutor(2, thread_name_prefix="diff") as pool:  # numpy and Arrow release the GIL
+        fa, fb = pool.map(lambda t: fingerprints(t, strings), (before, after))
     parts = [p for p in PARTS if p in fa and p in fb]
     differs = {p: fa[p][matched_a] != fb[p][matched_b] for p in parts}
     any_diff = np.zeros(len(matched_b), dtype=bool)
