@@ -83,7 +83,7 @@ class Dataset:
             compile_query(combine(list(everything)), QueryContext(labels, absent_labels=later))
             if everything else None
         )
-        self._len: int | None = None if _queries else self._snapshot.rows
+        self._len: int | None = None if everything else self._snapshot.rows  # a row filter too
         self.last_scan: ScanStats | None = None
         self._stream: ItemStream | None = None
         self._ray_ledgers: dict[str, SkipLedger] = {}  # name -> ledger of this object's to_ray pipelines

@@ -23,6 +23,7 @@ import pytest
 from orchestrator.errors import ConfigError
 from orchestrator.stream import cache as cache_module
 from orchestrator.stream.cache import BlobCache, DiskLRU, default_disk_budget, default_memory_budget
+from tests.support.waiting import fork_rounds, join_or_fail
 
 
 def _blob(i: int, size: int = 1000) -> tuple[str, bytes]:
@@ -283,17 +284,6 @@ def _hold_in_a_thread(enter: Callable[[], AbstractContextManager]) -> tuple[thre
     return release, holder
 
 
-def _join_or_fail(procs, what: str) -> None:
-    for p in procs:
-        p.join(60)
-    hung = [p.pid for p in procs if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert not hung, f"forked children {hung} hung {what}"
-    assert [p.exitcode for p in procs] == [0] * len(procs)
-
-
 def test_fork_during_cache_traffic_never_hangs_the_child(tmp_path):
     """Parent threads keep reading and writing the cache (both tiers) while the parent forks
     children that use it at once. Before the fork gate, the first round hung: the child closing
@@ -318,15 +308,10 @@ def test_fork_during_cache_traffic_never_hangs_the_child(tmp_path):
     threads = [threading.Thread(target=churn, args=(k * 1000,), daemon=True) for k in range(3)]
     for t in threads:
         t.start()
-    ctx = multiprocessing.get_context("fork")
-    results = ctx.Queue()
+    results = multiprocessing.get_context("fork").Queue()
     try:
-        for round_ in range(12):
-            procs = [ctx.Process(target=_child_reads_and_writes, args=(cache, 1000 + 100 * (2 * round_ + k), results))
-                     for k in range(2)]
-            for p in procs:
-                p.start()
-            _join_or_fail(procs, f"in round {round_}")
+        fork_rounds(_child_reads_and_writes, lambda r, k: (cache, 1000 + 100 * (2 * r + k), results), 12,
+                    "(forked during cache traffic)")
     finally:
         stop.set()
         for t in threads:
@@ -353,7 +338,7 @@ def test_fork_while_a_write_transaction_is_open_waits_for_it(tmp_path):
     procs[0].start()
     assert time.monotonic() - started >= 0.2, "the fork did not wait for the open transaction"
     holder.join(10)
-    _join_or_fail(procs, "after a fork during a write transaction")
+    join_or_fail(procs, "after a fork during a write transaction")
     assert cache.disk.get(_blob(100)[0]) == _blob(100)[1]
 
 
@@ -369,7 +354,7 @@ def test_a_lock_held_by_a_parent_thread_at_the_fork_is_free_in_the_child(tmp_pat
     proc.start()
     release.set()
     holder.join(10)
-    _join_or_fail([proc], "on a lock a parent thread held at the fork")
+    join_or_fail([proc], "on a lock a parent thread held at the fork")
     assert results.get(timeout=10) is True
 
 
@@ -392,7 +377,7 @@ def test_a_child_forked_past_the_gate_wait_reads_without_the_disk_tier(tmp_path,
     try:
         proc = ctx.Process(target=child)
         proc.start()
-        _join_or_fail([proc], "after the gate's wait ran out")
+        join_or_fail([proc], "after the gate's wait ran out")
     finally:
         release.set()
         holder.join(10)

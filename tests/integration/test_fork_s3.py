@@ -13,6 +13,7 @@ import threading
 import pytest
 
 from orchestrator.stream.cache import BlobCache
+from tests.support.waiting import fork_rounds
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -36,22 +37,10 @@ def test_children_forked_during_s3_reads_read_s3(street):
     threads = [threading.Thread(target=reading, daemon=True) for _ in range(3)]
     for t in threads:
         t.start()
-    ctx = multiprocessing.get_context("fork")
-    results = ctx.Queue()
+    results = multiprocessing.get_context("fork").Queue()
     try:
-        for round_ in range(6):
-            procs = [ctx.Process(target=_child_reads, args=(street.dataset("street"), [k, k + 7], results))
-                     for k in range(2)]
-            for p in procs:
-                p.start()
-            for p in procs:
-                p.join(30)
-            hung = [p.pid for p in procs if p.is_alive()]
-            for p in procs:
-                if p.is_alive():
-                    p.kill()
-            assert not hung, f"children {hung} forked during S3 reads hung in round {round_}"
-            assert [p.exitcode for p in procs] == [0, 0], f"round {round_}: {[p.exitcode for p in procs]}"
+        fork_rounds(_child_reads, lambda _, k: (street.dataset("street"), [k, k + 7], results), 6,
+                    "(forked during S3 reads)", timeout=30)
         loader = street.dataset("street").dataloader(batch_size=8, num_workers=2)
         assert sorted(i for b in loader for i in b["id"]) == sorted(ds.item_ids())
     finally:
