@@ -38,12 +38,23 @@ def _store_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("orchestrator")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="orchestrator",
         description="Versioned annotated training data on object storage.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--version", action="version", version=f"orchestrator {_package_version()}",
+                        help="print the installed version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("ingest", help="ingest a COCO or JSONL source as one new dataset version")
@@ -76,9 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("delete", help="remove items as one new version")
     p.set_defaults(func=cmd_delete)
     _store_arg(p)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--items", nargs="+", required=True, metavar="ID")
-    p.add_argument("--message", default="")
+    p.add_argument("name", nargs="?", default=None, help="dataset name (like every other command)")
+    p.add_argument("--dataset", default=None, help="the dataset name, the older spelling (kept working)")
+    p.add_argument("--items", nargs="+", required=True, metavar="ID", help="ids of the items to remove")
+    p.add_argument("--message", default="", help="the version's message (default: 'delete N items')")
+    p.add_argument("--json", action="store_true", help="the new version and the count as JSON")
 
     p = sub.add_parser("datasets", help="list the datasets in a store")
     p.set_defaults(func=cmd_datasets)
@@ -261,9 +274,14 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    store = _need_store(args)
-    version, deleted = store.delete(args.dataset, args.items, message=args.message)
-    emit(f"dataset {args.dataset!r}: deleted {deleted} items as version {version}")
+    if args.name and args.dataset and args.name != args.dataset:
+        raise ConfigError(f"two dataset names: {args.name!r} and --dataset {args.dataset!r}")
+    name = args.name or args.dataset
+    if not name:
+        raise ConfigError("which dataset? `orchestrator delete NAME --items ID ...`")
+    done = _need_store(args).delete(name, args.items, message=args.message)
+    emit(json.dumps({"dataset": name, **done.as_dict()}, indent=2) if args.json
+         else f"dataset {name!r}: deleted {done.deleted} items as version {done.version}")
     return 0
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import builtins
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 import pyarrow as pa
@@ -209,11 +210,26 @@ class Dataset:
             self._len = len(self._stream)
         return self._stream
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        """Item ``i`` (negative counts from the end): one manifest row group and one blob read."""
-        if not isinstance(i, (int, np.integer)):
-            raise TypeError(f"dataset indices are integers, not {type(i).__name__}")
+    @overload
+    def __getitem__(self, i: int) -> dict[str, Any]: ...
+
+    @overload
+    def __getitem__(self, i: builtins.slice | Sequence[int] | np.ndarray) -> list[dict[str, Any]]: ...
+
+    def __getitem__(self, i: Any) -> dict[str, Any] | list[dict[str, Any]]:
+        """Item ``i`` (negative counts from the end): one manifest row group and one blob read.
+        ``ds[i:j]`` (any slice) and ``ds[[i, j, k]]`` (a list or an integer array) give a list
+        of items, in that order, as a notebook expects."""
         n = len(self.stream.index)
+        if isinstance(i, builtins.slice):
+            return [self.stream.item(k) for k in range(*i.indices(n))]
+        if isinstance(i, (list, tuple, np.ndarray)):
+            picked = np.asarray(i)
+            if picked.size and not np.issubdtype(picked.dtype, np.integer):
+                raise TypeError(f"dataset indices are integers, not {picked.dtype}")
+            return [self[int(k)] for k in picked.reshape(-1)]
+        if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
+            raise TypeError(f"dataset indices are integers, slices or lists of integers, not {type(i).__name__}")
         if not -n <= i < n:
             raise IndexError(f"index {i} out of range for {n} items")
         return self.stream.item(int(i) % n)

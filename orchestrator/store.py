@@ -13,7 +13,7 @@ import numbers
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow.fs as pafs
 
@@ -262,8 +262,10 @@ class Store:
         self.refresh_access()
         return version
 
-    def delete(self, dataset: str, item_ids: Sequence[str], *, message: str = "") -> tuple[int, int]:
-        """Remove items as one new version; unknown ids are an error and nothing changes."""
+    def delete(self, dataset: str, item_ids: Sequence[str], *, message: str = "") -> Deleted:
+        """Remove items as one new version; unknown ids are an error and nothing changes.
+        Returns ``Deleted(version, deleted)`` (a named tuple: ``version, n = store.delete(...)``
+        still unpacks)."""
         self.access.check("write", check_dataset_name(dataset))
         if not item_ids:
             raise IngestError("no item ids given to delete")
@@ -277,11 +279,22 @@ class Store:
                 + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""),
                 hint="nothing was deleted; check the ids with `orchestrator slice --ids`",
             )
-        return manifest.delete(
+        version, deleted = manifest.delete(
             list(dict.fromkeys(item_ids)),
             message=message or f"delete {len(item_ids)} items",
             principal=self.principal,
         )
+        return Deleted(version, deleted)
+
+
+class Deleted(NamedTuple):
+    """What ``Store.delete`` did: the version it committed and how many items it removed."""
+
+    version: int
+    deleted: int
+
+    def as_dict(self) -> dict[str, int]:
+        return self._asdict()
 
 
 def _pack_bytes(pack_mb: int) -> int:

@@ -1,13 +1,17 @@
 """Edges of the Dataset API, both backends: ``item_ids()`` lists ids in ``ds[i]`` order,
-``ds.get(item_id)`` reads one item by id, and ``store.dataset``'s version must be an int."""
+``ds.get(item_id)`` reads one item by id, ``ds[i:j]`` and ``ds[[i, j]]`` give lists of items,
+``store.dataset``'s version must be an int, and ``delete`` names its result."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 
 import orchestrator
 from orchestrator.errors import ConfigError, DatasetNotFound
+from tests.conftest import run_cli
 from tests.support.tiny_manifest import commit_items
 
 
@@ -77,3 +81,33 @@ def test_a_pickled_read_plan_reads_the_same_slice(unsorted):
     assert plan.version == sl.version and plan.handle == unsorted.handle
     assert [it["id"] for it in ItemStream(plan).iter_items()] == sl.item_ids()
     assert len(blob) < 20_000  # a snapshot's file list and a compiled query, not rows
+
+
+def test_slices_and_lists_of_positions_give_items_in_that_order(unsorted):
+    ds = unsorted.dataset("d")
+    ids = ds.item_ids()
+    assert [it["id"] for it in ds[1:4]] == ids[1:4] and [it["id"] for it in ds[::-3]] == ids[::-3]
+    assert [it["id"] for it in ds[[4, 0, -1]]] == [ids[4], ids[0], ids[-1]]
+    assert [it["id"] for it in ds[np.array([2, 2])]] == [ids[2], ids[2]]
+    assert ds[5:2] == [] and ds[[]] == []
+    with pytest.raises(IndexError):
+        ds[[0, 99]]
+    with pytest.raises(TypeError, match="integers"):
+        ds[[0.5]]
+    with pytest.raises(TypeError, match="integers"):
+        ds["a"]
+
+
+def test_delete_names_its_result_and_the_cli_takes_the_dataset_like_every_command(unsorted, store_uri):
+    done = unsorted.delete("d", ["m"])
+    assert (done.version, done.deleted) == (3, 1) and done.as_dict() == {"version": 3, "deleted": 1}
+    version, deleted = unsorted.delete("d", ["c"])  # still a pair
+    assert (version, deleted) == (4, 1)
+    r = run_cli("delete", "d", "--items", "x", "--store", store_uri, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == {"dataset": "d", "version": 5, "deleted": 1}, r.stderr
+    r = run_cli("delete", "--dataset", "d", "--items", "b", "--store", store_uri)  # the older spelling
+    assert r.returncode == 0 and "deleted 1 items as version 6" in r.stdout, r.stderr
+    r = run_cli("delete", "d", "--dataset", "e", "--items", "z", "--store", store_uri)
+    assert r.returncode == 2 and "two dataset names" in r.stderr
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("orchestrator ")
