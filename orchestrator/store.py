@@ -208,6 +208,10 @@ class Store:
             raise IngestError("give exactly one source: coco=FILE (with images=DIR) or jsonl=FILE")
         if isinstance(allow_roots, (str, Path)):
             allow_roots = [allow_roots]
+        if images is not None and not Path(images).is_dir():  # before Ray starts or a file is probed
+            raise IngestError(f"images folder {str(images)!r} " + ("is not a folder" if Path(images).exists()
+                                                                   else "does not exist"),
+                              hint="pass the folder the source's file names are relative to")
         if coco is not None:
             if images is None:
                 raise IngestError("a COCO source needs images=DIR (the folder its file_names are in)")
