@@ -373,8 +373,14 @@ class Dataset:
                            self.version, other.version, query, compare_rows(before, after))
 
     def __repr__(self) -> str:
+        """Name, version, item count and slice: what a notebook cell shows. The count of a slice
+        costs one scan of the query's manifest columns the first time (no media)."""
         q = f", query={self.query!r}" if self._queries else ""
-        return f"Dataset({self.name!r}, version={self.version}{q}, store={self.store.uri!r})"
+        try:
+            items = f", items={len(self):,}"
+        except Exception:  # noqa: BLE001 - a repr must not raise (a store gone since the open)
+            items = ""
+        return f"Dataset({self.name!r}, version={self.version}{items}{q}, store={self.store.uri!r})"
 
 
 #: Attribute keys per (location, dataset, version, access view): versions are immutable.

@@ -111,3 +111,10 @@ def test_delete_names_its_result_and_the_cli_takes_the_dataset_like_every_comman
     assert r.returncode == 2 and "two dataset names" in r.stderr
     r = run_cli("--version")
     assert r.returncode == 0 and r.stdout.startswith("orchestrator ")
+
+
+def test_repr_shows_version_item_count_and_slice(unsorted, store_uri):
+    assert repr(unsorted.dataset("d", 1)) == f"Dataset('d', version=1, items=5, store={store_uri!r})"
+    sliced = unsorted.dataset("d").slice("file.item_id in ['a', 'b', 'q']")
+    assert repr(sliced) == (f"Dataset('d', version=2, items=2, query=\"file.item_id in ['a', 'b', 'q']\", "
+                            f"store={store_uri!r})")
