@@ -158,6 +158,18 @@ def _epoch_source(config: dict[str, Any], train_shard, epoch: int, resume: Resum
     return source, remaining, resume
 
 
+def _epoch_metrics(epoch: int, summed: list[float], start_epoch: int, carried: Resume | None,
+                   reporter: StepReporter) -> dict[str, Any]:
+    """An epoch's metrics from the ranks' summed ``EpochTally.vector``s: loss, items and their
+    digest over every attempt, what a resumed epoch carried in, and this attempt's time and
+    throughput."""
+    done = epoch_totals(summed)
+    before = len(carried.consumed) if carried else 0
+    return {"epoch": epoch, "train_loss": done["train_loss"] or 0.0, "train_items": done["train_items"],
+            "train_digest": done["train_digest"], "attempt_start_epoch": start_epoch,
+            **({"resumed_items": before} if carried else {}), **reporter.finish(done["train_items"] - before)}
+
+
 def _mid_epoch_report(directory: str, *, rank: int, epoch: int, step: int, tally: EpochTally,
                       carried: Resume | None, save_model, shard_seed: int) -> None:
     """A mid-epoch checkpoint (every ``checkpoint.every_steps`` steps): the model state
@@ -244,11 +256,7 @@ def torch_loop(config: dict[str, Any]) -> None:
         totals = torch.tensor(tally.vector(carried if rank == 0 else None), dtype=torch.float64)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(totals)
-        done = epoch_totals(totals.tolist())
-        metrics = {"epoch": epoch, "train_loss": done["train_loss"] or 0.0, "train_items": done["train_items"],
-                   "train_digest": done["train_digest"], "attempt_start_epoch": start_epoch,
-                   **({"resumed_items": len(carried.consumed)} if carried else {}),
-                   **reporter.finish(done["train_items"] - (len(carried.consumed) if carried else 0))}
+        metrics = _epoch_metrics(epoch, totals.tolist(), start_epoch, carried, reporter)
         last = epoch == t["epochs"] - 1
         save = rank == 0 and ((epoch + 1) % config["checkpoint_every"] == 0 or last)
         with tempfile.TemporaryDirectory() as d:
@@ -384,11 +392,7 @@ def tf_loop(config: dict[str, Any]) -> None:
         vector = tally.vector(carried if rank == 0 else None)
         summed = strategy.reduce(tf.distribute.ReduceOp.SUM,
                                  strategy.run(lambda v=vector: tf.constant(v, tf.float64)), axis=None)
-        totals = epoch_totals(summed.numpy().tolist())
-        metrics = {"epoch": epoch, "train_loss": totals["train_loss"] or 0.0, "train_items": totals["train_items"],
-                   "train_digest": totals["train_digest"], "attempt_start_epoch": start_epoch,
-                   **({"resumed_items": len(carried.consumed)} if carried else {}),
-                   **reporter.finish(totals["train_items"] - (len(carried.consumed) if carried else 0))}
+        metrics = _epoch_metrics(epoch, summed.numpy().tolist(), start_epoch, carried, reporter)
         last = epoch == t["epochs"] - 1
         with tempfile.TemporaryDirectory() as d:
             save_weights(d)
