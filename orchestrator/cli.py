@@ -122,6 +122,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=10, help="items listed per kind in the text output (default: 10)")
     p.add_argument("--json", action="store_true", help="every added, removed and changed item, as JSON")
 
+    p = sub.add_parser("stats", help="label, instance, size, tag and attribute statistics of a dataset version "
+                       "(or slice), from the manifest only")
+    p.set_defaults(func=cmd_stats)
+    _store_arg(p)
+    p.add_argument("name", help="dataset name")
+    p.add_argument("--version", type=int, default=None, help="version number (default: latest)")
+    p.add_argument("--query", default=None, help="only this slice, e.g. 'labels.car >= 1'")
+    p.add_argument("--json", action="store_true", help="every figure as JSON")
+
     p = sub.add_parser("slice", help="items of a dataset version that match a query")
     p.set_defaults(func=cmd_slice)
     _store_arg(p)
@@ -327,6 +336,13 @@ def cmd_diff(args: argparse.Namespace) -> int:
         before, after = before.slice(args.query), after.slice(args.query)
     diff = before.diff(after)
     emit(json.dumps(diff.as_dict(), indent=2) if args.json else diff.summary(limit=args.limit))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    ds = _need_store(args).dataset(args.name, args.version)
+    stats = (ds.slice(args.query) if args.query else ds).stats()
+    emit(json.dumps(stats.as_dict(), indent=2) if args.json else stats.summary())
     return 0
 
 

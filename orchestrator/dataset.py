@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from orchestrator.adapters.ray import SkipLedger
     from orchestrator.adapters.torch import TorchItems
     from orchestrator.diff import DatasetDiff
+    from orchestrator.stats import DatasetStats
     from orchestrator.store import Store
     from orchestrator.store_location import StoreLocation
 
@@ -371,6 +372,15 @@ class Dataset:
         query = self.query if self.query == other.query else f"{self.query} -> {other.query}"  # one slice, or two
         return DatasetDiff(self.name if self.name == other.name else f"{self.name} -> {other.name}",
                            self.version, other.version, query, compare_rows(before, after))
+
+    def stats(self) -> DatasetStats:
+        """Per label instances and images, instances per image, image and box sizes, kinds, tag
+        and attribute value counts of this version or slice (``orchestrator.stats``), from the
+        manifest alone, as this principal sees it."""
+        from orchestrator.stats import COLUMNS, compute_stats
+
+        return compute_stats(self.manifest_rows(list(COLUMNS)), dataset=self.name, version=self.version,
+                             query=self.query)
 
     def __repr__(self) -> str:
         """Name, version, item count and slice: what a notebook cell shows. The count of a slice

@@ -164,10 +164,11 @@ def read_rows(
 
 def with_columns(table: pa.Table, columns: Sequence[str]) -> pa.Table:
     """``table`` with exactly ``columns``, in that order; a manifest column that the rows were
-    written before (``pack`` in a store older than packs) is added as nulls of its type."""
+    written before (``pack`` in a store older than packs) is added as nulls of its type, and
+    ``labels`` of a dataset that has no label yet as an empty struct."""
     for name in columns:
         if name not in table.column_names:
-            field = base_field(name)
+            field = pa.field("labels", pa.struct([])) if name == "labels" else base_field(name)
             table = table.append_column(field, pa.nulls(table.num_rows, field.type))
     return table.select(list(columns))
 

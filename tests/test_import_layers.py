@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["errors", "retry", "store_location", "storage_errors", "optional", "yaml_docs", "fork_safety",
                     "machine", "meter", "ray_runtime"]),
     ("store handle", ["manifest_faults", "manifest", "blobs", "packs", "handle"]),
-    ("query, scan, access", ["query", "query.*", "access", "access.*", "scan", "diff"]),
+    ("query, scan, access", ["query", "query.*", "access", "access.*", "scan", "diff", "stats"]),
     ("read plan and reader", ["stream", "stream.*"]),
     ("adapters", ["adapters", "adapters.*"]),
     ("ingest, train, verify", ["ingest", "ingest.*", "train", "train.batches", "train.config",
