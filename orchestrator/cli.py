@@ -130,6 +130,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, default=None, help="version number (default: latest)")
     p.add_argument("--query", default=None, help="only this slice, e.g. 'labels.car >= 1'")
     p.add_argument("--json", action="store_true", help="every figure as JSON")
+    p.add_argument("--plot", metavar="FILE", default=None, help="also draw the figures (matplotlib) into FILE, "
+                   "e.g. stats.png")
 
     p = sub.add_parser("slice", help="items of a dataset version that match a query")
     p.set_defaults(func=cmd_slice)
@@ -343,6 +345,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     ds = _need_store(args).dataset(args.name, args.version)
     stats = (ds.slice(args.query) if args.query else ds).stats()
     emit(json.dumps(stats.as_dict(), indent=2) if args.json else stats.summary())
+    if args.plot:
+        stats.plot(args.plot)
+        print(f"plot: {args.plot}", file=sys.stderr)
     return 0
 
 

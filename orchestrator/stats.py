@@ -9,6 +9,7 @@ seconds, and what a principal may not see (hidden attributes, filtered rows) nev
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,6 +58,49 @@ class DatasetStats:
     box_aspect: dict[str, float]  # width / height
     tags: dict[str, int]  # tag -> items
     attributes: dict[str, dict[str, int]]  # key -> value -> items (top TOP_VALUES, then "other")
+    histograms: dict[str, dict[str, list[float]]]  # name -> {"edges", "counts"}: what ``plot`` draws
+
+    def plot(self, path: str | Path | None = None) -> Any:
+        """A matplotlib figure of the statistics (labels, instances per image, image sizes, box
+        sizes and aspect ratios, tags); saved to ``path`` when given (PNG, SVG, PDF by suffix).
+        Notebooks display the returned figure."""
+        import matplotlib
+
+        if path is not None:
+            matplotlib.use("Agg", force=False)  # no display needed to save a file
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+        where = f", slice {self.query!r}" if self.query else ""
+        fig.suptitle(f"{self.dataset} version {self.version}{where}: {self.items:,} items")
+        names = list(self.labels)
+        x = np.arange(len(names))
+        ax = axes[0][0]
+        ax.bar(x - 0.2, [self.labels[n]["instances"] for n in names], 0.4, label="instances")
+        ax.bar(x + 0.2, [self.labels[n]["images"] for n in names], 0.4, label="images")
+        ax.set_xticks(x, names, rotation=30, ha="right")
+        ax.set_title("labels")
+        ax.legend()
+        for ax, (name, title, xlabel) in zip(
+                [axes[0][1], axes[0][2], axes[1][0], axes[1][1]],
+                [("instances_per_image", "instances per image", "instances"),
+                 ("image_width", "image widths", "pixels"), ("box_area", "box areas", "sqrt(area), pixels"),
+                 ("box_aspect", "box aspect ratios", "width / height (log scale)")]):
+            h = self.histograms.get(name, {"edges": [0.0, 1.0], "counts": [0.0]})
+            edges = np.asarray(h["edges"])
+            ax.stairs(h["counts"], edges, fill=True)
+            ax.set_title(title)
+            ax.set_xlabel(xlabel)
+            if name == "box_aspect":
+                ax.set_xscale("log")
+        ax = axes[1][2]
+        tags = list(self.tags.items())[:15]
+        ax.barh([t for t, _ in tags][::-1], [n for _, n in tags][::-1])
+        ax.set_title("tags (items)" if tags else "no tags")
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=100)
+        return fig
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -80,6 +124,11 @@ class DatasetStats:
         for key, values in self.attributes.items():
             lines += _table([f"attributes.{key}", "items"], [[v, f"{n:,}"] for v, n in values.items()])
         return "\n".join(lines)
+
+
+def _histogram(values: np.ndarray, bins: Any) -> dict[str, list[float]]:
+    counts, edges = np.histogram(values, bins=bins)
+    return {"edges": edges.astype(float).tolist(), "counts": counts.astype(float).tolist()}
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -125,8 +174,16 @@ def compute_stats(table: pa.Table, *, dataset: str, version: int, query: str | N
             attributes[key] = top
     width = np.asarray(table.column("width").fill_null(0), dtype=np.float64) if n else np.zeros(0)
     height = np.asarray(table.column("height").fill_null(0), dtype=np.float64) if n else np.zeros(0)
+    histograms = {
+        "instances_per_image": _histogram(per_image.astype(np.float64), np.arange(-0.5, max(per_image.max(), 1) + 1)
+                                          if len(per_image) else 10),
+        "image_width": _histogram(width, 20),
+        "box_area": _histogram(np.sqrt(np.maximum(box_w * box_h, 0)), 30),
+        "box_aspect": _histogram(aspect, np.geomspace(min(aspect.min(), 0.25), max(aspect.max(), 4.0), 31)
+                                 if len(aspect) else np.geomspace(0.25, 4.0, 31)),
+    }
     return DatasetStats(
-        dataset=dataset, version=version, query=query, items=n, labels=labels,
+        dataset=dataset, version=version, query=query, items=n, labels=labels, histograms=histograms,
         instances_per_image={**_summary(per_image.astype(np.float64)), "histogram": histogram},
         kinds=kinds, image_width=_summary(width), image_height=_summary(height),
         box_width=_summary(box_w), box_height=_summary(box_h), box_aspect=_summary(aspect),

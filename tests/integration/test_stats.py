@@ -17,7 +17,7 @@ from tests.conftest import run_cli
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
-def test_stats_match_the_coco_file_and_the_images(street, demo_small, store_uri):
+def test_stats_match_the_coco_file_and_the_images(street, demo_small, store_uri, tmp_path):
     doc = json.loads((demo_small / "annotations.json").read_text())
     names = {c["id"]: c["name"] for c in doc["categories"]}
     files = {im["id"]: im["file_name"] for im in doc["images"]}
@@ -50,8 +50,10 @@ def test_stats_match_the_coco_file_and_the_images(street, demo_small, store_uri)
     assert doc_stats["items"] == sum(1 for f in files.values()
                                      if any(names[a["category_id"]] == "car" and files[a["image_id"]] == f
                                             for a in doc["annotations"]))
-    r = run_cli("stats", "street", "--store", store_uri)
+    r = run_cli("stats", "street", "--store", store_uri, "--plot", str(tmp_path / "stats.png"))
     assert r.returncode == 0 and "instances per image" in r.stdout and "label" in r.stdout, r.stderr
+    with Image.open(tmp_path / "stats.png") as img:
+        assert img.size == (1500, 850) and len(img.getcolors(1 << 16) or []) > 10  # drawn, not blank
 
 
 def test_stats_count_tags_and_attribute_values(store_uri, demo_small, tmp_path):
