@@ -133,6 +133,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE", default=None, help="also draw the figures (matplotlib) into FILE, "
                    "e.g. stats.png")
 
+    p = sub.add_parser("show", help="draw a contact sheet of a dataset version (or slice): thumbnails with "
+                       "boxes, polygons, label names and item ids")
+    p.set_defaults(func=cmd_show)
+    _store_arg(p)
+    p.add_argument("name", help="dataset name")
+    p.add_argument("--version", type=int, default=None, help="version number (default: latest)")
+    p.add_argument("--query", default=None, help="only this slice, e.g. 'labels.car >= 3'")
+    p.add_argument("--n", type=int, default=24, help="items to show (default: 24)")
+    p.add_argument("--seed", type=int, default=None, help="a random sample with this seed (default: the first N)")
+    p.add_argument("--columns", type=int, default=6, help="thumbnails per row (default: 6)")
+    p.add_argument("--thumb", type=int, default=192, help="thumbnail size in pixels (default: 192)")
+    p.add_argument("--out", required=True, help="the image file to write, e.g. sheet.png")
+
     p = sub.add_parser("slice", help="items of a dataset version that match a query")
     p.set_defaults(func=cmd_slice)
     _store_arg(p)
@@ -338,6 +351,15 @@ def cmd_diff(args: argparse.Namespace) -> int:
         before, after = before.slice(args.query), after.slice(args.query)
     diff = before.diff(after)
     emit(json.dumps(diff.as_dict(), indent=2) if args.json else diff.summary(limit=args.limit))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    ds = _need_store(args).dataset(args.name, args.version)
+    ds = ds.slice(args.query) if args.query else ds
+    sheet = ds.contact_sheet(args.n, seed=args.seed, columns=args.columns, thumb=args.thumb)
+    sheet.save(args.out)
+    emit(f"{len(sheet.info['cells'])} items of {args.name!r} version {ds.version} drawn into {args.out}")
     return 0
 
 

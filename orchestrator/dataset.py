@@ -373,6 +373,22 @@ class Dataset:
         return DatasetDiff(self.name if self.name == other.name else f"{self.name} -> {other.name}",
                            self.version, other.version, query, compare_rows(before, after))
 
+    def contact_sheet(self, n: int = 24, *, seed: int | None = None, columns: int = 6, thumb: int = 192,
+                      labels: bool = True) -> Any:
+        """A Pillow image of ``n`` items of this version or slice in a grid, with their boxes,
+        polygons and label names in stable per-label colours and each item's id under it
+        (``orchestrator.sheet``). The first ``n`` items, or with ``seed`` a random sample; only
+        the items shown are read. A notebook displays the returned image."""
+        from orchestrator.sheet import contact_sheet
+
+        total = len(self)
+        count = min(n, total)
+        if seed is None:
+            chosen = list(range(count))
+        else:
+            chosen = sorted(np.random.default_rng(seed).choice(total, count, replace=False).tolist())
+        return contact_sheet(self[chosen], columns=columns, thumb=thumb, labels=labels)
+
     def stats(self) -> DatasetStats:
         """Per label instances and images, instances per image, image and box sizes, kinds, tag
         and attribute value counts of this version or slice (``orchestrator.stats``), from the

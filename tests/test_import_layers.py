@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                                "train.models", "train.models.*", "train.placement", "train.position",
                                "train.progress", "train.display", "train.storage", "verify", "optimize", "vacuum"]),
     ("developer tooling", ["dev", "dev.*"]),
-    ("facade, CLI, run driver", ["dataset", "store", "", "train.runner", "cli", "__main__"]),
+    ("facade, CLI, run driver", ["dataset", "store", "", "train.runner", "cli", "__main__", "sheet"]),
 ]
 
 

@@ -1,5 +1,7 @@
 """``ds.stats()`` / ``orchestrator stats``: figures equal to counts made independently from the
-source files (the COCO file and the images themselves), on both backends; no media is read."""
+source files (the COCO file and the images themselves), on both backends; no media is read. And
+``ds.contact_sheet`` / ``orchestrator show``: each shown item drawn, its boxes in their label's
+colour, only the shown items read."""
 
 from __future__ import annotations
 
@@ -69,3 +71,35 @@ def test_stats_count_tags_and_attribute_values(store_uri, demo_small, tmp_path):
     assert stats.tags == {"day": 3, "night": 3, "rain": 3}
     assert stats.attributes == {"city": {"oslo": 4, "bergen": 2}}
     assert stats.instances_per_image["histogram"] == {0: 6} and stats.labels == {}
+
+
+def test_contact_sheet_draws_each_shown_item_and_reads_only_those(street, store_uri, tmp_path):
+    from orchestrator.sheet import BACKGROUND, CAPTION_PX, label_colour
+
+    ds = street.dataset("street", cache=BlobCache(memory_budget=64 << 20))
+    sheet = ds.contact_sheet(8, seed=3, columns=4, thumb=128)
+    assert sheet.size == (4 * 128, 2 * (128 + CAPTION_PX))
+    cells = sheet.info["cells"]
+    assert len(cells) == 8 and len({c["id"] for c in cells}) == 8
+    assert ds.cache_stats()["misses"] == 8  # the items shown, no other
+    boxes = 0
+    for cell in cells:
+        inside = sheet.crop((cell["x"], cell["y"], cell["x"] + cell["width"], cell["y"] + cell["height"]))
+        assert len(inside.getcolors(1 << 16) or []) > 50  # a picture, not the background
+        for drawn in cell["drawn"]:
+            x0, y0, x1, y1 = drawn["box"]
+            if drawn["polygon"] or x1 - x0 < 6 or y1 - y0 < 6:
+                continue
+            edges = [((x0 + x1) / 2, y0), ((x0 + x1) / 2, y1), (x0, (y0 + y1) / 2), (x1, (y0 + y1) / 2)]
+            colours = {sheet.getpixel((round(x), round(y))) for x, y in edges}
+            assert label_colour(drawn["label"]) in colours, (cell["id"], drawn)
+            boxes += 1
+    assert boxes >= 8
+    assert sheet.getpixel((sheet.width - 1, sheet.height - 1)) == BACKGROUND
+    # The same sheet from the command line, and the stable colour of a label everywhere.
+    r = run_cli("show", "street", "--store", store_uri, "--n", "8", "--seed", "3", "--columns", "4", "--thumb",
+                "128", "--out", str(tmp_path / "sheet.png"))
+    assert r.returncode == 0 and "8 items" in r.stdout, r.stderr
+    with Image.open(tmp_path / "sheet.png") as img:
+        assert img.size == sheet.size and np.array_equal(np.asarray(img.convert("RGB")), np.asarray(sheet))
+    assert label_colour("car") == label_colour("car") != label_colour("truck")
