@@ -52,9 +52,9 @@ def head(tmp_path_factory):
             time.sleep(0.5)
         yield RECORDED.read_text().strip(), port, f"http://127.0.0.1:{dashboard}"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGINT)  # `ray start --block` stops on Ctrl-C; it sat out SIGTERM's 30 s
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         if before is None:
