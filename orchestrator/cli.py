@@ -15,8 +15,9 @@ import os
 import shlex
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from orchestrator.errors import AccessDenied, ConfigError, OrchestratorError
 
@@ -36,6 +37,19 @@ def _store_arg(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("ORCHESTRATOR_STORE"),
         help="store URI: file:///abs/path or s3://bucket/prefix (default: $ORCHESTRATOR_STORE)",
     )
+
+
+def _dataset_command(sub: Any, command: str, help_text: str, func: Callable[[argparse.Namespace], int], *,
+                     version: bool = True) -> argparse.ArgumentParser:
+    """A subcommand on one dataset: ``orchestrator COMMAND NAME [--version N] [--store URI] ...``,
+    the same way for every command."""
+    p = sub.add_parser(command, help=help_text)
+    p.set_defaults(func=func)
+    _store_arg(p)
+    p.add_argument("name", help="dataset name")
+    if version:
+        p.add_argument("--version", type=int, default=None, help="version number (default: latest)")
+    return p
 
 
 def _package_version() -> str:
@@ -96,49 +110,32 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("datasets", help="list the datasets in a store")
     p.set_defaults(func=cmd_datasets)
     _store_arg(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the datasets as JSON")
 
-    p = sub.add_parser("versions", help="list a dataset's versions")
-    p.set_defaults(func=cmd_versions)
-    _store_arg(p)
-    p.add_argument("name")
-    p.add_argument("--json", action="store_true")
+    p = _dataset_command(sub, "versions", "list a dataset's versions", cmd_versions, version=False)
+    p.add_argument("--json", action="store_true", help="the versions as JSON")
 
-    p = sub.add_parser("info", help="item and label counts of one dataset version")
-    p.set_defaults(func=cmd_info)
-    _store_arg(p)
-    p.add_argument("name")
-    p.add_argument("--version", type=int, default=None, help="version number (default: latest)")
-    p.add_argument("--json", action="store_true")
+    p = _dataset_command(sub, "info", "item and label counts of one dataset version", cmd_info)
+    p.add_argument("--json", action="store_true", help="the counts as JSON")
 
-    p = sub.add_parser("diff", help="what changed between two versions of a dataset (or of one slice): items "
-                       "added, removed and changed, which parts, label totals; from the manifests only")
-    p.set_defaults(func=cmd_diff)
-    _store_arg(p)
-    p.add_argument("name", help="dataset name")
+    p = _dataset_command(sub, "diff", "what changed between two versions of a dataset (or of one slice): items "
+                         "added, removed and changed, which parts, label totals; from the manifests only",
+                         cmd_diff, version=False)
     p.add_argument("before", type=int, help="the earlier version number")
     p.add_argument("after", type=int, nargs="?", default=None, help="the later version number (default: latest)")
     p.add_argument("--query", default=None, help="compare only this slice of both versions, e.g. 'labels.car >= 1'")
     p.add_argument("--limit", type=int, default=10, help="items listed per kind in the text output (default: 10)")
     p.add_argument("--json", action="store_true", help="every added, removed and changed item, as JSON")
 
-    p = sub.add_parser("stats", help="label, instance, size, tag and attribute statistics of a dataset version "
-                       "(or slice), from the manifest only")
-    p.set_defaults(func=cmd_stats)
-    _store_arg(p)
-    p.add_argument("name", help="dataset name")
-    p.add_argument("--version", type=int, default=None, help="version number (default: latest)")
+    p = _dataset_command(sub, "stats", "label, instance, size, tag and attribute statistics of a dataset version "
+                         "(or slice), from the manifest only", cmd_stats)
     p.add_argument("--query", default=None, help="only this slice, e.g. 'labels.car >= 1'")
     p.add_argument("--json", action="store_true", help="every figure as JSON")
     p.add_argument("--plot", metavar="FILE", default=None, help="also draw the figures (matplotlib) into FILE, "
                    "e.g. stats.png")
 
-    p = sub.add_parser("show", help="draw a contact sheet of a dataset version (or slice): thumbnails with "
-                       "boxes, polygons, label names and item ids")
-    p.set_defaults(func=cmd_show)
-    _store_arg(p)
-    p.add_argument("name", help="dataset name")
-    p.add_argument("--version", type=int, default=None, help="version number (default: latest)")
+    p = _dataset_command(sub, "show", "draw a contact sheet of a dataset version (or slice): thumbnails with "
+                         "boxes, polygons, label names and item ids", cmd_show)
     p.add_argument("--query", default=None, help="only this slice, e.g. 'labels.car >= 3'")
     p.add_argument("--n", type=int, default=24, help="items to show (default: 24)")
     p.add_argument("--seed", type=int, default=None, help="a random sample with this seed (default: the first N)")
@@ -146,23 +143,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--thumb", type=int, default=192, help="thumbnail size in pixels (default: 192)")
     p.add_argument("--out", required=True, help="the image file to write, e.g. sheet.png")
 
-    p = sub.add_parser("slice", help="items of a dataset version that match a query")
-    p.set_defaults(func=cmd_slice)
-    _store_arg(p)
-    p.add_argument("name")
+    p = _dataset_command(sub, "slice", "items of a dataset version that match a query", cmd_slice)
     p.add_argument("query", help="e.g. 'labels.car > 3 and labels.pedestrian >= 1'")
-    p.add_argument("--version", type=int, default=None, help="version number (default: latest)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--count", action="store_true", help="print only the number of items")
     out.add_argument("--ids", action="store_true", help="print matching item ids, one a line")
     out.add_argument("--json", action="store_true", help="count, ids and scan statistics as JSON")
 
-    p = sub.add_parser("verify", help="check every blob a dataset version reads (size and sha256); "
-                       "exit 1 if any is bad")
-    p.set_defaults(func=cmd_verify)
-    _store_arg(p)
-    p.add_argument("name")
-    p.add_argument("--version", type=int, default=None, help="version number (default: latest)")
+    p = _dataset_command(sub, "verify", "check every blob a dataset version reads (size and sha256); "
+                         "exit 1 if any is bad", cmd_verify)
     p.add_argument("--repair-from", "--repair", dest="repair_from", type=Path, metavar="DIR",
                    help="re-upload bad loose blobs from the files under DIR (e.g. the COCO images folder); "
                         "items whose bytes DIR lacks, and packed items (packs are never rewritten), are "
@@ -170,11 +159,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=8, help="parallel blob reads (default 8)")
     p.add_argument("--json", action="store_true", help="print the verify report as JSON")
 
-    p = sub.add_parser("optimize", help="pack loose blobs and rewrite mostly-unread packs, as one new "
-                       "version with identical items")
-    p.set_defaults(func=cmd_optimize)
-    _store_arg(p)
-    p.add_argument("name")
+    p = _dataset_command(sub, "optimize", "pack loose blobs and rewrite mostly-unread packs, as one new "
+                         "version with identical items", cmd_optimize, version=False)
     p.add_argument("--pack-mb", type=int, default=32, metavar="MB", help="target pack size (default 32)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
