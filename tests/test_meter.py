@@ -32,6 +32,9 @@ def test_epoch_line_names_loss_metric_time_throughput_and_skips():
                        "samples_per_s": 40.0, "skipped_items": 2, "train_items": 400,
                        "attempt_start_epoch": 0}, epochs=3)
     assert line == "epoch 1/3  train_loss 1.2346  val_map50 0.5000  train 12.3 s  40.0 samples/s  2 skipped"
+    resumed = epoch_line({"epoch": 1, "train_loss": 1.0, "train_items": 47, "resumed_items": 32,
+                          "train_digest": "00ab", "epoch_s": 2.0, "samples_per_s": 7.5}, epochs=2)
+    assert resumed == "epoch 2/2  train_loss 1.0000  train 2.0 s  7.5 samples/s  resumed after 32 of 47 items"
 
 
 def test_display_draws_a_bar_per_epoch_on_a_terminal_and_plain_lines_otherwise():

@@ -19,7 +19,8 @@ from typing import Any, TextIO
 
 #: Metrics an epoch line shows first, in this order; other numeric metrics follow.
 _LEADING = ("train_loss", "val_map50", "val_count_mae")
-_NOT_SHOWN = {"epoch", "attempt_start_epoch", "epoch_s", "samples_per_s", "skipped_items", "train_items"}
+_NOT_SHOWN = {"epoch", "attempt_start_epoch", "epoch_s", "samples_per_s", "skipped_items", "train_items",
+              "resumed_items"}
 
 
 def epoch_line(metrics: dict[str, Any], epochs: int) -> str:
@@ -34,6 +35,8 @@ def epoch_line(metrics: dict[str, Any], epochs: int) -> str:
         parts.append(f"{metrics['samples_per_s']:.1f} samples/s")
     if "skipped_items" in metrics:
         parts.append(f"{metrics['skipped_items']} skipped")
+    if metrics.get("resumed_items"):  # a mid-epoch resume: the time and rate are this attempt's
+        parts.append(f"resumed after {metrics['resumed_items']} of {metrics.get('train_items', '?')} items")
     return "  ".join(parts)
 
 
