@@ -65,7 +65,7 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    server.stop()
+    server.stop(timeout=1)  # throwaway data: no 15 s graceful shutdown at the session's end
 
 
 @pytest.fixture(scope="session")

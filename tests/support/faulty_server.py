@@ -122,6 +122,6 @@ class FaultyServer:
                 os.kill(self.server.pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
-        self._run(self.server.stop, wait=True)
+        self._run(lambda: self.server.stop(timeout=1), wait=True)  # throwaway data: no 15 s graceful stop
         self._jobs.put(None)
         self._thread.join(timeout=30)
