@@ -157,14 +157,26 @@ def _run_pack(store: StoreHandle, dataset: str, unique: dict[str, tuple[str, int
     return where, uploaded, reused, nbytes
 
 
-def _known_locations(store: StoreHandle, dataset: str) -> dict[str, tuple[str | None, int | None]]:
-    """Blob -> (pack, offset) for every blob the dataset's latest version reads (pack None: a
-    loose blob): what an ingest re-uses instead of storing the bytes again."""
+#: The latest version's columns an ingest compares with (``diff``) and re-uses bytes from: read once.
+_LATEST_COLUMNS = list(dict.fromkeys([*DIFF_COLUMNS, "pack", "pack_offset", "size_bytes"]))
+
+
+def _latest_rows(store: StoreHandle, dataset: str) -> tuple[pa.Table, int] | None:
+    """The dataset's latest rows (``_LATEST_COLUMNS``) and version number; None for a new dataset."""
     manifest = store.manifest(dataset)
     if not manifest.exists():
-        return {}
+        return None
     snapshot = manifest.snapshot()
-    table = read_table(store.location, snapshot, ["blob", "pack", "pack_offset", "size_bytes"])
+    return read_table(store.location, snapshot, _LATEST_COLUMNS), snapshot.version
+
+
+def _known_locations(store: StoreHandle, dataset: str,
+                     latest: pa.Table | None) -> dict[str, tuple[str | None, int | None]]:
+    """Blob -> (pack, offset) for every blob the dataset's latest version reads (pack None: a
+    loose blob): what an ingest re-uses instead of storing the bytes again."""
+    if latest is None:
+        return {}
+    table = latest.select(["blob", "pack", "pack_offset", "size_bytes"])
     known = {b: (p, o, n) for b, p, o, n in zip(*(table.column(c).to_pylist() for c in table.column_names),
                                                 strict=True)}
     # A pack that is gone, or shorter than a row says, holds nothing to re-use: its blobs are
@@ -318,16 +330,18 @@ def ingest_source(
     # Their media are still checked as before, so re-ingesting a source restores what `verify`
     # found lost: an unchanged row whose pack is gone is packed again and committed ("restored").
     same = np.zeros(len(rows), dtype=bool)
-    if manifest.exists():
-        same, report.version = store_call(lambda: _unchanged(store, dataset, rows, labels),
-                                          location=store.location, action="compare with dataset",
-                                          target=repr(dataset))
+    latest = store_call(lambda: _latest_rows(store, dataset), location=store.location,
+                        action="read the latest version of dataset", target=repr(dataset))
+    if latest is not None:
+        report.version = latest[1]
+        same = unchanged_rows(latest[0].select(list(DIFF_COLUMNS)), conform(rows, labels).select(list(DIFF_COLUMNS)))
     unique: dict[str, tuple[str, int]] = {}  # blob -> (a path holding it, its size)
     for row, holder in zip(rows, holders):
         unique.setdefault(row["blob"], holder)
 
     if pack:
-        known = store_call(lambda: _known_locations(store, dataset), location=store.location,
+        latest_rows = latest[0] if latest is not None else None
+        known = store_call(lambda: _known_locations(store, dataset, latest_rows), location=store.location,
                            action="read the blobs of dataset", target=repr(dataset))
         known = _without_damaged_loose(store, dataset, known, unique)
         restore = same & np.array([r["blob"] not in known for r in rows], dtype=bool)
@@ -360,14 +374,6 @@ def ingest_source(
     report.committed = True
     report.seconds = time.monotonic() - started
     return report
-
-
-def _unchanged(store: StoreHandle, dataset: str, rows: list[dict], labels: list[str]) -> tuple[np.ndarray, int]:
-    """Which of ``rows`` the dataset's latest version holds as they are (``diff.unchanged_rows``:
-    same image, instances, tags and attributes), and that version's number."""
-    snapshot = store.manifest(dataset).snapshot()
-    existing = read_table(store.location, snapshot, list(DIFF_COLUMNS))
-    return unchanged_rows(existing, conform(rows, labels).select(list(DIFF_COLUMNS))), snapshot.version
 
 
 def _check_label_fields(labels: list[str]) -> None:
