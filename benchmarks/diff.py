@@ -35,6 +35,7 @@ from slice import CHUNK, LABELS, Items, peak_rss_mb  # noqa: E402
 
 import orchestrator  # noqa: E402
 from orchestrator.manifest import label_field, manifest_schema  # noqa: E402
+from orchestrator.scan import read_table  # noqa: E402
 
 log = logging.getLogger("bench.diff")
 NAME = "street"
@@ -72,7 +73,7 @@ def build(root: Path, size: int, seed: int) -> dict:
     for no, start in enumerate(range(0, size, CHUNK)):
         write_deltalake(uri, items.chunk(np.arange(start, min(size, start + CHUNK)), no), mode="append")
     before = store.dataset(NAME).version
-    table = store.dataset(NAME).manifest_rows()
+    table = read_table(store.location, store.manifest(NAME).snapshot())  # as stored: it is written back
     rng = np.random.default_rng(seed + 1)
     relabel = rng.random(size) < RELABEL
     move = (rng.random(size) < MOVE) & ~relabel

@@ -142,6 +142,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--columns", type=int, default=6, help="thumbnails per row (default: 6)")
     p.add_argument("--thumb", type=int, default=192, help="thumbnail size in pixels (default: 192)")
     p.add_argument("--out", required=True, help="the image file to write, e.g. sheet.png")
+    p.add_argument("--json", action="store_true", help="the file written and, per item drawn, its id and cell")
+
+    p = _dataset_command(sub, "export", "write a dataset version (or slice) as COCO, JSONL or YOLO files with "
+                         "its original media, for another tool or a colleague", cmd_export)
+    p.add_argument("--format", required=True, choices=["coco", "jsonl", "yolo"],
+                   help="coco: annotations.json + images/; jsonl: items.jsonl + images/ (both ingest back "
+                        "as the same items); yolo: data.yaml + images/ + labels/ (boxes only)")
+    p.add_argument("--out", required=True, type=Path, help="the folder to write (new or empty)")
+    p.add_argument("--query", default=None, help="only this slice, e.g. 'labels.car >= 1'")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out items whose media are missing or corrupt (listed) instead of stopping")
+    p.add_argument("--json", action="store_true", help="print the export report as JSON")
 
     p = _dataset_command(sub, "slice", "items of a dataset version that match a query", cmd_slice)
     p.add_argument("query", help="e.g. 'labels.car > 3 and labels.pedestrian >= 1'")
@@ -167,7 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("vacuum", help="delete the packs and blobs no retained version reads (lists them first)")
     p.set_defaults(func=cmd_vacuum)
     _store_arg(p)
-    p.add_argument("name")
+    p.add_argument("name", help="dataset name")
     keep = p.add_mutually_exclusive_group(required=True)
     keep.add_argument("--keep-versions", type=int, metavar="K", help="retain the last K versions")
     keep.add_argument("--older-than", metavar="DURATION",
@@ -191,7 +204,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("runs", help="list the training runs recorded in a store")
     p.set_defaults(func=cmd_runs)
     _store_arg(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="every run's lineage record as JSON")
 
     p = sub.add_parser("store", help="store utilities")
     store_sub = p.add_subparsers(dest="store_command", required=True, metavar="SUBCOMMAND")
@@ -200,36 +213,45 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dir", type=Path, required=True, help="data folder for the server")
     s.add_argument("--port", type=int, default=8333, help="S3 port (default 8333)")
     s.add_argument("--bucket", default="orchestrator", help="bucket to create (default orchestrator)")
+    s.add_argument("--json", action="store_true",
+                   help="print what a client needs (endpoint, store URI, environment) as one JSON line, then serve")
 
     p = sub.add_parser("policy", help="show, set, check or compile the store's access policy")
     pol = p.add_subparsers(dest="policy_command", required=True, metavar="SUBCOMMAND")
     s = pol.add_parser("show", help="print the policy in force (or --version N)")
     s.set_defaults(func=cmd_policy_show)
     _store_arg(s)
-    s.add_argument("--version", type=int, default=None)
+    s.add_argument("--version", type=int, default=None, help="a policy version (default: the one in force)")
+    s.add_argument("--json", action="store_true", help="the version, who set it, when, and the policy text as JSON")
     s = pol.add_parser("set", help="commit a policy file as the next version (admin on '*')")
     s.set_defaults(func=cmd_policy_set)
     _store_arg(s)
-    s.add_argument("file", type=Path)
-    s.add_argument("--message", default="")
+    s.add_argument("file", type=Path, help="the policy YAML (see `orchestrator.access.policy`)")
+    s.add_argument("--message", default="", help="why this version (kept with it)")
+    s.add_argument("--json", action="store_true", help="the new policy version as JSON")
     s = pol.add_parser("check", help="may a principal do ACTION on DATASET? (exit 0 yes, 4 no)")
     s.set_defaults(func=cmd_policy_check)
     _store_arg(s)
-    s.add_argument("action", choices=["read", "write", "admin"])
-    s.add_argument("dataset")
+    s.add_argument("action", choices=["read", "write", "admin"], help="the action to check")
+    s.add_argument("dataset", help="dataset name")
     s.add_argument("--principal", help="default: the principal behind your credentials")
+    s.add_argument("--json", action="store_true", help="the decision, and for read the rows and hidden fields, as JSON")
     s = pol.add_parser("compile", help="the policy as storage-server rules: SeaweedFS identities or AWS IAM policies")
     s.set_defaults(func=cmd_policy_compile)
     _store_arg(s)
-    s.add_argument("--target", choices=["seaweedfs", "aws"], required=True)
+    s.add_argument("--target", choices=["seaweedfs", "aws"], required=True,
+                   help="seaweedfs: the server's identities file; aws: one IAM policy per principal")
     s.add_argument("--secrets", type=Path, help="seaweedfs: JSON {access_key_id: secret_key} (kept out of the store)")
+    s.add_argument("--json", action="store_true",
+                   help="the rules inside {target, policy_version, rules} (without it: the rules alone, also JSON)")
 
     p = sub.add_parser("demo-data", help="draw synthetic street scenes with a COCO file")
     p.set_defaults(func=cmd_demo_data)
-    p.add_argument("out", type=Path)
-    p.add_argument("--n", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("out", type=Path, help="the folder to write images/ and annotations.json into")
+    p.add_argument("--n", type=int, default=200, help="number of images (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed draws the same scenes")
+    p.add_argument("--workers", type=int, default=1, help="processes drawing images (default 1)")
+    p.add_argument("--json", action="store_true", help="the files written as JSON")
     return parser
 
 
@@ -345,7 +367,19 @@ def cmd_show(args: argparse.Namespace) -> int:
     ds = ds.slice(args.query) if args.query else ds
     sheet = ds.contact_sheet(args.n, seed=args.seed, columns=args.columns, thumb=args.thumb)
     sheet.save(args.out)
-    emit(f"{len(sheet.info['cells'])} items of {args.name!r} version {ds.version} drawn into {args.out}")
+    if args.json:
+        emit(json.dumps({"dataset": args.name, "version": ds.version, "query": args.query, "out": args.out,
+                         "size": list(sheet.size), "items": sheet.info["cells"]}, indent=2))
+    else:
+        emit(f"{len(sheet.info['cells'])} items of {args.name!r} version {ds.version} drawn into {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    ds = _need_store(args).dataset(args.name, args.version)
+    report = (ds.slice(args.query) if args.query else ds).export(
+        args.out, args.format, overwrite=args.overwrite, on_error="skip" if args.skip_bad else "raise")
+    emit(json.dumps(report.as_dict(), indent=2) if args.json else report.summary())
     return 0
 
 
@@ -513,6 +547,11 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_policy_show(args: argparse.Namespace) -> int:
     pv = _need_store(args).policy(args.version)
+    if args.json:
+        emit(json.dumps(None if pv is None else {"version": pv.version, "principal": pv.principal,
+                                                 "message": pv.message, "set_at": pv.set_at.isoformat(),
+                                                 "text": pv.text}, indent=2))
+        return 0
     if pv is None:
         emit("(no access policy: the store is open to whoever can reach its storage)")
         return 0
@@ -528,43 +567,54 @@ def cmd_policy_set(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise OrchestratorError(f"cannot read policy file {args.file}: {exc.strerror}") from None
     version = store.set_policy(text, message=args.message)
-    emit(f"policy version {version} is in force")
+    emit(json.dumps({"version": version}) if args.json else f"policy version {version} is in force")
     return 0
 
 
 def cmd_policy_check(args: argparse.Namespace) -> int:
     store = _need_store(args)
     pv = store.policy()
-    if pv is None:
-        emit("allowed: the store has no access policy")
-        return 0
     who = args.principal or store.access.principal
-    if who is None:
-        emit(f"denied: {store.access.identity} is not a principal of policy version {pv.version}")
-        return EXIT_DENIED
-    if not pv.policy.allows(who, args.action, args.dataset):
-        emit(f"denied: {who!r} may not {args.action} dataset {args.dataset!r} (policy version {pv.version})")
-        return EXIT_DENIED
-    emit(f"allowed: {who!r} may {args.action} dataset {args.dataset!r} (policy version {pv.version})")
-    if args.action == "read":
-        view = pv.policy.read_view(who, args.dataset)
-        emit(f"  rows: {view.row_filter or 'all'}")
-        emit(f"  hidden fields: {', '.join(sorted(view.hidden_fields)) or 'none'}")
-    return 0
+    decision: dict[str, Any] = {"action": args.action, "dataset": args.dataset, "principal": who,
+                                "policy_version": pv.version if pv else None}
+    if pv is None:
+        decision |= {"allowed": True, "reason": "the store has no access policy"}
+        text = "allowed: the store has no access policy"
+    elif who is None:
+        decision |= {"allowed": False, "identity": store.access.identity}
+        text = f"denied: {store.access.identity} is not a principal of policy version {pv.version}"
+    elif not pv.policy.allows(who, args.action, args.dataset):
+        decision["allowed"] = False
+        text = f"denied: {who!r} may not {args.action} dataset {args.dataset!r} (policy version {pv.version})"
+    else:
+        decision["allowed"] = True
+        text = f"allowed: {who!r} may {args.action} dataset {args.dataset!r} (policy version {pv.version})"
+        if args.action == "read":
+            view = pv.policy.read_view(who, args.dataset)
+            decision |= {"row_filter": view.row_filter, "hidden_fields": sorted(view.hidden_fields)}
+            text += (f"\n  rows: {view.row_filter or 'all'}"
+                     f"\n  hidden fields: {', '.join(sorted(view.hidden_fields)) or 'none'}")
+    emit(json.dumps(decision, indent=2) if args.json else text)
+    return 0 if decision["allowed"] else EXIT_DENIED
 
 
 def cmd_policy_compile(args: argparse.Namespace) -> int:
     store = _need_store(args)
     from orchestrator.access.server_rules import compile_rules
 
-    emit(compile_rules(store.handle, args.target, args.secrets))
+    rules = compile_rules(store.handle, args.target, args.secrets)
+    if args.json:
+        pv = store.policy()
+        rules = json.dumps({"target": args.target, "policy_version": pv.version if pv else None,
+                            "rules": json.loads(rules)}, indent=2)
+    emit(rules)
     return 0
 
 
 def cmd_store_serve(args: argparse.Namespace) -> int:
     from orchestrator.dev.seaweed import serve
 
-    serve(args.dir, args.port, args.bucket)
+    serve(args.dir, args.port, args.bucket, as_json=args.json)
     return 0
 
 
@@ -572,7 +622,8 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     from orchestrator.dev.demo import make_demo_data
 
     coco = make_demo_data(args.out, args.n, args.seed, workers=args.workers)
-    emit(f"wrote {args.n} images and {coco}")
+    emit(json.dumps({"images": args.n, "folder": str(Path(args.out) / "images"), "coco": str(coco)})
+         if args.json else f"wrote {args.n} images and {coco}")
     return 0
 
 

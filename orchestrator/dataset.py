@@ -6,6 +6,7 @@ import builtins
 import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
@@ -14,7 +15,7 @@ import pyarrow.compute as pc
 
 from orchestrator.access.policy import ReadView
 from orchestrator.errors import DatasetNotFound, QueryError
-from orchestrator.manifest import LabelMap, Snapshot, VersionInfo
+from orchestrator.manifest import LabelMap, Snapshot, VersionInfo, with_label_names
 from orchestrator.query.compile import (
     CompiledQuery,
     QueryContext,
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from orchestrator.adapters.ray import SkipLedger
     from orchestrator.adapters.torch import TorchItems
     from orchestrator.diff import DatasetDiff
+    from orchestrator.export import ExportReport
     from orchestrator.stats import DatasetStats
     from orchestrator.store import Store
     from orchestrator.store_location import StoreLocation
@@ -161,7 +163,13 @@ class Dataset:
                        _queries=self._queries, _access=self._access)
 
     def manifest_rows(self, columns: list[str] | None = None) -> pa.Table:
-        """The manifest rows of this slice (only ``columns`` if given); records ``last_scan``."""
+        """The manifest rows of this slice (only ``columns`` if given), as this principal may
+        see them, with the ``labels`` counts named by label (``traffic light``, not the stored
+        ``traffic%20light``); records ``last_scan``."""
+        return with_label_names(self._rows(columns))
+
+    def _rows(self, columns: list[str] | None) -> pa.Table:
+        """The rows as stored (label fields encoded: what ``diff`` and ``stats`` decode)."""
         rows = self.plan.rows(columns)
         self.last_scan = rows.stats
         self._len = rows.table.num_rows
@@ -174,7 +182,7 @@ class Dataset:
         unshuffled iteration use: ``scan`` reads the same files in the same order. It is stable
         for a pinned version but not sorted; sort the list for a canonical order.
         """
-        return self.manifest_rows(["item_id"]).column("item_id").to_pylist()
+        return self._rows(["item_id"]).column("item_id").to_pylist()
 
     def get(self, item_id: str) -> dict[str, Any]:
         """The item with this id (in this slice, under this principal's row filter), read as
@@ -198,7 +206,7 @@ class Dataset:
             if self._stream is not None:
                 self._len = len(self._stream)
             else:
-                self.manifest_rows(["item_id"])
+                self._rows(["item_id"])
         assert self._len is not None
         return self._len
 
@@ -356,7 +364,7 @@ class Dataset:
     def label_counts(self) -> dict[str, int]:
         """Instances per label in this version or slice."""
         names = self.label_map.names
-        return sum_labels(self.manifest_rows(["labels"]) if names else pa.table({}), names)
+        return sum_labels(self._rows(["labels"]) if names else pa.table({}), names)
 
     def diff(self, other: Dataset) -> DatasetDiff:
         """What changed from this version (or slice) to ``other``: items added, removed and
@@ -368,7 +376,7 @@ class Dataset:
 
         columns = [*COLUMNS, "labels"]
         with ThreadPoolExecutor(2, thread_name_prefix="diff-read") as pool:
-            before, after = pool.map(lambda ds: ds.manifest_rows(columns), (self, other))
+            before, after = pool.map(lambda ds: ds._rows(columns), (self, other))
         query = self.query if self.query == other.query else f"{self.query} -> {other.query}"  # one slice, or two
         return DatasetDiff(self.name if self.name == other.name else f"{self.name} -> {other.name}",
                            self.version, other.version, query, compare_rows(before, after))
@@ -389,13 +397,30 @@ class Dataset:
             chosen = sorted(np.random.default_rng(seed).choice(total, count, replace=False).tolist())
         return contact_sheet(self[chosen], columns=columns, thumb=thumb, labels=labels)
 
+    def export(self, out: str | Path, format: str = "coco", *, overwrite: bool = False,
+               on_error: str = "raise", progress: bool | None = None) -> ExportReport:
+        """Write this version or slice into the folder ``out`` as ``coco`` (``annotations.json``
+        + ``images/``), ``jsonl`` (``items.jsonl`` + ``images/``) or ``yolo`` (``data.yaml`` +
+        ``images/`` + ``labels/``), with the original media bytes and ``export.json`` (what was
+        exported, from where, and what the format cannot hold); see ``orchestrator.export``.
+        As this principal sees the data: hidden fields are never written. ``ingest`` reads a
+        COCO or JSONL export back as the same items. A non-empty ``out`` is refused unless
+        ``overwrite``; the folder appears whole or not at all. ``on_error="skip"`` leaves out
+        items whose media are missing or corrupt (reported) instead of stopping."""
+        from orchestrator.export import export
+
+        protect = [Path(self.store.location.root)] if self.store.location.scheme == "file" else []
+        provenance = {"store": self.store.uri, "principal": self.store.principal}
+        return export(self.plan, out, format, query=self.query, overwrite=overwrite,
+                      on_error=on_error, progress=progress, provenance=provenance, protect=protect)  # type: ignore[arg-type]
+
     def stats(self) -> DatasetStats:
         """Per label instances and images, instances per image, image and box sizes, kinds, tag
         and attribute value counts of this version or slice (``orchestrator.stats``), from the
         manifest alone, as this principal sees it."""
         from orchestrator.stats import COLUMNS, compute_stats
 
-        return compute_stats(self.manifest_rows(list(COLUMNS)), dataset=self.name, version=self.version,
+        return compute_stats(self._rows(list(COLUMNS)), dataset=self.name, version=self.version,
                              query=self.query)
 
     def __repr__(self) -> str:

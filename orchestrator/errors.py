@@ -15,6 +15,7 @@ __all__ = [
     "AccessDenied",
     "ConfigError",
     "DatasetNotFound",
+    "ExportError",
     "IngestError",
     "ItemError",
     "OrchestratorError",
@@ -96,6 +97,11 @@ class QueryError(OrchestratorError, ValueError):
 
 class IngestError(OrchestratorError):
     """An ingest that cannot proceed (bad source file, strict-mode rejection)."""
+
+
+class ExportError(OrchestratorError):
+    """An export that cannot start or finish: an output folder that is not empty (without
+    ``overwrite``), that would hold the store or the current folder, or cannot be written."""
 
 
 class ItemError(OrchestratorError):

@@ -111,6 +111,18 @@ def label_name(field: str) -> str:
     return unquote(field)
 
 
+def with_label_names(table: pa.Table) -> pa.Table:
+    """``table`` with its ``labels`` struct's fields named by label (``traffic light``), not by
+    their stored field names (``traffic%20light``): what a user reading rows expects."""
+    if "labels" not in table.column_names:
+        return table
+    column = table.column("labels")
+    names = [label_name(f.name) for f in column.type]
+    renamed = pa.chunked_array([pa.StructArray.from_arrays(chunk.flatten(), names=names, mask=chunk.is_null())
+                                for chunk in column.chunks], type=pa.struct([pa.field(n, pa.int32()) for n in names]))
+    return table.set_column(table.column_names.index("labels"), "labels", renamed)
+
+
 def base_field(name: str) -> pa.Field:
     """The manifest column ``name`` (not ``labels``) as this release writes it."""
     for f in BASE_FIELDS:

@@ -25,7 +25,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("ingest, train, verify", ["ingest", "ingest.*", "train", "train.batches", "train.config",
                                "train.data", "train.lineage", "train.loops", "train.metrics",
                                "train.models", "train.models.*", "train.placement", "train.position",
-                               "train.progress", "train.display", "train.storage", "verify", "optimize", "vacuum"]),
+                               "train.progress", "train.display", "train.storage", "verify", "optimize", "vacuum",
+                               "export"]),
     ("developer tooling", ["dev", "dev.*"]),
     ("facade, CLI, run driver", ["dataset", "store", "", "train.runner", "cli", "__main__", "sheet"]),
 ]

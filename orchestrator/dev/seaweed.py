@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import shutil
@@ -486,10 +487,12 @@ class _PortClash(Exception):
     """``weed`` exited because a port it was given was taken in the meantime."""
 
 
-def serve(data_dir: Path | str, port: int | None = None, bucket: str | None = None) -> None:
+def serve(data_dir: Path | str, port: int | None = None, bucket: str | None = None, *,
+          as_json: bool = False) -> None:
     """Run SeaweedFS in the foreground until Ctrl-C or SIGTERM (``orchestrator store serve``).
 
-    Creates ``bucket`` if given and prints what a client needs to reach the server.
+    Creates ``bucket`` if given and prints what a client needs to reach the server: as lines a
+    person reads, or (``as_json``) one JSON line a script reads before the server's lifetime ends.
     """
     server = SeaweedServer(Path(data_dir), port=port)
     stop_requested = threading.Event()
@@ -504,16 +507,21 @@ def serve(data_dir: Path | str, port: int | None = None, bucket: str | None = No
         server.start()
         if bucket:
             server.create_bucket(bucket)
-        print(f"SeaweedFS S3 is serving {server.data_dir} at {server.endpoint_url}")
-        print(f"log: {server.log_path}")
-        print("Point clients at it with:")
-        for key, value in server.env().items():
-            print(f"  export {key}={value}")
-        if bucket:
-            print(f"Store URI: s3://{bucket}")
+        if as_json:
+            print(json.dumps({"endpoint_url": server.endpoint_url, "data_dir": str(server.data_dir),
+                              "log": str(server.log_path), "env": server.env(),
+                              "store_uri": f"s3://{bucket}" if bucket else None}), flush=True)
         else:
-            print("Store URI: s3://BUCKET (pass --bucket to create one)")
-        print("Press Ctrl-C to stop.", flush=True)
+            print(f"SeaweedFS S3 is serving {server.data_dir} at {server.endpoint_url}")
+            print(f"log: {server.log_path}")
+            print("Point clients at it with:")
+            for key, value in server.env().items():
+                print(f"  export {key}={value}")
+            if bucket:
+                print(f"Store URI: s3://{bucket}")
+            else:
+                print("Store URI: s3://BUCKET (pass --bucket to create one)")
+            print("Press Ctrl-C to stop.", flush=True)
         while not stop_requested.wait(timeout=1.0):
             if not server.is_running():
                 raise StoreError(
@@ -521,9 +529,11 @@ def serve(data_dir: Path | str, port: int | None = None, bucket: str | None = No
                     f"{server.log_tail()}",
                     hint="read the log above",
                 )
-        print("Stopping SeaweedFS ...", flush=True)
+        if not as_json:
+            print("Stopping SeaweedFS ...", flush=True)
     finally:
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    print("SeaweedFS stopped.")
+    if not as_json:
+        print("SeaweedFS stopped.")

@@ -184,7 +184,11 @@ def read_coco(
     annotations: Path, images_dir: Path, *, allowed_roots: Iterable[str | Path] = ()
 ) -> Source:
     """COCO detection JSON: ``images``, ``annotations`` (bbox x,y,w,h; polygon segmentation),
-    ``categories``. Extra ``attributes``/``tags`` on images and annotations are kept.
+    ``categories``. Extra ``attributes``/``tags`` on images and annotations are kept, as is an
+    image's ``item_id``; an annotation without geometry is an image-level tag (``"kind": "tag"``
+    says it is meant to be, as ``orchestrator export`` writes it). An annotation's ``bbox_xyxy``
+    (the box's corners, as an export writes them) is read instead of ``x + w``, ``y + h`` where it
+    agrees with ``bbox`` (within 1e-9), because that sum can be one ulp off the exported corner.
 
     Every ``file_name`` must resolve inside ``images_dir`` (or, for absolute names and links,
     inside one of ``allowed_roots``); see ``SourceRoots``. Images that share an ``id`` are all
@@ -314,6 +318,9 @@ def _coco_instance(ann: dict, label: str) -> tuple[SourceInstance | None, list[s
                 "COCO boxes are [x, y, width, height] from the top-left corner: fix the box"
             )
         bbox = [x, y, x + w, y + h]
+        corners = _finite(ann.get("bbox_xyxy"), 4)
+        if corners is not None and all(abs(a - b) <= 1e-9 * max(1.0, abs(b)) for a, b in zip(bbox, corners)):
+            bbox = corners  # exact (``orchestrator export`` writes it); not if another tool moved the box
     seg = ann.get("segmentation")
     notes: list[str] = []
     polygon: list[float] = []
@@ -333,10 +340,11 @@ def _coco_instance(ann: dict, label: str) -> tuple[SourceInstance | None, list[s
             f"annotation {ann_id}: RLE masks are not stored" + ("; kept its bbox" if bbox else "")
         )
     if bbox is None:
-        notes.append(
-            f"annotation {ann_id} ({label}) has no bbox or polygon segmentation: "
-            "kept as an image-level tag"
-        )
+        if ann.get("kind") != "tag":  # an export says so: nothing was lost
+            notes.append(
+                f"annotation {ann_id} ({label}) has no bbox or polygon segmentation: "
+                'kept as an image-level tag; write "kind": "tag" to say so'
+            )
         return SourceInstance(label, "tag", [], [], attrs), notes
     return SourceInstance(label, "polygon" if polygon else "box", bbox, polygon, attrs), notes
 

@@ -156,6 +156,24 @@ def test_reader_frameworks_see_the_same(governed, ray_cluster) -> None:
     check_framework_paths(as_principal(governed, "bob-key").dataset("street"))
 
 
+@pytest.mark.parametrize("fmt", ["coco", "jsonl"])
+def test_reader_exports_only_what_the_policy_shows(governed, tmp_path, fmt) -> None:
+    """An export is the principal's view: the filtered items, never a hidden field, anywhere in
+    the files written (the hidden values are searched for as text)."""
+    report = as_principal(governed, "bob-key").dataset("street").export(tmp_path / "out", fmt)
+    assert report.items == len(expected_ids())
+    text = "".join(p.read_text(encoding="utf-8") for p in (tmp_path / "out").glob("*.json*"))
+    assert "gps" not in text and "plate" not in text and "P-1" not in text and "'P-" not in text
+    assert "oslo" in text and "red" in text  # the visible fields are there
+    exported = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert exported["principal"] == "bob"
+    if fmt == "jsonl":
+        ids = [json.loads(line)["item_id"] for line in (tmp_path / "out" / "items.jsonl").read_text().splitlines()]
+    else:
+        ids = [im["item_id"] for im in json.loads((tmp_path / "out" / "annotations.json").read_text())["images"]]
+    assert ids == expected_ids()
+
+
 def test_reader_cannot_query_hidden_fields(governed) -> None:
     ds = as_principal(governed, "bob-key").dataset("street")
     with pytest.raises(QueryError, match="hidden"):

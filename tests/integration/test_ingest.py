@@ -208,6 +208,9 @@ def test_jsonl_ingest_and_label_schema_evolution(store_uri, tmp_path):
     assert rows["b.jpg"]["labels"] == {"car": 0, "traffic%20light": 1, "%43ar": 1}
     assert rows["b.jpg"]["tags"] == ["night"]
     assert store.manifest("evolve").snapshot(0).label_map.names == ("car",)
+    shown = store.dataset("evolve").manifest_rows(["item_id", "labels"]).to_pylist()
+    shown = {r["item_id"]: r["labels"] for r in shown}
+    assert shown["b.jpg"] == {"car": 0, "traffic light": 1, "Car": 1}  # what users read: label names
 
 
 @pytest.mark.slow

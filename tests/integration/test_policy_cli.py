@@ -29,12 +29,24 @@ def test_policy_cli_round_trip(seaweed, tmp_path) -> None:
     assert r.returncode == 0 and "policy version 0" in r.stdout and "street-reader" in r.stdout
     r = run_cli("policy", "check", "--store", uri, "--principal", "bob", "read", "street")
     assert r.returncode == 0 and "attributes.consent = 'yes'" in r.stdout and "attributes.gps" in r.stdout
+    r = run_cli("policy", "check", "--store", uri, "--principal", "bob", "read", "street", "--json")
+    decision = json.loads(r.stdout)
+    assert r.returncode == 0 and decision["allowed"] and decision["policy_version"] == 0
+    assert decision["hidden_fields"] == ["attributes.gps", "instances.attributes.plate"]
+    assert "attributes.consent = 'yes'" in decision["row_filter"]
     r = run_cli("policy", "check", "--store", uri, "--principal", "bob", "write", "street")
     assert r.returncode == 4 and "denied" in r.stdout
+    r = run_cli("policy", "check", "--store", uri, "--principal", "bob", "write", "street", "--json")
+    assert r.returncode == 4 and json.loads(r.stdout)["allowed"] is False
+    r = run_cli("policy", "show", "--store", uri, "--json")
+    shown = json.loads(r.stdout)
+    assert shown["version"] == 0 and shown["message"] == "first" and "street-reader" in shown["text"]
     r = run_cli("policy", "check", "--store", uri, "read", "anything")  # as alice (the env's key)
     assert r.returncode == 0 and "'alice'" in r.stdout
-    r = run_cli("policy", "compile", "--store", uri, "--target", "aws")
-    docs = json.loads(r.stdout)
+    r = run_cli("policy", "compile", "--store", uri, "--target", "aws", "--json")
+    wrapped = json.loads(r.stdout)
+    assert wrapped["target"] == "aws" and wrapped["policy_version"] == 0
+    docs = wrapped["rules"]
     assert set(docs) == {"_every_principal", "admin", "street-reader"}
     reader = json.dumps(docs["street-reader"])
     assert "datasets/street/*" in reader and "s3:PutObject" not in reader

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 from pathlib import Path
@@ -78,7 +79,8 @@ def test_port_in_use_fails_fast(tmp_path: Path) -> None:
 
 
 def test_cli_store_serve_runs_until_sigterm(tmp_path: Path) -> None:
-    """`orchestrator store serve` prints what to export, serves S3, and stops cleanly."""
+    """`orchestrator store serve` prints what to export (as lines; with --json as one JSON line),
+    serves S3, and stops cleanly. The two servers run side by side (each stop takes seconds)."""
     import os
     import signal
     import subprocess
@@ -86,33 +88,45 @@ def test_cli_store_serve_runs_until_sigterm(tmp_path: Path) -> None:
 
     import boto3
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     exe = str(Path(sys.executable).parent / "orchestrator")
-    proc = subprocess.Popen(
-        [exe, "store", "serve", "--dir", str(tmp_path / "s3"), "--port", str(port), "--bucket", "served"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    lines = []
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if "Press Ctrl-C" in line:
-            break
-    out = "".join(lines)
-    assert f"export AWS_ENDPOINT_URL=http://127.0.0.1:{port}" in out, out
-    assert "Store URI: s3://served" in out
-    s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="a",
-                      aws_secret_access_key="b", region_name="us-east-1")
-    s3.put_object(Bucket="served", Key="k", Body=b"v")
-    assert s3.get_object(Bucket="served", Key="k")["Body"].read() == b"v"
-    os.kill(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0
-    assert "SeaweedFS stopped." in proc.stdout.read()
+    procs, ports = {}, {}
+    for mode in ("text", "json"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports[mode] = s.getsockname()[1]
+        procs[mode] = subprocess.Popen(
+            [exe, "store", "serve", "--dir", str(tmp_path / mode), "--port", str(ports[mode]), "--bucket", "served",
+             *(["--json"] if mode == "json" else [])],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL if mode == "json" else subprocess.STDOUT, text=True,
+        )
+    outs = {}
+    for mode, proc in procs.items():
+        lines = []
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Press Ctrl-C" in line or mode == "json":
+                break
+        outs[mode] = "".join(lines)
+    text, port = outs["text"], ports["text"]
+    assert f"export AWS_ENDPOINT_URL=http://127.0.0.1:{port}" in text, text
+    assert "Store URI: s3://served" in text
+    served = json.loads(outs["json"])
+    assert served["env"]["AWS_ENDPOINT_URL"] == served["endpoint_url"] == f"http://127.0.0.1:{ports['json']}"
+    assert served["store_uri"] == "s3://served"
+    for mode in procs:
+        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{ports[mode]}", aws_access_key_id="a",
+                          aws_secret_access_key="b", region_name="us-east-1")
+        s3.put_object(Bucket="served", Key="k", Body=mode.encode())
+        assert s3.get_object(Bucket="served", Key="k")["Body"].read() == mode.encode()
+    for proc in procs.values():
+        os.kill(proc.pid, signal.SIGTERM)
+    assert [proc.wait(timeout=60) for proc in procs.values()] == [0, 0]
+    assert "SeaweedFS stopped." in procs["text"].stdout.read()
+    assert procs["json"].stdout.read() == ""  # --json: that one line only
 
 
 @pytest.mark.s3
