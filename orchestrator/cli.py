@@ -245,6 +245,20 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true",
                    help="the rules inside {target, policy_version, rules} (without it: the rules alone, also JSON)")
 
+    p = sub.add_parser("browse", help="look through datasets, slices, items and version diffs in a web page "
+                                      "(read-only, as your credentials' principal)")
+    p.set_defaults(func=cmd_browse)
+    _store_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free one)")
+    p.add_argument("--remote", action="store_true",
+                   help="allow a --host other than loopback (other machines can then reach it, with the token)")
+    p.add_argument("--token", default=None, help="the token every request needs (default: a random one, in the URL "
+                                                 "printed)")
+    p.add_argument("--no-token", action="store_true", help="serve without a token (loopback only)")
+    p.add_argument("--json", action="store_true",
+                   help="print the URL, token and principal as one JSON line, then serve")
+
     p = sub.add_parser("demo-data", help="draw synthetic street scenes with a COCO file")
     p.set_defaults(func=cmd_demo_data)
     p.add_argument("out", type=Path, help="the folder to write images/ and annotations.json into")
@@ -611,6 +625,14 @@ def cmd_policy_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_browse(args: argparse.Namespace) -> int:
+    from orchestrator.browse.serve import serve
+
+    serve(_need_store(args), host=args.host, port=args.port, remote=args.remote, token=args.token,
+          no_token=args.no_token, as_json=args.json)
+    return 0
+
+
 def cmd_store_serve(args: argparse.Namespace) -> int:
     from orchestrator.dev.seaweed import serve
 
@@ -639,7 +661,7 @@ def _results_only_on_stdout() -> None:
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse and run one command; returns the exit code (errors printed, never a traceback)."""
     args = _parser().parse_args(argv)
-    if args.command != "store":  # `store serve` is interactive: its lines are its result
+    if args.command not in ("store", "browse"):  # servers: their lines (the URL) are their result
         _results_only_on_stdout()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

@@ -28,7 +28,8 @@ LAYERS: list[tuple[str, list[str]]] = [
                                "train.progress", "train.display", "train.storage", "verify", "optimize", "vacuum",
                                "export"]),
     ("developer tooling", ["dev", "dev.*"]),
-    ("facade, CLI, run driver", ["dataset", "store", "", "train.runner", "cli", "__main__", "sheet"]),
+    ("facade, CLI, run driver", ["dataset", "store", "", "train.runner", "cli", "__main__", "sheet",
+                                 "browse", "browse.*"]),
 ]
 
 

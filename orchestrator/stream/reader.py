@@ -106,14 +106,20 @@ class ItemLoader:
         try:
             return self.item(row, self.media(row))
         except ItemError as exc:
-            raise _named(exc, row) from None
+            raise _named(exc, row.item_id) from None
 
     def media(self, row: ItemRow) -> bytes:
         """One row's bytes: cache, else one request (a pack range or the loose blob)."""
+        return self.media_of(row.item_id, row.blob, row.size_bytes, row.pack, row.pack_offset)
+
+    def media_of(self, item_id: str, blob: str, size_bytes: int | None, pack: str | None,
+                 pack_offset: int | None) -> bytes:
+        """An item's bytes from where its manifest row says they are (``media`` of a row
+        that is not at hand as an ``ItemRow``: a browser's thumbnail request names them)."""
         try:
-            return self.cache.get_or_fetch(row.blob, lambda: self._read_one(row))
+            return self.cache.get_or_fetch(blob, lambda: self._read_at(blob, size_bytes, pack, pack_offset))
         except ItemError as exc:
-            raise _named(exc, row) from None
+            raise _named(exc, item_id) from None
 
     def item(self, row: ItemRow, data: bytes | ItemError) -> dict[str, Any]:
         """The item of a row whose bytes were fetched (or whose fetch failed with ``data``)."""
@@ -122,11 +128,11 @@ class ItemLoader:
         image = decode_image(data, row.item_id, self.size) if self.decode else None
         return row.item(image, self.version, self.size)
 
-    def _read_one(self, row: ItemRow) -> bytes:
-        if row.pack is None:
-            data = self.blobs.get(row.blob)
+    def _read_at(self, blob: str, size_bytes: int | None, pack: str | None, pack_offset: int | None) -> bytes:
+        if pack is None:
+            data = self.blobs.get(blob)
         else:
-            data = self.packs.get(row.pack, row.pack_offset, row.size_bytes, row.blob)  # type: ignore[arg-type]
+            data = self.packs.get(pack, pack_offset, size_bytes, blob)  # type: ignore[arg-type]
         self.requests.add(len(data))
         return data
 
@@ -150,7 +156,7 @@ class ItemLoader:
                 self.requests.add(len(data))
             except ItemError as exc:
                 for i, _, _ in members:
-                    out[i] = _named(exc, rows[i])
+                    out[i] = _named(exc, rows[i].item_id)
                 continue
             for i, rel, n in members:
                 try:
@@ -158,15 +164,15 @@ class ItemLoader:
                     out[i] = self.packs.checked(data[rel:rel + n], row.blob, row.pack, row.pack_offset)  # type: ignore[arg-type]
                     self.cache.store(row.blob, out[i])  # type: ignore[arg-type]
                 except ItemError as exc:
-                    out[i] = _named(exc, rows[i])
+                    out[i] = _named(exc, rows[i].item_id)
         return out  # type: ignore[return-value]
 
 
-def _named(exc: ItemError, row: ItemRow) -> ItemError:
+def _named(exc: ItemError, item_id: str) -> ItemError:
     """``exc`` with the item's id in front (once)."""
-    if exc.message.startswith(f"item {row.item_id!r}"):
+    if exc.message.startswith(f"item {item_id!r}"):
         return exc
-    return ItemError(f"item {row.item_id!r}: {exc.message}", hint=exc.hint, reason=exc.reason)
+    return ItemError(f"item {item_id!r}: {exc.message}", hint=exc.hint, reason=exc.reason)
 
 
 def apply_error_policy(exc: ItemError, on_error: OnError, record: Callable[[ItemError], None]) -> None:
