@@ -19,7 +19,7 @@ from starlette.testclient import TestClient
 import orchestrator
 from orchestrator.browse.app import create_app
 from orchestrator.browse.serve import free_port
-from tests.conftest import REPO
+from tests.conftest import REPO, run_cli
 from tests.integration.test_access import as_principal, expected_ids, governed  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -337,3 +337,38 @@ def test_a_readers_browser_never_shows_a_filtered_item_or_hidden_value(browser, 
         browser.save_screenshot(str(SHOTS / "reader.png"))
     finally:
         server.should_exit = True
+
+
+def test_the_command_serves_loopback_behind_a_token_and_refuses_other_interfaces(history):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    exe = str(Path(sys.executable).parent / "orchestrator")
+    proc = subprocess.Popen([exe, "browse", "--store", history["uri"], "--port", "0", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        info = json.loads(proc.stdout.readline())
+        assert info["host"] == "127.0.0.1" and info["token"] and info["url"].endswith(f"/?token={info['token']}")
+        base = info["url"].split("/?")[0]
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                denied = httpx.get(f"{base}/api/datasets", timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+        assert denied.status_code == 403 and "token" in denied.json()["error"]
+        ok = httpx.get(f"{base}/api/datasets", headers={"X-Orchestrator-Token": info["token"]}, timeout=10)
+        assert ok.status_code == 200 and {d["name"] for d in ok.json()["datasets"]} == {"street", "broken"}
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    r = run_cli("browse", "--store", history["uri"], "--host", "0.0.0.0")
+    assert r.returncode == 2 and "--remote" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("browse", "--store", history["uri"], "--host", "0.0.0.0", "--remote", "--no-token")
+    assert r.returncode == 2 and "loopback only" in r.stderr
