@@ -148,8 +148,8 @@ def config_reference() -> str:
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             sections.append((name, annotation))
             continue
-        out.append(f"| `{name}` | `{_cell(_type_name(annotation))}` | {_default(field)} | {_cell(_constraints(field))} | "
-                   f"{_cell(field.description or TOP_LEVEL.get(name, ''))} |")
+        out.append(f"| `{name}` | `{_cell(_type_name(annotation))}` | {_default(field)} | "
+                   f"{_cell(_constraints(field))} | {_cell(field.description or TOP_LEVEL.get(name, ''))} |")
     for section, model in sections:
         doc = inspect.getdoc(model) or ""
         out += ["", f"### `{section}`", ""]
