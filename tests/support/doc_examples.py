@@ -63,7 +63,8 @@ def _fence_regions(document: Document):
     for region in RawFencedCodeBlockLexer(info_pattern=INFO)(document):
         lexemes = region.lexemes
         line = document.text.count("\n", 0, region.start) + 1
-        page = str(Path(document.path).resolve().relative_to(REPO))
+        path = Path(document.path).resolve()
+        page = str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
         yield Fence(page, line, lexemes["language"], lexemes["attributes"].strip(), str(lexemes["source"])), region
 
 
@@ -140,6 +141,8 @@ def _parser(document: Document):
         if fence.language not in RUN | DATA:
             raise ValueError(f"{fence.page}:{fence.line}: a ```{fence.language} fence: this harness runs "
                              f"{sorted(RUN)} and treats {sorted(DATA - {''})} as data; use one of those")
+        if "not run" in fence.attributes and fence.not_run_reason is None:
+            raise ValueError(f'{fence.page}:{fence.line}: write the mark as title="not run: REASON"')
         checked = fence.language == "yaml" and 'title="run config' in fence.attributes
         if fence.is_example or checked:
             yield Region(region.start, region.end, parsed=region.lexemes["source"], evaluator=_evaluate,
