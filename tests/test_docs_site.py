@@ -114,3 +114,23 @@ def test_a_marker_nobody_knows_stops_the_build():
 def test_the_images_the_readme_shows_exist():
     for target in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (REPO / "README.md").read_text()):
         assert (REPO / target).is_file(), target
+
+
+def test_the_strict_build_fails_on_a_broken_link(tmp_path: Path):
+    """What `mkdocs build --strict` in .ci/run relies on: mkdocs.yml turns a link to a page that
+    does not exist into a failure (the site is copied, one link broken, and built)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(REPO / "docs", tmp_path / "docs")
+    shutil.copy(REPO / "mkdocs.yml", tmp_path / "mkdocs.yml")
+    page = tmp_path / "docs" / "concepts.md"
+    page.write_text(page.read_text() + "\nSee [nowhere](guides/no-such-page.md).\n")
+    mkdocs = Path(sys.executable).parent / "mkdocs"
+    assert mkdocs.exists(), "mkdocs is missing: pip install -e '.[dev]'"
+    r = subprocess.run([str(mkdocs), "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "NO_MKDOCS_2_WARNING": "1", "PYTHONPATH": str(REPO)})
+    assert r.returncode != 0 and "no-such-page.md" in r.stderr, r.stderr[-3000:]

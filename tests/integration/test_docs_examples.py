@@ -3,7 +3,8 @@ tests/support/doc_examples.py), and getting-started.md alone takes a reader from
 finished training run.
 
 Cost: the other pages start from one small store made once per session (24 demo images, the
-state getting-started.md leaves), copied per page, so no page ingests from scratch.
+state getting-started.md leaves), copied per page, so no page ingests from scratch; a page that
+continues another (FOLLOWS) runs after it in the same folder instead of repeating its training.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import orchestrator
-from tests.support.doc_examples import FRESH_PAGES, PAGES, REPO, ShellState, fences, run_page, shell_env
+from tests.support.doc_examples import FOLLOWS, FRESH_PAGES, PAGES, REPO, ShellState, fences, run_page, shell_env
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -50,7 +51,7 @@ def _runnable(page: Path) -> bool:
     return any(f.is_example and f.not_run_reason is None for f in fences(page))
 
 
-LATER_PAGES = [p for p in PAGES if str(p.relative_to(REPO)) not in FRESH_PAGES and _runnable(p)]
+LATER_PAGES = [p for p in PAGES if str(p.relative_to(REPO)) not in FRESH_PAGES | set(FOLLOWS) and _runnable(p)]
 
 
 @pytest.mark.parametrize("page", LATER_PAGES, ids=lambda p: str(p.relative_to(REPO)))
@@ -61,6 +62,9 @@ def test_the_pages_examples_run(page: Path, after_getting_started: Path, tmp_pat
     state = ShellState(work, shell_env({"ORCHESTRATOR_STORE": f"file://{work / 'store'}"}))
     ran = run_page(page, state)
     assert ran, f"{page}: no example ran"
+    for follower, leader in FOLLOWS.items():
+        if leader == str(page.relative_to(REPO)):
+            assert run_page(REPO / follower, state), f"{follower}: no example ran"
 
 
 def test_getting_started_alone_goes_from_a_coco_folder_to_a_finished_run(tmp_path: Path):

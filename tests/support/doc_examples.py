@@ -34,6 +34,9 @@ PAGES = sorted([REPO / "README.md", *(REPO / "docs").rglob("*.md")])
 #: Pages that start from an empty folder (they make their own data); every other page starts
 #: where getting-started.md ends (see ``tests/integration/test_docs_examples.py``).
 FRESH_PAGES = {"docs/getting-started.md"}
+#: A page that continues where another ends (resume.md resumes the run train.md trained): run
+#: right after it, in the same folder, as one test; not on its own.
+FOLLOWS = {"docs/guides/resume.md": "docs/guides/train.md"}
 RUN = {"python", "bash"}
 DATA = {"", "text", "yaml", "json", "console"}
 NOT_RUN = re.compile(r'title="not run: (?P<reason>[^"]+)"')
