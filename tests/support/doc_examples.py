@@ -10,7 +10,8 @@ A fence that must not run says so where the reader sees it, in its Material titl
 ```` ```bash title="not run: needs an AWS account" ````. Nothing else skips an example: a fence in a
 language this module does not know is an error, so a new kind of example cannot slip through
 untested. ``text``, ``yaml``, ``json`` and plain fences are output or data, not examples; a
-``yaml`` fence titled ``run config`` is validated as one.
+``yaml`` fence titled ``run config…`` or ``policy…`` is validated as one (it cannot run, but it
+can be wrong).
 """
 
 from __future__ import annotations
@@ -114,6 +115,11 @@ def _evaluate(example: Example) -> None:
     if fence.language == "bash":
         run_bash(state, fence.source, where)
         return
+    if fence.language == "yaml" and 'title="policy' in fence.attributes:
+        from orchestrator.access.policy import parse_policy
+
+        parse_policy(fence.source, where)
+        return
     if fence.language == "yaml":
         _check_run_config(fence, state)
         return
@@ -146,7 +152,8 @@ def _parser(document: Document):
                              f"{sorted(RUN)} and treats {sorted(DATA - {''})} as data; use one of those")
         if "not run" in fence.attributes and fence.not_run_reason is None:
             raise ValueError(f'{fence.page}:{fence.line}: write the mark as title="not run: REASON"')
-        checked = fence.language == "yaml" and 'title="run config' in fence.attributes
+        checked = fence.language == "yaml" and ('title="run config' in fence.attributes
+                                                or 'title="policy' in fence.attributes)
         if fence.is_example or checked:
             yield Region(region.start, region.end, parsed=region.lexemes["source"], evaluator=_evaluate,
                          lexemes={"fence": fence})
