@@ -186,4 +186,4 @@ def parse_policy(text: str, source: str = "policy") -> Policy:
         return Policy.model_validate(doc)
     except ValidationError as exc:
         raise ConfigError(validation_message(exc, f"{source} is not a valid policy"),
-                          hint="see the access control section of the README") from None
+                          hint="see docs/guides/access.md (the policy file, with an example)") from None

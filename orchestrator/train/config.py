@@ -25,16 +25,18 @@ class SplitSettings(_Strict):
     """Train/validation split by a deterministic hash of ``item_id`` (stable across versions:
     an item never moves between splits)."""
 
-    validation_fraction: float = Field(0.2, ge=0.0, lt=1.0)
-    seed: int = 0
+    validation_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="share of items held out for validation")
+    seed: int = Field(0, description="seed of the hash that assigns items to a side")
 
 
 class ModelSettings(_Strict):
     name: str = Field("detector", description='a built-in model (detector, counter) or your own, '
                                               '"package.module:function" (train/models/registry.py)')
-    image_size: int = Field(128, ge=32, le=1024, multiple_of=8)
-    max_boxes: int = Field(32, ge=1, le=512)
-    params: dict[str, Any] = Field(default_factory=dict)
+    image_size: int = Field(128, ge=32, le=1024, multiple_of=8,
+                            description="images are decoded straight to this square size (boxes scaled with them)")
+    max_boxes: int = Field(32, ge=1, le=512, description="boxes per image the model sees (padded or cut to it)")
+    params: dict[str, Any] = Field(default_factory=dict,
+                                   description="passed to the model's build function as ctx.params")
 
 
     @field_validator("name")
@@ -49,16 +51,16 @@ class ModelSettings(_Strict):
 
 
 class TrainLoopSettings(_Strict):
-    epochs: int = Field(3, ge=1)
-    batch_size: int = Field(16, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    seed: int = 0
+    epochs: int = Field(3, ge=1, description="epochs in all; a --resume may raise it with --set train.epochs=N")
+    batch_size: int = Field(16, ge=1, description="items per step on each worker")
+    learning_rate: float = Field(1e-3, gt=0, description="the optimizer's learning rate")
+    seed: int = Field(0, description="seed of the model's initialisation (torch.manual_seed, tf.random.set_seed)")
 
 
 class ScalingSettings(_Strict):
-    num_workers: int = Field(2, ge=1)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    use_gpu: bool = False
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (each gets its own shard of the data)")
+    cpus_per_worker: float = Field(1.0, gt=0, description="logical CPUs each worker reserves")
+    use_gpu: bool = Field(False, description="one GPU per worker")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="how Ray places the workers' resource bundles on nodes")
     schedule_timeout_s: float = Field(
@@ -69,8 +71,8 @@ class ScalingSettings(_Strict):
 
 
 class DataSettings(_Strict):
-    prefetch_batches: int = Field(2, ge=0)
-    memory_cache_mb: int = Field(256, ge=1)
+    prefetch_batches: int = Field(2, ge=0, description="batches each worker's pipeline prepares ahead")
+    memory_cache_mb: int = Field(256, ge=1, description="each process's in-memory blob cache")
     disk_cache_mb: int | None = Field(
         None, ge=0, description="the node's shared disk cache (stream.cache): None: on, with the default "
                                 "budget (ORCHESTRATOR_CACHE_GB or 10% of free space); 0: off; else its budget in MB")
@@ -82,11 +84,11 @@ class DataSettings(_Strict):
 
 class CheckpointSettings(_Strict):
     path: str | None = Field(None, description="default: <store>/runs")
-    every_epochs: int = Field(1, ge=1)
+    every_epochs: int = Field(1, ge=1, description="a checkpoint every N epochs")
     every_steps: int | None = Field(
         None, ge=1, description="also checkpoint every N steps inside an epoch, with the data position: "
         "a run killed mid-epoch resumes with exactly the items the epoch had not trained (train.position)")
-    keep: int = Field(2, ge=1)
+    keep: int = Field(2, ge=1, description="checkpoints kept (the oldest are deleted)")
     max_failures: int = Field(2, ge=0, description="worker failures to recover from")
 
 
@@ -167,4 +169,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         return RunSettings.model_validate(doc)
     except ValidationError as exc:
         raise ConfigError(validation_message(exc, f"{source} is not a valid run config"),
-                          hint="see the run config section of the README") from None
+                          hint="see docs/reference/config.md (every key, its default and range)") from None
