@@ -238,6 +238,62 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def proc_name(pid: int) -> str:
+    """A process's name as its command line gives it (Ray's workers retitle themselves:
+    ``ray::IDLE``, ``ray::ReadItems...``), else its ``comm``; "" when it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        first = argv[0].decode(errors="replace").split()[0] if argv and argv[0] else ""
+        if first.startswith("ray::"):
+            return "ray workers"
+        if os.path.basename(first).startswith("python") and len(argv) > 1 and argv[1]:
+            return os.path.basename(argv[1].decode(errors="replace"))  # the script or -m module
+        if first:
+            return os.path.basename(first)
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except (OSError, IndexError):
+        return ""
+
+
+def tree_cpu(root: int) -> dict[int, tuple[str, float]]:
+    """(name, utime + stime in seconds) of ``root`` and every descendant, by pid."""
+    out = {}
+    for pid in [root, *descendants(root)]:
+        try:
+            out[pid] = ("consumer" if pid == root else proc_name(pid), proc_cpu_s(pid))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def cpu_by_name(after: dict[int, tuple[str, float]], before: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds each kind of process in the tree spent between two ``tree_cpu`` snapshots
+    (processes that ended in between are missed; Ray's workers and DataLoader's persist)."""
+    out: dict[str, float] = {}
+    for pid, (name, cpu) in after.items():
+        spent = cpu - before.get(pid, (name, 0.0))[1]
+        out[name or "?"] = out.get(name or "?", 0.0) + spent
+    return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 0.01}
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of this process's threads, summed by thread name (``comm``)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                text = f.read()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1:text.rindex(")")]
+        fields = text.rsplit(")", 1)[1].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def descendants(root: int) -> list[int]:
     """Every live process below ``root`` (from the ppid of each /proc entry)."""
     children: dict[int, list[int]] = {}
@@ -707,6 +763,7 @@ def measure(spec: dict) -> dict:
             sampler.sample()
             sampler.reset()
             before = probe.read()
+            cpu_before, threads_before = tree_cpu(os.getpid()), thread_cpu()
             consumer = Consumer(time.perf_counter())
             if epoch == 0:
                 system.open()  # timed: opening the dataset is part of the cold epoch
@@ -719,6 +776,8 @@ def measure(spec: dict) -> dict:
                     consumer.add(item_id, image, boxes)
             seconds = time.perf_counter() - consumer.t_start
             after = probe.read()
+            cpu = cpu_by_name(tree_cpu(os.getpid()), cpu_before)
+            threads = {k: round(v - threads_before.get(k, 0.0), 2) for k, v in thread_cpu().items()}
             sampler.sample()
             n = len(consumer.lines)
             epochs.append({
@@ -728,6 +787,8 @@ def measure(spec: dict) -> dict:
                 "open_s": open_s if epoch == 0 else 0.0,
                 "consumer_peak_rss_mb": vm_hwm_mb(), **sampler.result(),
                 "loadavg_1min_end": os.getloadavg()[0],  # other load on the machine shows here
+                # CPU seconds by kind of process in the tree, and by thread of the consumer
+                "cpu_s": cpu, "consumer_threads_cpu_s": {k: v for k, v in threads.items() if v >= 0.05},
             })
             print(f"  epoch {epoch + 1}: {n} items in {seconds:.2f} s", file=sys.stderr, flush=True)
         extra = system.extra() if hasattr(system, "extra") else {}
@@ -1022,6 +1083,9 @@ def main() -> None:
                         for e in r["epochs"]) + f" | setup {r['setup_s']:.1f} s, open {r['epochs'][0]['open_s']:.2f} s"
                         " (in TTFI) | load "
                         f"{r['loadavg_1min_start']:.1f}->{r['epochs'][-1]['loadavg_1min_end']:.1f}", flush=True)
+                    print("  CPU s " + " | ".join(
+                        f"epoch {e['epoch']}: " + ", ".join(f"{k} {v:.1f}" for k, v in list(e["cpu_s"].items())[:6])
+                        + f"; server {e['server']['cpu_s']:.1f}" for e in r["epochs"]), flush=True)
                 for layout in ("packed", "loose") if args.getitem else ():
                     spec = {**base, "layout": layout, "k": args.getitem, "seed": args.seed + rnd}
                     r = run_child(["--getitem-one", json.dumps(spec)], f"round {rnd} ds[i] {layout}", errlog,

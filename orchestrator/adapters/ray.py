@@ -16,6 +16,7 @@ Rows are ``stream.item.to_ray_row`` of the item (plus ``fetch_node``), or the co
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 import warnings
@@ -26,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from orchestrator.errors import ItemError
+from orchestrator.stream.buffers import BlockArena, BufferPool, stacked_view
 from orchestrator.stream.index import ItemIndex, RowReader, ShippedRows, build_index
 from orchestrator.stream.item import to_ray_row
 from orchestrator.stream.memory import fix_mmap_threshold
@@ -52,6 +54,22 @@ TASK_ITEMS = 512
 #: epoch for 3,000 items, each task reading the groups of its items again).
 SHIP_ROWS_ITEMS = 100_000
 SHIP_ROWS_BYTES = 128 << 20
+#: A block's images beyond Ray Data's target block size that its arena still holds
+#: (``read_items`` cuts a block after the image that passes the target), and the largest arena.
+ARENA_SLACK = 32 << 20
+ARENA_MAX = 512 << 20
+
+
+@functools.cache
+def decode_buffers() -> BufferPool:
+    """This worker process's pool of decode buffers (``stream.buffers``), shared by its tasks."""
+    return BufferPool()
+
+
+@functools.cache
+def block_arena(capacity: int) -> BlockArena:
+    """This worker process's block arenas of ``capacity`` bytes (``stream.buffers``)."""
+    return BlockArena(capacity)
 
 
 def shipped_rows(plan: ReadPlan, index: ItemIndex) -> pa.Table | None:
@@ -196,7 +214,8 @@ def _block(items: list[dict], node_id: str, batch_fn: BatchFn | None) -> pa.Tabl
         if isinstance(values, np.ndarray):
             out[name] = values
         elif isinstance(values[0], np.ndarray) and all(v.shape == values[0].shape for v in values):
-            out[name] = np.stack(values)
+            stacked = stacked_view(values)  # images laid out back to back in an arena: no copy
+            out[name] = np.stack(values) if stacked is None else stacked
         elif isinstance(values[0], (np.ndarray, str)):
             column = np.empty(len(values), dtype=object)
             column[:] = values
@@ -229,29 +248,41 @@ def read_items(plan: ReadPlan, index: ItemIndex, ledger: SkipLedger | None, batc
     node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     shipped = None if rows is None else ShippedRows(pa.ipc.open_stream(rows).read_all(), plan.label_map)
     stream = ItemStream(plan, index=index, rows=shipped)
+    # Decoded into reused buffers, then copied into the block's arena as items arrive: with the
+    # mmap threshold pinned, fresh image buffers page-faulted on every image (stream.buffers).
+    stream.load.buffers = decode_buffers()
     # One block per task, or per Ray Data's target block size when the task's images pass it.
     # Why not smaller blocks: Ray Data merges a task's blocks up to that size, and a merged block's
     # columns are chunked, which its batcher copied into one piece on the consumer's side (a copy
     # of every image: a quarter of the driver's CPU in a cold epoch, py-spy).
     target = DataContext.get_current().target_max_block_size
+    arena = (block_arena(min(target + ARENA_SLACK, ARENA_MAX))
+             if target is not None and batch_fn is None else None)  # batch_fn makes its own columns
+    column = None
     items: list[dict] = []
     pending = 0
 
     def flush() -> Iterator[pa.Table]:
-        nonlocal items, pending
+        nonlocal items, pending, column
         skipped, stream.skips = stream.skips, Skips()  # the reader records into the new one
         if ledger is not None and skipped.count:
             ledger.merge(skipped)
         if items:
             yield _block(items, node_id, batch_fn)
-        items, pending = [], 0
+        items, pending, column = [], 0, None
 
     with warnings.catch_warnings():  # skips are counted in the ledger, not warned per task
         warnings.simplefilter("ignore")
         for item in stream.iterate(np.arange(len(index))):
-            items.append(item)
             image = item.get("image")
-            pending += image.nbytes if isinstance(image, np.ndarray) else 0
+            if isinstance(image, np.ndarray):
+                pending += image.nbytes
+                if arena is not None:
+                    if column is None:
+                        column = arena.column()
+                    item["image"] = column.add(image)
+            del image  # the decode buffer goes back to the pool
+            items.append(item)
             if target is not None and pending > target:
                 yield from flush()
     yield from flush()

@@ -27,6 +27,7 @@ import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from orchestrator.errors import ConfigError, ItemError
+from orchestrator.stream.buffers import BufferPool
 
 #: The filter of the one resize: the same as ``train.batches.prepare_item``'s, so an item decoded
 #: to a size and a full-size item resized there differ only where draft mode reduced first.
@@ -56,17 +57,20 @@ def image_size_wh(image_size: int | tuple[int, int] | None, option: str = "image
     return wh
 
 
-def decode_image(data: bytes, item_id: str = "?", size: tuple[int, int] | None = None) -> np.ndarray:
+def decode_image(data: bytes, item_id: str = "?", size: tuple[int, int] | None = None,
+                 buffers: BufferPool | None = None) -> np.ndarray:
     """H×W×3 uint8 RGB with EXIF orientation applied (grayscale, palette, RGBA converted).
 
     With ``size`` = (width, height), exactly that size: stretched, not letterboxed (see the
     module doc). ``size`` is in the oriented frame, as the manifest's width and height are.
-    Raises ``ItemError`` (reason ``undecodable``) naming ``item_id`` for bytes that are not a
-    readable image."""
+    ``buffers``: a full-size JPEG decoded by simplejpeg is written into a buffer of that pool
+    (``stream.buffers``: no fresh pages per image in a Ray read worker); the other routes
+    allocate. Raises ``ItemError`` (reason ``undecodable``) naming ``item_id`` for bytes that
+    are not a readable image."""
     try:
         with Image.open(io.BytesIO(data)) as opened:
             if size is None and opened.format == "JPEG" and opened.mode == "RGB":
-                pixels = _turbo_rgb(data, opened)
+                pixels = _turbo_rgb(data, opened, buffers)
                 if pixels is not None:
                     return pixels
             if size is not None and opened.format in ("JPEG", "MPO"):  # MPO: a camera JPEG with previews
@@ -87,14 +91,16 @@ def decode_image(data: bytes, item_id: str = "?", size: tuple[int, int] | None =
         ) from None
 
 
-def _turbo_rgb(data: bytes, opened: Image.Image) -> np.ndarray | None:
+def _turbo_rgb(data: bytes, opened: Image.Image, buffers: BufferPool | None = None) -> np.ndarray | None:
     """The full-size pixels of a 3-channel JPEG that needs no EXIF rotation, decoded by
-    simplejpeg (see the module doc); None when it needs rotation or simplejpeg refuses it
-    (strict: any libjpeg warning, such as a truncated file), so the caller takes Pillow's path."""
+    simplejpeg (see the module doc), into a buffer of ``buffers`` if given; None when it needs
+    rotation or simplejpeg refuses it (strict: any libjpeg warning, such as a truncated file),
+    so the caller takes Pillow's path."""
     if opened.getexif().get(_ORIENTATION, 1) not in (None, 1):
         return None
+    out = None if buffers is None else buffers.take(opened.width * opened.height * 3)
     try:
-        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, buffer=out)
     except ValueError:
         return None
     if pixels.shape != (opened.height, opened.width, 3):

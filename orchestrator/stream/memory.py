@@ -27,9 +27,10 @@ RssAnon per epoch 618, 712, 783, 894, 997 MB; ``malloc_trim`` per chunk did not 
 Pinned, an image above 128 KiB is its own mapping, unmapped when freed: free heap stayed at
 2-5 MB and the read workers' peak RssAnon at 410-540 MB with no trend over 8 epochs. The price is
 the page faults of each new mapping: ~0.2 ms of system time per 0.5 MB image (an isolated
-decode loop: ~1,400 against ~1,850 images/s); the warm Ray epochs showed no difference beyond
-the noise of a shared 2-core machine. A ``MALLOC_MMAP_THRESHOLD_`` (or ``GLIBC_TUNABLES``) the
-user set is left alone.
+decode loop: ~1,400 against ~1,850 images/s), and as much again for the block's concatenated
+image column; so a read worker no longer allocates either: it decodes into a pool of reused
+buffers and builds each block's column in a reused arena (``stream.buffers``). A
+``MALLOC_MMAP_THRESHOLD_`` (or ``GLIBC_TUNABLES``) the user set is left alone.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from orchestrator.blobs import BlobStore
 from orchestrator.errors import ItemError
 from orchestrator.manifest import LabelMap
 from orchestrator.packs import plan_reads
+from orchestrator.stream.buffers import BufferPool
 from orchestrator.stream.cache import BlobCache, node_cache
 from orchestrator.stream.decode import decode_image, image_size_wh
 from orchestrator.stream.index import ItemIndex, RowReader, ShippedRows, build_index
@@ -97,6 +98,9 @@ class ItemLoader:
         self.size = image_size_wh(plan.options.image_size)
         self._cache = plan.options.cache
         self.requests = RequestCounts()
+        #: Where full-size JPEGs are decoded into (``stream.buffers``): a Ray read worker's pool;
+        #: None (every other path) allocates each image.
+        self.buffers: BufferPool | None = None
 
     @property
     def cache(self) -> BlobCache:
@@ -125,7 +129,7 @@ class ItemLoader:
         """The item of a row whose bytes were fetched (or whose fetch failed with ``data``)."""
         if isinstance(data, ItemError):
             raise data
-        image = decode_image(data, row.item_id, self.size) if self.decode else None
+        image = decode_image(data, row.item_id, self.size, self.buffers) if self.decode else None
         return row.item(image, self.version, self.size)
 
     def _read_at(self, blob: str, size_bytes: int | None, pack: str | None, pack_offset: int | None) -> bytes:
