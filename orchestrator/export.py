@@ -49,6 +49,7 @@ import os
 import shutil
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -158,18 +159,20 @@ def _area(polygon: list[float]) -> float:
 
 
 # -- formats ------------------------------------------------------------------------------------
-class _Writer:
+class _Writer(ABC):
     """One format's annotation files, fed one item at a time in manifest order."""
 
     def __init__(self, out: Path, labels: tuple[str, ...], final: Path) -> None:
         self.out, self.labels, self.final = out, labels, final  # final: where ``out`` will be renamed to
         self.dropped: Counter[str] = Counter()
 
+    @abstractmethod
     def add(self, row: dict[str, Any], name: str) -> None:
-        raise NotImplementedError
+        """Write (or collect) one item's annotations; its media file is ``images/<name>``."""
 
+    @abstractmethod
     def finish(self) -> None:
-        raise NotImplementedError
+        """Write what is left (the annotation file) once every item was added."""
 
 
 class _Coco(_Writer):
