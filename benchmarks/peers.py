@@ -95,9 +95,11 @@ Figures per epoch: items/s (items / epoch wall time), time to first item (TTFI),
 peak RSS (``VmHWM``), its descendants' peak RSS (DataLoader workers, Ray's daemons and workers,
 curl: ``VmHWM`` of each, sampled every 0.25 s, summed; forked workers count pages they share with
 their parent, and each Ray process counts the object-store pages it touched, so the sum
-overstates), the whole process tree's peak PSS (sampled each second, shared pages counted once)
-and its peak private memory (``RssAnon`` summed, every 0.25 s; the growth of all three across
-warm epochs is printed), S3 requests and bytes the server answered (SeaweedFS's
+overstates), the whole process tree's peak PSS (sampled each second, shared pages counted once),
+its peak private memory (``RssAnon`` summed, every 0.25 s) and the peak of a memory cgroup the
+measured process and everything it starts run in (``MemoryCgroup``: every page once, page cache
+included, as a container limit counts it; where a cgroup can be made), with the growth of each
+across warm epochs printed, S3 requests and bytes the server answered (SeaweedFS's
 ``SeaweedFS_s3_request_total`` by type, HEAD counted as GET by SeaweedFS; bytes:
 ``SeaweedFS_s3_bucket_traffic_sent_bytes_total``), and the SeaweedFS process's CPU seconds
 (utime + stime from ``/proc/<pid>/stat``). The server shares the machine's cores with the
@@ -326,6 +328,89 @@ def status_mb(pid: int | str, fields: tuple[str, ...]) -> dict[str, float] | Non
     except (OSError, ValueError):
         return None
     return out
+
+
+class MemoryCgroup:
+    """A memory cgroup of its own for one measured subprocess and everything it starts (Ray's
+    daemons and workers, DataLoader workers, curl): its peak usage per epoch counts every page
+    once, as a container's memory limit or the kernel's OOM killer counts it.
+
+    Why: summed ``VmHWM`` counts a shared page once per process that touched it (Ray's object
+    store, pages a forked worker shares with its parent); PSS is sampled, so it misses short
+    peaks. The cgroup's own high-water mark (cgroup v1 ``memory.max_usage_in_bytes``, reset by
+    writing 0; v2 ``memory.peak``, reset by writing to it on kernels that allow it) has neither
+    flaw; it also counts the page cache the tree's reads and writes bring in (the node cache's
+    file), charged once, when first touched. Needs a writable memory cgroup hierarchy (root in a
+    container, or a delegated one); otherwise every figure is ``None`` and the report says so."""
+
+    ENV = "PEERS_CGROUP"
+
+    def __init__(self, path: Path, v1: bool) -> None:
+        self.path = path
+        self.peak_file = path / ("memory.max_usage_in_bytes" if v1 else "memory.peak")
+
+    @classmethod
+    def create(cls, name: str) -> MemoryCgroup | None:
+        """A new child of this process's memory cgroup, or None where none can be made."""
+        try:
+            lines = Path("/proc/self/cgroup").read_text().splitlines()
+        except OSError:
+            return None
+        for line in lines:
+            _, controllers, rel = line.split(":", 2)
+            if "memory" in controllers.split(","):
+                roots = [(Path("/sys/fs/cgroup/memory"), True)]
+            elif controllers == "":  # the unified (v2) hierarchy, mounted alone or beside v1
+                roots = [(Path("/sys/fs/cgroup"), False), (Path("/sys/fs/cgroup/unified"), False)]
+            else:
+                continue
+            for root, v1 in roots:
+                parent = root / rel.lstrip("/")
+                if not (parent / ("memory.max_usage_in_bytes" if v1 else "memory.current")).exists():
+                    continue
+                try:
+                    (parent / name).mkdir(exist_ok=True)
+                    cg = cls(parent / name, v1)
+                    cg.reset()
+                    return cg
+                except OSError:
+                    continue
+        return None
+
+    @classmethod
+    def from_env(cls) -> MemoryCgroup | None:
+        """(measured subprocess) Join the cgroup ``run_child`` made, first thing."""
+        where = os.environ.get(cls.ENV)
+        if not where:
+            return None
+        path = Path(where)
+        try:
+            (path / "cgroup.procs").write_text(str(os.getpid()))
+        except OSError:
+            return None
+        return cls(path, (path / "memory.max_usage_in_bytes").exists())
+
+    def reset(self) -> None:
+        self.peak_file.write_text("0")
+
+    def peak_mb(self) -> float | None:
+        try:
+            return int(self.peak_file.read_text()) / 2**20
+        except (OSError, ValueError):
+            return None
+
+    def remove(self, wait_s: float = 10.0) -> None:
+        """Best effort: waits up to ``wait_s`` for processes still in it (Ray's daemons exit a
+        moment after the driver), then leaves it."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.2)
 
 
 class TreeSampler(threading.Thread):
@@ -748,6 +833,7 @@ CLASSES = {"ours-iter": OursIter, "ours-loose": OursIter, "ours-torch": OursTorc
 
 def measure(spec: dict) -> dict:
     """(subprocess) Setup, then ``spec["epochs"]`` timed epochs of one system."""
+    cgroup = MemoryCgroup.from_env()
     probe = ServerProbe(spec["weed_pid"], spec["metrics_url"])
     load_start = os.getloadavg()[0]
     system = CLASSES[spec["system"]](spec)
@@ -762,6 +848,12 @@ def measure(spec: dict) -> dict:
         for epoch in range(spec["epochs"]):
             sampler.sample()
             sampler.reset()
+            cgroup_ok = cgroup is not None
+            if cgroup_ok:
+                try:
+                    cgroup.reset()
+                except OSError:  # a kernel whose memory.peak cannot be reset: no per-epoch figure
+                    cgroup_ok = False
             before = probe.read()
             cpu_before, threads_before = tree_cpu(os.getpid()), thread_cpu()
             consumer = Consumer(time.perf_counter())
@@ -786,6 +878,7 @@ def measure(spec: dict) -> dict:
                 "checksum": consumer.checksum(), "server": ServerProbe.delta(after, before),
                 "open_s": open_s if epoch == 0 else 0.0,
                 "consumer_peak_rss_mb": vm_hwm_mb(), **sampler.result(),
+                "tree_cgroup_peak_mb": cgroup.peak_mb() if cgroup_ok else None,
                 "loadavg_1min_end": os.getloadavg()[0],  # other load on the machine shows here
                 # CPU seconds by kind of process in the tree, and by thread of the consumer
                 "cpu_s": cpu, "consumer_threads_cpu_s": {k: v for k, v in threads.items() if v >= 0.05},
@@ -937,26 +1030,38 @@ def run_child(args: list[str], what: str, errlog: Path, timeout_s: float) -> dic
     Path(cache_dir).mkdir(parents=True)
     if os.environ.get("PEERS_DISK_CACHE") == "off":  # A/B of the disk tier's cost on a cold pass
         cache_dir = "off"
+    cgroup = MemoryCgroup.create(f"peers-{os.getpid()}-{time.monotonic_ns()}")
+    env = {**os.environ, "ORCHESTRATOR_CACHE_DIR": str(cache_dir)}
+    if cgroup is not None:
+        env[MemoryCgroup.ENV] = str(cgroup.path)
     t0 = time.perf_counter()
     with open(errlog, "a") as err:
         err.write(f"\n=== {what}: {' '.join(cmd)}\n")
         err.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
-                                env={**os.environ, "ORCHESTRATOR_CACHE_DIR": str(cache_dir)})
-        while True:
-            try:
-                out, _ = proc.communicate(timeout=HEARTBEAT_S)
-                break
-            except subprocess.TimeoutExpired:
-                elapsed = time.perf_counter() - t0
-                if elapsed > timeout_s:
-                    os.killpg(proc.pid, 9)
-                    proc.communicate()
-                    raise RuntimeError(f"{what} ran past {timeout_s:.0f} s and was killed; see {errlog}") from None
-                print(f"  ... {what}: {elapsed:.0f} s", flush=True)
+        try:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
+                                    env=env)
+            out = _wait(proc, what, errlog, timeout_s, t0)
+        finally:
+            if cgroup is not None:
+                cgroup.remove()
     if proc.returncode != 0:
         raise RuntimeError(f"{what} failed with exit status {proc.returncode}; see {errlog}")
     return json.loads(next(line for line in reversed(out.strip().splitlines()) if line.startswith("{")))
+
+
+def _wait(proc: subprocess.Popen, what: str, errlog: Path, timeout_s: float, t0: float) -> str:
+    """``proc``'s stdout once it exits, with a heartbeat line while it runs; killed past the limit."""
+    while True:
+        try:
+            return proc.communicate(timeout=HEARTBEAT_S)[0]
+        except subprocess.TimeoutExpired:
+            elapsed = time.perf_counter() - t0
+            if elapsed > timeout_s:
+                os.killpg(proc.pid, 9)
+                proc.communicate()
+                raise RuntimeError(f"{what} ran past {timeout_s:.0f} s and was killed; see {errlog}") from None
+            print(f"  ... {what}: {elapsed:.0f} s", flush=True)
 
 
 def free_port() -> int:
@@ -1080,6 +1185,7 @@ def main() -> None:
                     print("  " + " | ".join(
                         f"epoch {e['epoch']}: {e['items_per_s']:.0f} items/s, TTFI {e['ttfi_s']:.2f} s, "
                         f"{e['server']['GET']} GETs, {e['server']['bytes_sent'] / 1e6:.1f} MB"
+                        + (f", cgroup peak {e['tree_cgroup_peak_mb']:.0f} MB" if e.get("tree_cgroup_peak_mb") else "")
                         for e in r["epochs"]) + f" | setup {r['setup_s']:.1f} s, open {r['epochs'][0]['open_s']:.2f} s"
                         " (in TTFI) | load "
                         f"{r['loadavg_1min_start']:.1f}->{r['epochs'][-1]['loadavg_1min_end']:.1f}", flush=True)
@@ -1158,6 +1264,8 @@ def report(runs: list[dict], failures: list[dict], systems: list[str], args, dat
             # The same epochs' peak PSS and peak private memory of the tree (``TreeSampler``).
             "warm_pss_mb": [[e["tree_pss_peak_mb"] for e in r["epochs"][1:]] for r in mine],
             "warm_private_mb": [[e.get("tree_private_peak_mb", 0.0) for e in r["epochs"][1:]] for r in mine],
+            # The same epochs' peak of the tree's own memory cgroup (``MemoryCgroup``; None without one).
+            "warm_cgroup_mb": [[e.get("tree_cgroup_peak_mb") or 0.0 for e in r["epochs"][1:]] for r in mine],
         }
     print(f"\n{args.n:,} demo images ({data_bytes / 1e6:.1f} MB of JPEG) on one SeaweedFS on loopback, "
           f"{args.rounds} interleaved round(s), {os.cpu_count()} cores; cold = epoch 1 of a fresh process, "
@@ -1188,12 +1296,16 @@ def report(runs: list[dict], failures: list[dict], systems: list[str], args, dat
           "answered in the epoch; MB: bytes it sent; srv CPU: its CPU seconds.")
     for key, what in (("warm_peak_rss_mb", "peak RSS (consumer + workers, VmHWM summed: a shared page per process)"),
                       ("warm_pss_mb", "peak PSS of the tree (every page once; sampled each second)"),
-                      ("warm_private_mb", "peak private memory of the tree (RssAnon summed, sampled every 0.25 s)")):
+                      ("warm_private_mb", "peak private memory of the tree (RssAnon summed, sampled every 0.25 s)"),
+                      ("warm_cgroup_mb", "peak memory of the tree's own cgroup (every page once, page cache "
+                                         "included, as a container limit counts it)")):
         growth = {k: [(r[-1] / r[0] - 1) * 100 for r in s[key] if len(r) > 1 and r[0]] for k, s in summary.items()}
         if any(growth.values()):
             print(f"{what} from the first to the last warm epoch (epochs 2-{args.epochs}): "
                   + "; ".join(f"{k} {s[key][0][0]:.0f}->{s[key][0][-1]:.0f} MB, "
                               f"{spread(growth[k], '{:+.1f}')}%" for k, s in summary.items() if growth[k]))
+    if runs and not any(e.get("tree_cgroup_peak_mb") for r in runs for e in r["epochs"]):
+        print("the tree's cgroup peak was not measured: no writable memory cgroup here (see MemoryCgroup)")
     loads = [r["loadavg_1min_start"] for r in runs] + [e["loadavg_1min_end"] for r in runs for e in r["epochs"]]
     if loads:
         print(f"1-minute load average at the runs' starts and epochs' ends: {spread(loads, '{:.1f}')} "
