@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from orchestrator.errors import ItemError
+from orchestrator.ray_runtime import freeze_startup_objects
 from orchestrator.stream.buffers import BlockArena, BufferPool, stacked_view
 from orchestrator.stream.index import ItemIndex, RowReader, ShippedRows, build_index
 from orchestrator.stream.item import to_ray_row
@@ -245,6 +246,7 @@ def read_items(plan: ReadPlan, index: ItemIndex, ledger: SkipLedger | None, batc
     from ray.data import DataContext
 
     fix_mmap_threshold()  # a read worker lives for many tasks: its heap must not grow (stream.memory)
+    freeze_startup_objects()  # its imports out of the garbage collector's way (ray_runtime)
     node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     shipped = None if rows is None else ShippedRows(pa.ipc.open_stream(rows).read_all(), plan.label_map)
     stream = ItemStream(plan, index=index, rows=shipped)
