@@ -356,7 +356,7 @@ def map_object_store() -> int:
         with open("/proc/self/maps") as f:
             maps = f.read().splitlines()
         libc = ctypes.CDLL(None, use_errno=True)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no /proc (macOS), no CDLL(None) (Windows)
         return 0
     mapped = 0
     for line in maps:
