@@ -43,8 +43,6 @@ Systems (``--systems``, comma list; default all), each in its peer's recommended
   layout (flat boxes + offsets, ~15 tensors per batch).
 * ``ours-ray``: ``ds.to_ray().iter_batches(batch_size=32)`` on a local Ray cluster started in the
   measured process (``ray.init(address="local")`` sized as ``orchestrator.ray_runtime`` sizes one).
-  ``ours-ray-1s`` (only when named): the same with Ray Data's own once-a-second refresh of the
-  resources a pipeline may use, the A/B of ``ray_runtime.prompt_resource_limits``.
 * ``mosaic``: ``streaming.StreamingDataset(remote="s3://...", local=<fresh cache dir>,
   shuffle=False, batch_size=32)`` subclassed to decode in ``__getitem__`` (their documented
   pattern), in ``DataLoader(batch_size=32, num_workers=2, persistent_workers=True)``. The
@@ -155,8 +153,6 @@ HEARTBEAT_S = 30.0
 SYSTEMS = ("ours-iter", "ours-loose", "ours-torch", "ours-ray", "mosaic", "webdataset", "litdata", "naive",
            "ray-binary",
            "decode-limit")
-#: A/B variants of a system: measured only when ``--systems`` names them.
-AB_SYSTEMS = ("ours-ray-1s",)
 CONFIG = {
     "ours-iter": "for item in store.dataset(name): defaults (prefetch 16, threads 8, node BlobCache); "
                  "packed media",
@@ -164,8 +160,6 @@ CONFIG = {
     "ours-torch": "ds.dataloader(batch_size=32, num_workers=2): workers collate (flat values + offsets), "
                   "DataLoader(batch_size=None, persistent_workers=True, prefetch_factor=2), shards by runs",
     "ours-ray": "ds.to_ray().iter_batches(batch_size=32), local Ray cluster",
-    "ours-ray-1s": "as ours-ray, with Ray Data's own 1 s resource-limit refresh (A/B of "
-                   "ray_runtime.prompt_resource_limits)",
     "mosaic": "StreamingDataset(remote=s3://..., local=fresh dir, shuffle=False, batch_size=32) + "
               "DataLoader(batch_size=32, num_workers=2, persistent_workers=True); MDS, shards --shard-mib",
     "webdataset": "WebDataset(http shard URLs via curl, shardshuffle=False).map(decode).batched(32) + "
@@ -176,7 +170,7 @@ CONFIG = {
     "ray-binary": "ray.data.read_binary_files(blob dir, include_paths=True).map(decode).iter_batches(32)",
     "decode-limit": "PIL decode of in-memory bytes, multiprocessing.Pool(2), 32 items/task",
 }
-USES_RAY = ("ours-ray", "ours-ray-1s", "ray-binary")
+USES_RAY = ("ours-ray", "ray-binary")
 
 
 # -- the same pixels and boxes everywhere ----------------------------------------------------------
@@ -630,16 +624,6 @@ class OursRay(OursIter):
         return {}
 
 
-class OursRayDefaultRefresh(OursRay):
-    """``ours-ray`` with Ray Data's own limits refresh: what ``prompt_resource_limits`` is worth."""
-
-    def setup(self) -> None:
-        import orchestrator.adapters.ray as ray_adapter
-
-        ray_adapter.prompt_resource_limits = lambda: False
-        super().setup()
-
-
 def import_mosaic():
     """``streaming`` without its vision datasets: ``import streaming`` imports them, and they import
     torchvision, which does not load with torch 2.13.0+cpu here. ``StreamingDataset`` does not use them."""
@@ -842,7 +826,6 @@ class DecodeLimit(System):
 
 
 CLASSES = {"ours-iter": OursIter, "ours-loose": OursIter, "ours-torch": OursTorch, "ours-ray": OursRay,
-           "ours-ray-1s": OursRayDefaultRefresh,
            "mosaic": Mosaic,
            "webdataset": WebDataset, "litdata": LitData, "naive": Naive, "ray-binary": RayBinary,
            "decode-limit": DecodeLimit}
@@ -1091,7 +1074,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=3000, help="demo images (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: %(default)s)")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma list (default: all but the A/B variants): " + ",".join(SYSTEMS + AB_SYSTEMS))
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma list (default: all): " + ",".join(SYSTEMS))
     parser.add_argument("--keep", type=Path, help="keep images, SeaweedFS data and shards under DIR, reuse them")
     parser.add_argument("--json", type=Path, help="write every figure to this file")
     parser.add_argument("--shard-mib", type=int, default=16, help="MDS/tar/LitData shard size (default: %(default)s)")
@@ -1124,9 +1107,9 @@ def main() -> None:
         return
 
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = sorted(set(systems) - set(SYSTEMS) - set(AB_SYSTEMS))
+    unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown:
-        raise SystemExit(f"unknown systems {unknown}; known: {', '.join(SYSTEMS + AB_SYSTEMS)}")
+        raise SystemExit(f"unknown systems {unknown}; known: {', '.join(SYSTEMS)}")
     import importlib.util
 
     need = {"mosaic": "streaming", "webdataset": "webdataset", "litdata": "litdata"}

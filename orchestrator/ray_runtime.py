@@ -441,42 +441,6 @@ def freeze_startup_objects() -> int:
     return gc.get_freeze_count()
 
 
-#: Seconds between Ray Data's reads of the cluster's resources in an execution, once
-#: ``prompt_resource_limits`` ran (Ray's own: 1 s).
-RESOURCE_LIMITS_REFRESH_S = 0.1
-
-
-@functools.cache
-def prompt_resource_limits() -> bool:
-    """Once per process: have Ray Data re-read the cluster's resources every
-    ``RESOURCE_LIMITS_REFRESH_S`` instead of every second; True when it was set.
-
-    Why: each execution (each epoch of ``to_ray().iter_batches``) asks its cluster autoscaler for
-    the resources it may use without waiting for the answer, and takes zero until the answer is
-    read, which Ray Data does once a second (``ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S``).
-    Under zero limits it runs one task at a time, so every epoch's first second used one read
-    slot of two: seen with the submit times of the read tasks (3,000 items, 2 slots), the second
-    slot started at 1.15-1.2 s in both epochs; with a 0.05 s interval, at 0.15-0.5 s (the answer
-    itself is a call to Ray Data's coordinator actor; probe under load). Not yet shown: a cold
-    items/s gain (two interleaved pairs on file:// disagreed, +31% and -11%); warm epochs' first
-    item came at 0.24 s against 0.16-0.19 s, two tasks sharing the cores from the start. The cost
-    is that call up to ten times a second while an execution runs. Called from the read tasks'
-    planning (``adapters.ray``), so it applies
-    in whichever process executes a pipeline over our items (the driver, or the coordinator
-    actor of a ``streaming_split``). A Ray-internal setting (checked against Ray 2.60); without
-    it, pipelines run as before and a warning says so."""
-    try:
-        from ray.data._internal.execution.resource_manager import ResourceManager
-    except ImportError:  # pragma: no cover - a Ray version without it
-        ResourceManager = None
-    current = getattr(ResourceManager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S", None)
-    if isinstance(current, bool) or not isinstance(current, (int, float)):
-        log.warning("Ray Data internals moved: each pipeline's first second runs one read task at a time")
-        return False
-    ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = min(current, RESOURCE_LIMITS_REFRESH_S)
-    return True
-
-
 def anchor_data_actors() -> None:
     """Create Ray Data's two cluster-wide detached actors (stats, actor locations) from this
     process, so they live on the driver's node.

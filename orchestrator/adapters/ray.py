@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from orchestrator.errors import ItemError
-from orchestrator.ray_runtime import freeze_startup_objects, prompt_resource_limits
+from orchestrator.ray_runtime import freeze_startup_objects
 from orchestrator.stream.buffers import BlockArena, BufferPool, stacked_view
 from orchestrator.stream.index import ItemIndex, RowReader, ShippedRows, build_index
 from orchestrator.stream.item import to_ray_row
@@ -338,7 +338,6 @@ def item_datasource(plan: ReadPlan, ledger: SkipLedger | None = None, split: Has
             """``parallelism`` tasks of adjacent items: those of ``read_spans`` (``to_ray_dataset``
             asks for exactly that many, so Ray Data does not split blocks after the read), else
             near-equal ones."""
-            prompt_resource_limits()  # in the process that executes the pipeline (ray_runtime)
             tasks = []
             for sub, part in self.parts(parallelism):
                 # Row count unknown until read: skipped items do not become rows.
