@@ -276,16 +276,17 @@ def start_local_ray(wait_warm: bool = False) -> None:
     log.info("started a local Ray cluster with %d logical CPUs and a %d MiB object store",
              local_cpus(), store_bytes // 2**20)
     if wait_warm:
-        warm_up(read_concurrency())
+        warm_up(read_concurrency(), arenas=True)
     else:
-        warm_up_later(read_concurrency())
+        warm_up_later(read_concurrency(), arenas=True)
 
 
-def warm_up_later(workers: int) -> None:
-    """``warm_up(workers)`` in a background thread, on a local cluster this process started
-    (an attached cluster's workers are its operator's business); returns at once."""
+def warm_up_later(workers: int, arenas: bool = False) -> None:
+    """``warm_up(workers, arenas=arenas)`` in a background thread, on a local cluster this
+    process started (an attached cluster's workers are its operator's business); returns at once."""
     if _STARTED_LOCAL.is_set():
-        threading.Thread(target=warm_up, args=(workers,), name="orchestrator-ray-warm-up", daemon=True).start()
+        threading.Thread(target=warm_up, args=(workers,), kwargs={"arenas": arenas}, name="orchestrator-ray-warm-up",
+                         daemon=True).start()
 
 
 def warm_up_for_training(num_workers: int) -> None:
@@ -318,9 +319,13 @@ def read_concurrency() -> int:
     return ATTACHED_READ_CONCURRENCY
 
 
-def _hold(seconds: float, map_store: bool = False) -> int:
+def _hold(seconds: float, map_store: bool = False, arena_bytes: int = 0) -> int:
     if map_store:
         map_object_store()
+    if arena_bytes:
+        from orchestrator.stream.buffers import block_arenas
+
+        block_arenas(arena_bytes).prefault()
     time.sleep(seconds)
     return os.getpid()
 
@@ -369,11 +374,17 @@ def map_object_store() -> int:
     return mapped
 
 
-def warm_up(workers: int, timeout_s: float = 120.0) -> int:
+def warm_up(workers: int, timeout_s: float = 120.0, arenas: bool = False) -> int:
     """Start ``workers`` of this job's worker processes (each imports the read path on start:
     ``prepare_worker``) and Ray Data's cluster-wide actors now, so that a pipeline's first
     epoch does not wait for them. ``ensure_ray`` runs it in a background thread after starting
     a local cluster. Returns how many distinct workers answered (best effort: never raises).
+
+    ``arenas``: also allocate and write each worker's block arenas (``stream.buffers``, for
+    blocks of this process's ``DataContext.target_max_block_size``), which ``to_ray`` pipelines
+    fill with images; a training run's pipelines make their own columns and do not use them.
+    Measured (``benchmarks/peers.py``, 3,000 full-size images on SeaweedFS, 2 cores, a VM):
+    see ``BlockArena.prefault``.
 
     Measured before (2 cores, local cluster idle for 15 s after ``ray.init``): the first read
     task started 2.6 s after iteration began (Ray Data's autoscaling coordinator actor was being
@@ -385,12 +396,20 @@ def warm_up(workers: int, timeout_s: float = 120.0) -> int:
         map_store = _STARTED_LOCAL.is_set() and os.environ.get("ORCHESTRATOR_RAY_MAP_STORE", "1") != "0"
         if map_store:
             map_object_store()
+        arena_bytes = 0
+        if arenas:
+            from ray.data import DataContext
+
+            from orchestrator.stream.buffers import arena_capacity
+
+            target = DataContext.get_current().target_max_block_size
+            arena_bytes = arena_capacity(target) if target else 0
         hold = ray.remote(num_cpus=0)(_hold).options(runtime_env=task_env())
         seen: set[int] = set()
         deadline = time.monotonic() + timeout_s
         while len(seen) < workers and time.monotonic() < deadline:
             # Tasks that overlap make Ray start a worker for each; a second round finds them idle.
-            seen.update(ray.get([hold.remote(0.5, map_store) for _ in range(workers)],
+            seen.update(ray.get([hold.remote(0.5, map_store, arena_bytes) for _ in range(workers)],
                                 timeout=max(1.0, deadline - time.monotonic())))
         return len(seen)
     except Exception:  # noqa: BLE001 - a warm-up is an optimisation; the pipeline starts workers itself

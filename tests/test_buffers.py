@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import io
 import pickle
+import resource
 
 import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
 
-from orchestrator.stream.buffers import BlockArena, BufferPool, stacked_view
+from orchestrator.stream.buffers import BlockArena, BufferPool, arena_capacity, block_arenas, stacked_view
 from orchestrator.stream.decode import decode_image
 
 
@@ -112,3 +113,35 @@ def test_stacked_view_only_for_back_to_back_views_of_one_base():
     assert stacked_view([parts[0], parts[2]]) is None  # a gap
     assert stacked_view([parts[1], parts[0]]) is None  # out of order
     assert stacked_view([p.copy() for p in parts]) is None  # separate buffers
+
+
+def _faults_writing(column_of: BlockArena, nbytes: int) -> int:
+    image = np.ones(nbytes, dtype=np.uint8)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    column_of.column().add(image)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def test_a_prefaulted_arena_takes_its_first_block_without_page_faults():
+    """``prefault`` allocates the arenas and writes their pages, so the first block's copy (in
+    a pipeline's first epoch) does not wait for the kernel to clear fresh pages; arenas already
+    there (one may hold a block) are left alone. A fresh arena faults as it is first written."""
+    size = 16 << 20
+    fresh = BlockArena(size)
+    fresh_faults = _faults_writing(fresh, size)
+    warmed = BlockArena(size)
+    assert warmed.prefault() == 2 * size and warmed.prefault() == 0
+    warmed_faults = _faults_writing(warmed, size)
+    assert warmed.reused == 1 and warmed.allocated == 0
+    assert fresh_faults >= 4  # at least two 2 MiB huge pages, else thousands of 4 KiB ones
+    assert warmed_faults < fresh_faults / 4
+
+
+def test_a_process_keeps_block_arenas_of_one_capacity_at_a_time():
+    """A read worker's arenas are shared by its tasks (and prefaulted by its warm-up); a task
+    asking for another block size replaces them rather than keeping both."""
+    one = block_arenas(arena_capacity(1 << 20))
+    assert block_arenas(arena_capacity(1 << 20)) is one and one.capacity == (1 << 20) + (32 << 20)
+    other = block_arenas(arena_capacity(2 << 20))
+    assert other is not one and block_arenas(arena_capacity(2 << 20)) is other
+    assert arena_capacity(10 << 30) == 512 << 20  # at most ARENA_MAX

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from orchestrator.errors import ItemError
 from orchestrator.ray_runtime import freeze_startup_objects
-from orchestrator.stream.buffers import BlockArena, BufferPool, stacked_view
+from orchestrator.stream.buffers import BufferPool, arena_capacity, block_arenas, stacked_view
 from orchestrator.stream.index import ItemIndex, RowReader, ShippedRows, build_index
 from orchestrator.stream.item import to_ray_row
 from orchestrator.stream.memory import fix_mmap_threshold
@@ -55,22 +55,12 @@ TASK_ITEMS = 512
 #: epoch for 3,000 items, each task reading the groups of its items again).
 SHIP_ROWS_ITEMS = 100_000
 SHIP_ROWS_BYTES = 128 << 20
-#: A block's images beyond Ray Data's target block size that its arena still holds
-#: (``read_items`` cuts a block after the image that passes the target), and the largest arena.
-ARENA_SLACK = 32 << 20
-ARENA_MAX = 512 << 20
 
 
 @functools.cache
 def decode_buffers() -> BufferPool:
     """This worker process's pool of decode buffers (``stream.buffers``), shared by its tasks."""
     return BufferPool()
-
-
-@functools.cache
-def block_arena(capacity: int) -> BlockArena:
-    """This worker process's block arenas of ``capacity`` bytes (``stream.buffers``)."""
-    return BlockArena(capacity)
 
 
 def shipped_rows(plan: ReadPlan, index: ItemIndex) -> pa.Table | None:
@@ -258,7 +248,7 @@ def read_items(plan: ReadPlan, index: ItemIndex, ledger: SkipLedger | None, batc
     # columns are chunked, which its batcher copied into one piece on the consumer's side (a copy
     # of every image: a quarter of the driver's CPU in a cold epoch, py-spy).
     target = DataContext.get_current().target_max_block_size
-    arena = (block_arena(min(target + ARENA_SLACK, ARENA_MAX))
+    arena = (block_arenas(arena_capacity(target))
              if target is not None and batch_fn is None else None)  # batch_fn makes its own columns
     column = None
     items: list[dict] = []
