@@ -43,6 +43,8 @@ Systems (``--systems``, comma list; default all), each in its peer's recommended
   layout (flat boxes + offsets, ~15 tensors per batch).
 * ``ours-ray``: ``ds.to_ray().iter_batches(batch_size=32)`` on a local Ray cluster started in the
   measured process (``ray.init(address="local")`` sized as ``orchestrator.ray_runtime`` sizes one).
+  ``ours-ray-lazy`` (only when named): the same with the read workers' block arenas left to the
+  first epoch (``ORCHESTRATOR_RAY_PREFAULT_ARENAS=0``), the A/B of ``BlockArena.prefault``.
 * ``mosaic``: ``streaming.StreamingDataset(remote="s3://...", local=<fresh cache dir>,
   shuffle=False, batch_size=32)`` subclassed to decode in ``__getitem__`` (their documented
   pattern), in ``DataLoader(batch_size=32, num_workers=2, persistent_workers=True)``. The
@@ -153,6 +155,8 @@ HEARTBEAT_S = 30.0
 SYSTEMS = ("ours-iter", "ours-loose", "ours-torch", "ours-ray", "mosaic", "webdataset", "litdata", "naive",
            "ray-binary",
            "decode-limit")
+#: A/B variants of a system: measured only when ``--systems`` names them.
+AB_SYSTEMS = ("ours-ray-lazy",)
 CONFIG = {
     "ours-iter": "for item in store.dataset(name): defaults (prefetch 16, threads 8, node BlobCache); "
                  "packed media",
@@ -160,6 +164,7 @@ CONFIG = {
     "ours-torch": "ds.dataloader(batch_size=32, num_workers=2): workers collate (flat values + offsets), "
                   "DataLoader(batch_size=None, persistent_workers=True, prefetch_factor=2), shards by runs",
     "ours-ray": "ds.to_ray().iter_batches(batch_size=32), local Ray cluster",
+    "ours-ray-lazy": "as ours-ray, block arenas left to the first epoch (ORCHESTRATOR_RAY_PREFAULT_ARENAS=0)",
     "mosaic": "StreamingDataset(remote=s3://..., local=fresh dir, shuffle=False, batch_size=32) + "
               "DataLoader(batch_size=32, num_workers=2, persistent_workers=True); MDS, shards --shard-mib",
     "webdataset": "WebDataset(http shard URLs via curl, shardshuffle=False).map(decode).batched(32) + "
@@ -170,7 +175,7 @@ CONFIG = {
     "ray-binary": "ray.data.read_binary_files(blob dir, include_paths=True).map(decode).iter_batches(32)",
     "decode-limit": "PIL decode of in-memory bytes, multiprocessing.Pool(2), 32 items/task",
 }
-USES_RAY = ("ours-ray", "ray-binary")
+USES_RAY = ("ours-ray", "ours-ray-lazy", "ray-binary")
 
 
 # -- the same pixels and boxes everywhere ----------------------------------------------------------
@@ -438,8 +443,9 @@ class TreeSampler(threading.Thread):
 
     def run(self) -> None:
         tick = 0
+        pss_every = 0 if os.environ.get("PEERS_TREE_PSS") == "off" else 4  # A/B of the sampler's own cost
         while not self.halt.wait(0.25):
-            self.sample(pss=tick % 4 == 0)
+            self.sample(pss=pss_every > 0 and tick % pss_every == 0)
             tick += 1
 
     def sample(self, pss: bool = True) -> None:
@@ -553,15 +559,15 @@ def manifest_items(store, name: str) -> list[tuple[str, str, str, np.ndarray]]:
             for r in rows]
 
 
-def init_ray() -> None:
+def init_ray(arenas: bool = False) -> None:
     """A local Ray cluster started as ``orchestrator.ray_runtime.ensure_ray`` starts one (never
-    attached to another cluster on this machine), with its read workers warmed up before the
-    first epoch: "Ray is up"."""
+    attached to another cluster on this machine; ``arenas``: as for ``ds.to_ray()``), with its
+    read workers warmed up before the first epoch: "Ray is up"."""
     import ray.data
 
     from orchestrator.ray_runtime import start_local_ray
 
-    start_local_ray(wait_warm=True)
+    start_local_ray(wait_warm=True, arenas=arenas)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
@@ -611,7 +617,7 @@ class OursTorch(OursIter):
 class OursRay(OursIter):
     def setup(self) -> None:
         super().setup()
-        init_ray()
+        init_ray(arenas=True)
 
     def open(self) -> None:
         self.rds = self.store.dataset(self.name).to_ray()
@@ -622,6 +628,15 @@ class OursRay(OursIter):
 
     def extra(self) -> dict:
         return {}
+
+
+class OursRayLazyArenas(OursRay):
+    """``ours-ray`` whose warm-up leaves the read workers' block arenas to the first epoch: what
+    ``BlockArena.prefault`` is worth."""
+
+    def setup(self) -> None:
+        os.environ["ORCHESTRATOR_RAY_PREFAULT_ARENAS"] = "0"
+        super().setup()
 
 
 def import_mosaic():
@@ -826,6 +841,7 @@ class DecodeLimit(System):
 
 
 CLASSES = {"ours-iter": OursIter, "ours-loose": OursIter, "ours-torch": OursTorch, "ours-ray": OursRay,
+           "ours-ray-lazy": OursRayLazyArenas,
            "mosaic": Mosaic,
            "webdataset": WebDataset, "litdata": LitData, "naive": Naive, "ray-binary": RayBinary,
            "decode-limit": DecodeLimit}
@@ -1074,7 +1090,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=3000, help="demo images (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: %(default)s)")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma list (default: all): " + ",".join(SYSTEMS))
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help="comma list (default: all but A/B variants): " + ",".join(SYSTEMS + AB_SYSTEMS))
     parser.add_argument("--keep", type=Path, help="keep images, SeaweedFS data and shards under DIR, reuse them")
     parser.add_argument("--json", type=Path, help="write every figure to this file")
     parser.add_argument("--shard-mib", type=int, default=16, help="MDS/tar/LitData shard size (default: %(default)s)")
@@ -1107,9 +1124,9 @@ def main() -> None:
         return
 
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = sorted(set(systems) - set(SYSTEMS))
+    unknown = sorted(set(systems) - set(SYSTEMS) - set(AB_SYSTEMS))
     if unknown:
-        raise SystemExit(f"unknown systems {unknown}; known: {', '.join(SYSTEMS)}")
+        raise SystemExit(f"unknown systems {unknown}; known: {', '.join(SYSTEMS + AB_SYSTEMS)}")
     import importlib.util
 
     need = {"mosaic": "streaming", "webdataset": "webdataset", "litdata": "litdata"}

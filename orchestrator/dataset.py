@@ -352,7 +352,7 @@ class Dataset:
         from orchestrator.ray_runtime import ensure_ray
 
         plan = self.plan if image_size is None else self.plan.with_options(self._sized_options(image_size))
-        ensure_ray()  # the skip ledger is homed on this process's Ray node
+        ensure_ray(arenas=True)  # the skip ledger is homed on this process's Ray node
         return to_ray_dataset(plan, self.ray_skip_ledger(), split, item_ids=item_ids, node_id=node_id)
 
     def versions(self) -> list[VersionInfo]:

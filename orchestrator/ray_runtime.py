@@ -161,9 +161,10 @@ def quiet_ray_logs() -> int:
     return level
 
 
-def ensure_ray() -> None:
+def ensure_ray(arenas: bool = False) -> None:
     """Connect once per process; idempotent: attach to the cluster ``running_cluster_address``
-    names, else start a local one.
+    names, else start a local one (``start_local_ray``; ``arenas``: for a ``to_ray`` pipeline,
+    whose read workers' block arenas its warm-up then prepares).
 
     Token authentication (on by default since Ray 2.52): for the cluster ``ray start`` recorded
     on this machine, this process authenticates with the machine's token as Ray's own
@@ -209,7 +210,7 @@ def ensure_ray() -> None:
                     hint="start it (`ray start --head`) or unset RAY_ADDRESS to run locally",
                 ) from None
             log.info("the Ray cluster recorded at %s does not answer; starting a local one", address)
-    start_local_ray()
+    start_local_ray(arenas=arenas)
 
 
 def _auth_hint() -> str:
@@ -252,11 +253,13 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
-def start_local_ray(wait_warm: bool = False) -> None:
+def start_local_ray(wait_warm: bool = False, arenas: bool = False) -> None:
     """Start a local Ray cluster for this process (``local_cpus`` logical CPUs, an object store
     of ``local_object_store_bytes``, the S3 variables and the worker setup hook in the job's
     runtime environment), then ``warm_up`` its read workers: in a background thread, or before
-    returning with ``wait_warm`` (benchmarks: the first epoch then starts with Ray up)."""
+    returning with ``wait_warm`` (benchmarks: the first epoch then starts with Ray up).
+    ``arenas``: the cluster is started for a ``to_ray`` pipeline of images (``warm_up``); not for
+    ingest or training, whose pipelines do not use them."""
     import ray
 
     runtime_env = _job_env()
@@ -276,9 +279,9 @@ def start_local_ray(wait_warm: bool = False) -> None:
     log.info("started a local Ray cluster with %d logical CPUs and a %d MiB object store",
              local_cpus(), store_bytes // 2**20)
     if wait_warm:
-        warm_up(read_concurrency(), arenas=True)
+        warm_up(read_concurrency(), arenas=arenas)
     else:
-        warm_up_later(read_concurrency(), arenas=True)
+        warm_up_later(read_concurrency(), arenas=arenas)
 
 
 def warm_up_later(workers: int, arenas: bool = False) -> None:
@@ -382,7 +385,10 @@ def warm_up(workers: int, timeout_s: float = 120.0, arenas: bool = False) -> int
 
     ``arenas``: also allocate and write each worker's block arenas (``stream.buffers``, for
     blocks of this process's ``DataContext.target_max_block_size``), which ``to_ray`` pipelines
-    fill with images; a training run's pipelines make their own columns and do not use them.
+    fill with images (2 × Ray Data's target block size plus slack, ~320 MiB a worker by
+    default, which a ``to_ray`` epoch allocates anyway); a training run's pipelines make their
+    own columns and do not use them. ``ORCHESTRATOR_RAY_PREFAULT_ARENAS=0`` leaves them to the
+    first epoch (a session that only ingests then does not hold them).
     Measured (``benchmarks/peers.py``, 3,000 full-size images on SeaweedFS, 2 cores, a VM):
     see ``BlockArena.prefault``.
 
@@ -397,7 +403,7 @@ def warm_up(workers: int, timeout_s: float = 120.0, arenas: bool = False) -> int
         if map_store:
             map_object_store()
         arena_bytes = 0
-        if arenas:
+        if arenas and os.environ.get("ORCHESTRATOR_RAY_PREFAULT_ARENAS", "1") != "0":
             from ray.data import DataContext
 
             from orchestrator.stream.buffers import arena_capacity

@@ -357,7 +357,7 @@ def to_ray_dataset(plan: ReadPlan, ledger: SkipLedger | None = None, split: Hash
 
     from orchestrator.ray_runtime import ensure_ray, read_concurrency, task_env
 
-    ensure_ray()
+    ensure_ray(arenas=batch_fn is None)  # batch_fn's pipelines make their own columns
     source = item_datasource(plan, ledger, split, item_ids, batch_fn)
     concurrency = plan.options.ray_fetch_actors or read_concurrency()
     source.spans = read_spans(len(source.index), concurrency)

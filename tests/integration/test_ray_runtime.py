@@ -26,26 +26,35 @@ def _arenas_here() -> tuple[int, int, int]:
     return os.getpid(), 0 if arenas is None else arenas.capacity, 0 if arenas is None else len(arenas._arenas)
 
 
-def test_warm_up_with_arenas_writes_each_workers_block_arenas_for_the_drivers_block_size():
+@pytest.mark.parametrize(("block_mib", "opt_out"), [(1, False), (2, True)])
+def test_warm_up_with_arenas_writes_each_workers_block_arenas_for_the_drivers_block_size(
+        monkeypatch, block_mib: int, opt_out: bool):
     """The local cluster's warm-up (``start_local_ray``) also allocates and writes each read
     worker's block arenas, sized for the driver's target block size, so a ``to_ray`` pipeline's
-    first epoch does not clear fresh pages (``BlockArena.prefault``)."""
+    first epoch does not clear fresh pages (``BlockArena.prefault``);
+    ``ORCHESTRATOR_RAY_PREFAULT_ARENAS=0`` leaves them to the first epoch."""
     import ray
     from ray.data import DataContext
 
     from orchestrator import ray_runtime
     from orchestrator.stream.buffers import arena_capacity
 
+    if opt_out:
+        monkeypatch.setenv("ORCHESTRATOR_RAY_PREFAULT_ARENAS", "0")
     ctx = DataContext.get_current()
     saved = ctx.target_max_block_size
-    ctx.target_max_block_size = 1 << 20  # a capacity no pipeline of the session asks for
+    ctx.target_max_block_size = block_mib << 20  # a capacity no pipeline of the session asks for
     try:
         assert ray_runtime.warm_up(2, timeout_s=120, arenas=True) == 2
         probe = ray.remote(num_cpus=0)(_arenas_here).options(runtime_env=ray_runtime.task_env())
         seen = ray.get([probe.remote() for _ in range(2)])
     finally:
         ctx.target_max_block_size = saved
-    assert (arena_capacity(1 << 20), 2) in {(capacity, count) for _, capacity, count in seen}, seen
+    capacities = {capacity for _, capacity, _ in seen}
+    if opt_out:
+        assert arena_capacity(block_mib << 20) not in capacities, seen
+    else:
+        assert (arena_capacity(block_mib << 20), 2) in {(capacity, count) for _, capacity, count in seen}, seen
 
 
 def test_read_concurrency_is_the_cores_on_a_cluster_of_our_own_else_eight(monkeypatch):
