@@ -565,9 +565,10 @@ def init_ray(arenas: bool = False) -> None:
     read workers warmed up before the first epoch: "Ray is up"."""
     import ray.data
 
+    from orchestrator.adapters.ray import arena_warm_up
     from orchestrator.ray_runtime import start_local_ray
 
-    start_local_ray(wait_warm=True, arenas=arenas)
+    start_local_ray(wait_warm=True, prepare=arena_warm_up() if arenas else None)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 

@@ -348,11 +348,11 @@ class Dataset:
         these items (a worker's shard); ``node_id``: run the stages on that Ray node;
         ``image_size``: as for ``to_pytorch`` (decoded to size in the fetch stage, so no
         full-size image enters the object store)."""
-        from orchestrator.adapters.ray import to_ray_dataset
+        from orchestrator.adapters.ray import arena_warm_up, to_ray_dataset
         from orchestrator.ray_runtime import ensure_ray
 
         plan = self.plan if image_size is None else self.plan.with_options(self._sized_options(image_size))
-        ensure_ray(arenas=True)  # the skip ledger is homed on this process's Ray node
+        ensure_ray(arena_warm_up())  # the skip ledger is homed on this process's Ray node
         return to_ray_dataset(plan, self.ray_skip_ledger(), split, item_ids=item_ids, node_id=node_id)
 
     def versions(self) -> list[VersionInfo]:

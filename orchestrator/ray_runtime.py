@@ -12,6 +12,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -161,10 +162,10 @@ def quiet_ray_logs() -> int:
     return level
 
 
-def ensure_ray(arenas: bool = False) -> None:
+def ensure_ray(prepare: Callable[[], object] | None = None) -> None:
     """Connect once per process; idempotent: attach to the cluster ``running_cluster_address``
-    names, else start a local one (``start_local_ray``; ``arenas``: for a ``to_ray`` pipeline,
-    whose read workers' block arenas its warm-up then prepares).
+    names, else start a local one (``start_local_ray``, whose warm-up runs ``prepare`` in each
+    read worker).
 
     Token authentication (on by default since Ray 2.52): for the cluster ``ray start`` recorded
     on this machine, this process authenticates with the machine's token as Ray's own
@@ -210,7 +211,7 @@ def ensure_ray(arenas: bool = False) -> None:
                     hint="start it (`ray start --head`) or unset RAY_ADDRESS to run locally",
                 ) from None
             log.info("the Ray cluster recorded at %s does not answer; starting a local one", address)
-    start_local_ray(arenas=arenas)
+    start_local_ray(prepare=prepare)
 
 
 def _auth_hint() -> str:
@@ -253,13 +254,12 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
-def start_local_ray(wait_warm: bool = False, arenas: bool = False) -> None:
+def start_local_ray(wait_warm: bool = False, prepare: Callable[[], object] | None = None) -> None:
     """Start a local Ray cluster for this process (``local_cpus`` logical CPUs, an object store
     of ``local_object_store_bytes``, the S3 variables and the worker setup hook in the job's
     runtime environment), then ``warm_up`` its read workers: in a background thread, or before
     returning with ``wait_warm`` (benchmarks: the first epoch then starts with Ray up).
-    ``arenas``: the cluster is started for a ``to_ray`` pipeline of images (``warm_up``); not for
-    ingest or training, whose pipelines do not use them."""
+    ``prepare``: as for ``warm_up`` (a ``to_ray`` pipeline's: ``adapters.ray.arena_warm_up``)."""
     import ray
 
     runtime_env = _job_env()
@@ -279,16 +279,16 @@ def start_local_ray(wait_warm: bool = False, arenas: bool = False) -> None:
     log.info("started a local Ray cluster with %d logical CPUs and a %d MiB object store",
              local_cpus(), store_bytes // 2**20)
     if wait_warm:
-        warm_up(read_concurrency(), arenas=arenas)
+        warm_up(read_concurrency(), prepare=prepare)
     else:
-        warm_up_later(read_concurrency(), arenas=arenas)
+        warm_up_later(read_concurrency(), prepare=prepare)
 
 
-def warm_up_later(workers: int, arenas: bool = False) -> None:
-    """``warm_up(workers, arenas=arenas)`` in a background thread, on a local cluster this
+def warm_up_later(workers: int, prepare: Callable[[], object] | None = None) -> None:
+    """``warm_up(workers, prepare=prepare)`` in a background thread, on a local cluster this
     process started (an attached cluster's workers are its operator's business); returns at once."""
     if _STARTED_LOCAL.is_set():
-        threading.Thread(target=warm_up, args=(workers,), kwargs={"arenas": arenas}, name="orchestrator-ray-warm-up",
+        threading.Thread(target=warm_up, args=(workers,), kwargs={"prepare": prepare}, name="orchestrator-ray-warm-up",
                          daemon=True).start()
 
 
@@ -322,13 +322,11 @@ def read_concurrency() -> int:
     return ATTACHED_READ_CONCURRENCY
 
 
-def _hold(seconds: float, map_store: bool = False, arena_bytes: int = 0) -> int:
+def _hold(seconds: float, map_store: bool = False, prepare: Callable[[], object] | None = None) -> int:
     if map_store:
         map_object_store()
-    if arena_bytes:
-        from orchestrator.stream.buffers import block_arenas
-
-        block_arenas(arena_bytes).prefault()
+    if prepare is not None:
+        prepare()
     time.sleep(seconds)
     return os.getpid()
 
@@ -377,20 +375,15 @@ def map_object_store() -> int:
     return mapped
 
 
-def warm_up(workers: int, timeout_s: float = 120.0, arenas: bool = False) -> int:
+def warm_up(workers: int, timeout_s: float = 120.0, prepare: Callable[[], object] | None = None) -> int:
     """Start ``workers`` of this job's worker processes (each imports the read path on start:
     ``prepare_worker``) and Ray Data's cluster-wide actors now, so that a pipeline's first
     epoch does not wait for them. ``ensure_ray`` runs it in a background thread after starting
     a local cluster. Returns how many distinct workers answered (best effort: never raises).
 
-    ``arenas``: also allocate and write each worker's block arenas (``stream.buffers``, for
-    blocks of this process's ``DataContext.target_max_block_size``), which ``to_ray`` pipelines
-    fill with images (2 × Ray Data's target block size plus slack, ~320 MiB a worker by
-    default, which a ``to_ray`` epoch allocates anyway); a training run's pipelines make their
-    own columns and do not use them. ``ORCHESTRATOR_RAY_PREFAULT_ARENAS=0`` leaves them to the
-    first epoch (a session that only ingests then does not hold them).
-    Measured (``benchmarks/peers.py``, 3,000 full-size images on SeaweedFS, 2 cores, a VM):
-    see ``BlockArena.prefault``.
+    ``prepare``: a picklable callable each warmed worker also runs, once: how a higher layer
+    readies the workers for its pipelines without this module importing it (a ``to_ray``
+    pipeline's ``adapters.ray.arena_warm_up``, which writes the block arenas).
 
     Measured before (2 cores, local cluster idle for 15 s after ``ray.init``): the first read
     task started 2.6 s after iteration began (Ray Data's autoscaling coordinator actor was being
@@ -402,20 +395,12 @@ def warm_up(workers: int, timeout_s: float = 120.0, arenas: bool = False) -> int
         map_store = _STARTED_LOCAL.is_set() and os.environ.get("ORCHESTRATOR_RAY_MAP_STORE", "1") != "0"
         if map_store:
             map_object_store()
-        arena_bytes = 0
-        if arenas and os.environ.get("ORCHESTRATOR_RAY_PREFAULT_ARENAS", "1") != "0":
-            from ray.data import DataContext
-
-            from orchestrator.stream.buffers import arena_capacity
-
-            target = DataContext.get_current().target_max_block_size
-            arena_bytes = arena_capacity(target) if target else 0
         hold = ray.remote(num_cpus=0)(_hold).options(runtime_env=task_env())
         seen: set[int] = set()
         deadline = time.monotonic() + timeout_s
         while len(seen) < workers and time.monotonic() < deadline:
             # Tasks that overlap make Ray start a worker for each; a second round finds them idle.
-            seen.update(ray.get([hold.remote(0.5, map_store, arena_bytes) for _ in range(workers)],
+            seen.update(ray.get([hold.remote(0.5, map_store, prepare) for _ in range(workers)],
                                 timeout=max(1.0, deadline - time.monotonic())))
         return len(seen)
     except Exception:  # noqa: BLE001 - a warm-up is an optimisation; the pipeline starts workers itself

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from orchestrator.errors import ItemError
 from orchestrator.ray_runtime import freeze_startup_objects
-from orchestrator.stream.buffers import BufferPool, arena_capacity, block_arenas, stacked_view
+from orchestrator.stream.buffers import BufferPool, arena_capacity, block_arenas, prefault_block_arenas, stacked_view
 from orchestrator.stream.index import ItemIndex, RowReader, ShippedRows, build_index
 from orchestrator.stream.item import to_ray_row
 from orchestrator.stream.memory import fix_mmap_threshold
@@ -61,6 +61,22 @@ SHIP_ROWS_BYTES = 128 << 20
 def decode_buffers() -> BufferPool:
     """This worker process's pool of decode buffers (``stream.buffers``), shared by its tasks."""
     return BufferPool()
+
+
+def arena_warm_up() -> Callable[[], int] | None:
+    """What a local cluster started for a ``to_ray`` pipeline runs in each read worker as it
+    warms up (``ray_runtime.warm_up``'s ``prepare``): allocate and write the worker's block
+    arenas for this process's ``DataContext.target_max_block_size`` (``BlockArena.prefault``:
+    the first epoch then does not wait for the kernel to clear fresh pages). ~320 MiB a worker
+    with Ray Data's default 128 MiB blocks, which a ``to_ray`` epoch allocates anyway; ingest
+    and training pipelines make their own columns, so they do not ask for it. None when
+    ``ORCHESTRATOR_RAY_PREFAULT_ARENAS=0`` (left to the first epoch) or blocks have no size."""
+    from ray.data import DataContext
+
+    target = DataContext.get_current().target_max_block_size
+    if os.environ.get("ORCHESTRATOR_RAY_PREFAULT_ARENAS", "1") == "0" or not target:
+        return None
+    return functools.partial(prefault_block_arenas, arena_capacity(target))
 
 
 def shipped_rows(plan: ReadPlan, index: ItemIndex) -> pa.Table | None:
@@ -357,7 +373,7 @@ def to_ray_dataset(plan: ReadPlan, ledger: SkipLedger | None = None, split: Hash
 
     from orchestrator.ray_runtime import ensure_ray, read_concurrency, task_env
 
-    ensure_ray(arenas=batch_fn is None)  # batch_fn's pipelines make their own columns
+    ensure_ray(arena_warm_up() if batch_fn is None else None)  # batch_fn's pipelines make their own columns
     source = item_datasource(plan, ledger, split, item_ids, batch_fn)
     concurrency = plan.options.ray_fetch_actors or read_concurrency()
     source.spans = read_spans(len(source.index), concurrency)

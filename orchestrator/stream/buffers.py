@@ -36,7 +36,7 @@ import threading
 import numpy as np
 
 __all__ = ["ARENA_MAX", "ARENA_SLACK", "ArenaColumn", "BlockArena", "BufferPool", "arena_capacity", "block_arenas",
-           "stacked_view"]
+           "prefault_block_arenas", "stacked_view"]
 
 #: A block's images beyond Ray Data's target block size that its arena still holds
 #: (``adapters.ray.read_items`` cuts a block after the image that passes the target), and the
@@ -116,8 +116,13 @@ class BlockArena:
         Why: a fresh arena's pages are cleared by the kernel the first time they are written,
         in the middle of a pipeline's first epoch. ``perf`` over a cold ``to_ray`` epoch (3,000
         full-size images, 2 cores, a VM): ``clear_page_erms`` under the arena copy was 17.5% of
-        the machine's samples, 30% of the read tasks'. Done while the worker warms up
-        (``ray_runtime.warm_up``), that epoch writes into pages that exist, as a warm one does."""
+        the machine's samples, 30% of the read tasks'; the read workers' system time 2.3 s of
+        5.5 s cold against 0.3 of 3.0 warm (here a fresh 2 MiB huge page costs ~6 ms to
+        clear: ~1 s for a worker's two arenas). Done while the worker warms up
+        (``ray_runtime.warm_up``), that epoch writes into pages that exist, as a warm one does:
+        ``benchmarks/peers.py`` (SeaweedFS, 5 interleaved rounds) cold 763 [729-889] items/s
+        against 653 [531-825] without (``ours-ray-lazy``), read workers' CPU 3.8-4.5 s against
+        4.6-7.5 s; the local cluster's start-up takes ~1 s longer."""
         touched = 0
         while len(self._arenas) < self.keep:
             arena = np.empty(self.capacity, dtype=np.uint8)
@@ -157,6 +162,12 @@ def block_arenas(capacity: int) -> BlockArena:
         if _PROCESS_ARENAS is None or _PROCESS_ARENAS.capacity != capacity:
             _PROCESS_ARENAS = BlockArena(capacity)
         return _PROCESS_ARENAS
+
+
+def prefault_block_arenas(capacity: int) -> int:
+    """``block_arenas(capacity).prefault()``: run by each read worker of a local cluster as it
+    warms up for a ``to_ray`` pipeline (``adapters.ray.arena_warm_up``)."""
+    return block_arenas(capacity).prefault()
 
 
 class ArenaColumn:

@@ -3,7 +3,7 @@
 start (``map_object_store``), so no read worker takes a page fault per store page in the first
 epoch and no process's share of the store grows epoch after epoch; the read workers' imports are
 frozen out of the garbage collector's walks (``freeze_startup_objects``); started for a ``to_ray``
-pipeline (``arenas=True``), its read workers' block arenas are allocated and written at start
+pipeline (``prepare=adapters.ray.arena_warm_up()``), its read workers' block arenas are allocated and written at start
 (``BlockArena.prefault``).
 
 Runs in a subprocess: the test process keeps the session's cluster (``ray_cluster``)."""
@@ -35,7 +35,8 @@ def worker():
     return os.getpid(), (shmem_mb(), gc.get_freeze_count(),
                          0 if arenas is None or arenas.capacity != want else len(arenas._arenas))
 
-ray_runtime.start_local_ray(wait_warm=True, arenas=True)
+from orchestrator.adapters.ray import arena_warm_up
+ray_runtime.start_local_ray(wait_warm=True, prepare=arena_warm_up())
 task = ray.remote(num_cpus=0)(worker).options(runtime_env=ray_runtime.task_env())
 print("RESULT " + json.dumps({
     "store_mb": ray.cluster_resources()["object_store_memory"] / 2**20,

@@ -29,14 +29,15 @@ def _arenas_here() -> tuple[int, int, int]:
 @pytest.mark.parametrize(("block_mib", "opt_out"), [(1, False), (2, True)])
 def test_warm_up_with_arenas_writes_each_workers_block_arenas_for_the_drivers_block_size(
         monkeypatch, block_mib: int, opt_out: bool):
-    """The local cluster's warm-up (``start_local_ray``) also allocates and writes each read
-    worker's block arenas, sized for the driver's target block size, so a ``to_ray`` pipeline's
-    first epoch does not clear fresh pages (``BlockArena.prefault``);
+    """The warm-up of a local cluster started for a ``to_ray`` pipeline also allocates and writes
+    each read worker's block arenas (``adapters.ray.arena_warm_up`` as its ``prepare``), sized
+    for the driver's target block size, so the first epoch does not clear fresh pages;
     ``ORCHESTRATOR_RAY_PREFAULT_ARENAS=0`` leaves them to the first epoch."""
     import ray
     from ray.data import DataContext
 
     from orchestrator import ray_runtime
+    from orchestrator.adapters.ray import arena_warm_up
     from orchestrator.stream.buffers import arena_capacity
 
     if opt_out:
@@ -45,7 +46,9 @@ def test_warm_up_with_arenas_writes_each_workers_block_arenas_for_the_drivers_bl
     saved = ctx.target_max_block_size
     ctx.target_max_block_size = block_mib << 20  # a capacity no pipeline of the session asks for
     try:
-        assert ray_runtime.warm_up(2, timeout_s=120, arenas=True) == 2
+        prepare = arena_warm_up()
+        assert (prepare is None) == opt_out
+        assert ray_runtime.warm_up(2, timeout_s=120, prepare=prepare) == 2
         probe = ray.remote(num_cpus=0)(_arenas_here).options(runtime_env=ray_runtime.task_env())
         seen = ray.get([probe.remote() for _ in range(2)])
     finally:
