@@ -97,11 +97,16 @@ def test_read_tasks_get_one_worker_environment_wherever_submitted():
     read tasks it submitted waited for new worker processes although the warm-up had started
     some. With ``task_env`` asked for explicitly, the driver's and the train worker's tasks (and
     the warm-up's) share one environment, so one pool of workers."""
+    import os
+
     import ray
 
     from orchestrator import ray_runtime
 
-    train_env = {"env_vars": {"RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0"}}  # as TrainController gets
+    # as TrainController gets it: the propagated variables set here, and Train's default
+    train_env = {"env_vars": {**{name: os.environ[name] for name in ray_runtime.TRAIN_PROPAGATED_ENV
+                                 if name in os.environ},
+                              "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0"}}
     actor = ray.remote(num_cpus=0)(_LikeTrainWorker).options(runtime_env=train_env).remote()
     task = ray.remote(num_cpus=0.5)(_env_and_pid)
     from_driver, _ = ray.get(task.options(runtime_env=ray_runtime.task_env()).remote())
@@ -122,6 +127,7 @@ def test_task_env_names_what_ray_train_propagates(monkeypatch):
     assert (ray_runtime.TRAIN_ENV_DEFAULTS["RAY_WARN_BLOCKING_GET_INSIDE_ASYNC"]
             == constants.DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
     monkeypatch.delenv("RAY_WARN_BLOCKING_GET_INSIDE_ASYNC", raising=False)
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)  # the suite's (conftest)
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "7")
     monkeypatch.setenv("RAY_TRAIN_METRICS_ENABLED", "1")  # driver only: not propagated
     assert ray_runtime.task_env() == {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "7",

@@ -80,7 +80,15 @@ def locality(store_dir: Path) -> dict:
                 "nodes": [n["NodeID"] for n in ray.nodes() if n["Alive"]]}
     finally:
         ray.shutdown()
-        cluster.shutdown()
+        _stop(cluster)
+
+
+def _stop(cluster) -> None:
+    """Remove every node at once (SIGKILL): the scenario's result is in hand, and a graceful
+    stop waits up to a second per process per node."""
+    for node in [*cluster.worker_nodes, cluster.head_node]:
+        if node is not None:
+            cluster.remove_node(node, allow_graceful=False)
 
 
 def _probe_loop(config: dict) -> None:
@@ -152,7 +160,7 @@ def node_loss(store_dir: Path) -> dict:
                 "alive_nodes": [n["NodeID"] for n in ray.nodes() if n["Alive"]]}
     finally:
         ray.shutdown()
-        cluster.shutdown()
+        _stop(cluster)
 
 
 def _checkpoint_registered(run_dir: Path) -> int:
