@@ -86,9 +86,17 @@ def locality(store_dir: Path) -> dict:
 def _stop(cluster) -> None:
     """Remove every node at once (SIGKILL): the scenario's result is in hand, and a graceful
     stop waits up to a second per process per node."""
+    import ray
+
     for node in [*cluster.worker_nodes, cluster.head_node]:
         if node is not None:
             cluster.remove_node(node, allow_graceful=False)
+    # What Cluster.shutdown does after removing its nodes: forget the dead GCS and delete the
+    # cluster's address file (/tmp/ray/ray_current_cluster), else a later ray.init() on this
+    # machine takes that address for a running cluster.
+    ray.experimental.internal_kv._internal_kv_reset()
+    ray._common.utils.reset_ray_address()
+    ray._private.services.find_gcs_addresses.cache_clear()
 
 
 def _probe_loop(config: dict) -> None:
