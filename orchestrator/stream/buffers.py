@@ -122,7 +122,8 @@ class BlockArena:
         (``ray_runtime.warm_up``), that epoch writes into pages that exist, as a warm one does:
         ``benchmarks/peers.py`` (SeaweedFS, 5 interleaved rounds) cold 763 [729-889] items/s
         against 653 [531-825] without (``ours-ray-lazy``), read workers' CPU 3.8-4.5 s against
-        4.6-7.5 s; the local cluster's start-up takes ~1 s longer."""
+        4.6-7.5 s. The warm-up does that work instead (~1 s a worker here, in parallel; the
+        benchmark's Ray start-up took 13.9-15.4 s with or without it)."""
         touched = 0
         while len(self._arenas) < self.keep:
             arena = np.empty(self.capacity, dtype=np.uint8)
